@@ -1,8 +1,31 @@
 """dfm: discrete flow matching in JAX, with autoregression as a schedule and decentralized experts.
 
 Reference implementation of Maschan, Qu, Liu (2026), "Decentralized Autoregressive Generation"
-(arXiv 2601.03184). The mathematics is specified in THEORY.md (cited as "THEORY S<n>").
-See docs/design.md for the module map.
+(arXiv 2601.03184). The mathematics is specified in THEORY.md (cited as "THEORY S<n>");
+docs/design.md maps each concept to a module:
+
+- ``dfm.schedules``: kappa schedulers and per-position discrete schedules (AR, any-order, block).
+- ``dfm.paths``: mixture probability paths (mask / uniform source).
+- ``dfm.velocities``: conditional and posterior velocities, validity (S1), continuity (S2).
+- ``dfm.samplers``: ``lax.scan`` samplers (discrete-time factorized, continuous-time Euler).
+- ``dfm.losses``: weighted denoiser cross-entropy, generalized KL, AR NLL.
+- ``dfm.autoregressive``: a causal LM as a denoiser / cached posterior function.
+- ``dfm.tabular``: exact float64 enumeration engine (the reference for tests and ``proofs_check``).
+- ``dfm.decentral``: balanced k-means partitions, routers, ensembles (S8-S13).
+- ``dfm.models``, ``dfm.train``: NNX decoders and the one training loop.
+
+Submodules are imported on first attribute access, so ``import dfm`` stays cheap.
 """
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("checks", "schedules", "paths", "velocities", "samplers", "losses", "autoregressive",
+               "tabular", "decentral", "models", "train")
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dfm.{name}")
+    raise AttributeError(f"module 'dfm' has no attribute {name!r}")

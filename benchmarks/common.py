@@ -1,0 +1,233 @@
+"""Shared helpers of the benchmark scripts: thread settings, timing, JSON results.
+
+Benchmarks are scripts, not tests: nothing here asserts a time. Every script
+
+- runs ours (JAX) and the peer (PyTorch) on identical inputs in one process,
+- under two thread settings, each in its own subprocess (``--threads both``, the default):
+  ``1`` (one thread each: ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+  intra_op_parallelism_threads=1`` set *before* jax is imported, ``torch.set_num_threads(1)``)
+  and ``default`` (the libraries' own defaults),
+- reports compile time separately (``jit(f).lower(...).compile()``), warms up, calls
+  ``jax.block_until_ready`` on every timed result, and reports the median over repeats,
+- writes one JSON file (``--out``, default ``benchmarks/results/<name>.json``).
+
+This module must not import jax or torch at import time (the thread flags must be set first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+THREAD_MODES = ("1", "default")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line and thread settings
+# ----------------------------------------------------------------------------------------------
+def parser(name: str, description: str, *, threads_default: str = "both") -> argparse.ArgumentParser:
+    """The common command line: ``--threads {1,default,both}``, ``--out``, ``--repeats``, ``--quick``."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    p.add_argument("--threads", choices=(*THREAD_MODES, "both"), default=threads_default,
+                   help="thread setting: 1 (one thread each), default, or both (two subprocesses)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON result path")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller problems (smoke run)")
+    return p
+
+
+def configure_threads(mode: str) -> None:
+    """Set the thread environment for ``mode`` ("1" or "default"). Call before importing jax/torch."""
+    if mode not in THREAD_MODES:
+        raise ValueError(f"mode: must be one of {THREAD_MODES}, got {mode!r}")
+    if mode == "1":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ONE_THREAD_XLA_FLAGS).strip()
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = "1"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def configure_torch(mode: str) -> None:
+    """``torch.set_num_threads(1)`` (and one interop thread) for mode "1"; defaults otherwise."""
+    import torch
+
+    if mode == "1":
+        torch.set_num_threads(1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set once in this process
+            pass
+
+
+def thread_info(mode: str) -> dict[str, Any]:
+    """What the thread setting actually is in this process (printed and stored in the JSON)."""
+    info: dict[str, Any] = {
+        "mode": mode,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
+    if "jax" in sys.modules:
+        import jax
+
+        info["jax"] = jax.__version__
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_num_threads"] = torch.get_num_threads()
+        info["torch_num_interop_threads"] = torch.get_num_interop_threads()
+    return info
+
+
+def run_modes(script: str, argv: list[str], modes, out: Path) -> dict[str, Any]:
+    """Run ``script`` once per thread mode in a fresh subprocess; merge their JSON into ``out``.
+
+    Returns ``{"runs": {mode: result}, ...}``. A failing child raises ``RuntimeError``.
+    """
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            child_out = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, script, *_strip(argv, ("--threads", "--out")), "--threads", mode,
+                   "--out", str(child_out)]
+            print(f"\n=== {Path(script).name}: threads={mode} ===", flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(script).name} --threads {mode} failed with exit code {proc.returncode}")
+            runs[mode] = json.loads(child_out.read_text())
+    merged = {"benchmark": Path(script).stem, "date_utc": utc_now(), "runs": runs}
+    write_json(out, merged)
+    return merged
+
+
+def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in options:
+            skip = True
+            continue
+        if any(a.startswith(o + "=") for o in options):
+            continue
+        out.append(a)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def block(x):
+    """``jax.block_until_ready`` on a pytree when jax is loaded (torch CPU results are ready)."""
+    if "jax" in sys.modules:
+        import jax
+
+        return jax.block_until_ready(x)
+    return x
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, number: int = 1) -> dict[str, Any]:
+    """Median wall time of ``fn()`` (blocked until ready) over ``repeats`` timings of ``number`` calls.
+
+    Returns ``{"median_s", "min_s", "max_s", "repeats", "number"}``; times are per call, in seconds.
+    """
+    if repeats < 1 or number < 1:
+        raise ValueError(f"repeats/number: must be >= 1, got {repeats}, {number}")
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            out = fn()
+        block(out)
+        times.append((time.perf_counter() - t0) / number)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "repeats": repeats, "number": number}
+
+
+def compile_jitted(jitted, *args, **kwargs):
+    """``(compiled, seconds)``: ahead-of-time ``jitted.lower(*args).compile()``, timed."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def ratio(peer_s: float, ours_s: float) -> float:
+    """Speed-up of ours over the peer (peer time / our time)."""
+    return peer_s / ours_s if ours_s > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    print(f"wrote {path}")
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)
+
+
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    """A plain aligned table: one dict per row, same keys."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print(f"\n{title}")
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def main_dispatch(script: str, args, argv: list[str]) -> bool:
+    """If ``args.threads == "both"``, run both modes in subprocesses and return True (caller exits)."""
+    if args.threads != "both":
+        return False
+    merged = run_modes(script, argv, THREAD_MODES, args.out)
+    summary = merged["runs"]
+    for mode, res in summary.items():
+        if "summary" in res:
+            print_rows(f"summary, threads={mode}", res["summary"])
+    return True

@@ -1,0 +1,286 @@
+"""Routers: weights over experts, `[batch, K]`, rows summing to 1 (THEORY S8-S10, S12, S13).
+
+One interface: every router exposes `weights(...) -> [batch, K]`.
+- `BayesFilterRouter` (THEORY S9): the exact AR router, the posterior over clusters given the
+  prefix, from the experts' own likelihoods and the priors `w_k`; online (`init`/`update`/
+  `weights`, usable in `lax.scan`) or batch (`posterior`).
+- `CentroidRouter` (the paper's inference; THEORY S12, S13): softmax of cosine similarity to the
+  partition centroids over a temperature, top-k renormalized, optional threshold.
+- `LearnedRouter` (THEORY S10) lives in `dfm.decentral.learned_router`.
+Helpers: `top_k`, `apply_threshold`, `uniform_weights`, `oracle_weights`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfm.decentral.partition import Partition
+from dfm.decentral.validation import check_positive_int, is_concrete
+
+Array = jax.Array
+
+
+def top_k(weights: Array, k: int) -> Array:
+    """Keep the k largest weights of each row and renormalize them to sum to 1 (THEORY S13).
+
+    Ties are broken deterministically: among equal weights the lower expert index is kept
+    (`jax.lax.top_k` order). Renormalizing to a set S changes the mixture by at most `1 - rho(S)`
+    in total variation (THEORY S13).
+
+    Args:
+      weights: `[..., K]` non-negative router weights.
+      k: number of experts kept, 1 <= k <= K (k = K renormalizes only).
+
+    Returns:
+      `[..., K]` weights with at most k non-zero entries per row, rows summing to 1.
+
+    Raises:
+      ValueError: k not an integer in [1, K].
+    """
+    num = weights.shape[-1]
+    k = check_positive_int(k, "k")
+    if k > num:
+        raise ValueError(f"k={k} is larger than the number of experts ({num})")
+    if k < num:
+        _, idx = jax.lax.top_k(weights, k)
+        keep = jnp.any(jax.nn.one_hot(idx, num, dtype=jnp.bool_), axis=-2)
+        weights = jnp.where(keep, weights, jnp.zeros_like(weights))
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def apply_threshold(weights: Array, threshold: float) -> Array:
+    """Drop experts whose weight is below `threshold` and renormalize; the largest is always kept.
+
+    Args:
+      weights: `[..., K]` router weights (rows sum to 1).
+      threshold: in [0, 1].
+
+    Raises:
+      ValueError: threshold outside [0, 1].
+    """
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    largest = jax.nn.one_hot(jnp.argmax(weights, axis=-1), weights.shape[-1], dtype=jnp.bool_)
+    keep = (weights >= threshold) | largest
+    kept = jnp.where(keep, weights, jnp.zeros_like(weights))
+    return kept / jnp.sum(kept, axis=-1, keepdims=True)
+
+
+def uniform_weights(batch: int, num_experts: int, dtype=jnp.float32) -> Array:
+    """Uniform router weights `[batch, K]`, every entry 1/K."""
+    check_positive_int(batch, "batch", minimum=0)
+    check_positive_int(num_experts, "num_experts")
+    return jnp.full((batch, num_experts), 1.0 / num_experts, dtype=dtype)
+
+
+def oracle_weights(labels: Any, num_experts: int, dtype=jnp.float32) -> Array:
+    """One-hot router weights `[batch, K]` from known cluster labels `[batch]` (top-1 oracle).
+
+    Raises:
+      ValueError: labels not 1-D, or (concrete) outside [0, K).
+    """
+    check_positive_int(num_experts, "num_experts")
+    if np.ndim(labels) != 1:
+        raise ValueError(f"labels must be 1-D [batch], got shape {np.shape(labels)}")
+    if is_concrete(labels):
+        lab = np.asarray(labels)
+        if lab.size and (not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= num_experts):
+            raise ValueError(f"labels must be integers in [0, {num_experts}), got range "
+                             f"[{lab.min()}, {lab.max()}] with dtype {lab.dtype}")
+    return jax.nn.one_hot(jnp.asarray(labels), num_experts, dtype=dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BayesFilterRouter:
+    """The exact router for AR experts: a Bayes filter over clusters (THEORY S9).
+
+    `rho_t(k | x^{<=t}) ∝ w_k q_k(x^{<=t})`, updated online
+    `rho_{t+1}(k) ∝ rho_t(k) q_k(x^{t+1} | x^{<=t})`. It needs nothing but the experts' own
+    token log-probabilities and the priors `w_k` (share of the data in cluster k). All state is
+    log-weights `[batch, K]`, renormalized (log-softmax) after each update, so long prefixes do
+    not underflow. Pure jax: a registered pytree, jittable, usable as a `lax.scan` carry.
+
+    Attributes:
+      log_priors: `[K]` log w_k (need not be normalized; -inf gives an expert prior 0).
+
+    Raises (construction, on concrete arrays):
+      ValueError: log_priors not 1-D, empty, NaN or +inf, or all -inf.
+    """
+
+    log_priors: Array
+
+    def __post_init__(self):
+        lp = self.log_priors
+        if not isinstance(lp, (np.ndarray, jax.Array)) or not is_concrete(lp):
+            return  # pytree reconstruction with tracers or placeholders
+        a = np.asarray(lp)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"log_priors must be a non-empty 1-D array [K], got shape {a.shape}")
+        if np.isnan(a).any() or np.isposinf(a).any() or np.isneginf(a).all():
+            raise ValueError("log_priors must not contain NaN or +inf, nor be all -inf")
+
+    @classmethod
+    def from_priors(cls, priors: Any) -> "BayesFilterRouter":
+        """Build from priors `w_k` `[K]` (non-negative, normalized here).
+
+        Raises:
+          ValueError: negative, NaN, or all-zero priors.
+        """
+        w = np.asarray(priors, dtype=np.float64)
+        if w.ndim != 1 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"priors must be a 1-D array of non-negative finite weights, got {w}")
+        with np.errstate(divide="ignore"):
+            return cls(jnp.asarray(np.log(w / w.sum())))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.log_priors.shape[0])
+
+    def init(self, batch: int) -> Array:
+        """Initial state: log prior weights broadcast to `[batch, K]`."""
+        return jnp.broadcast_to(jax.nn.log_softmax(self.log_priors), (batch, self.num_experts))
+
+    def update(self, state: Array, expert_token_logprobs: Array, *, expert_axis: int = 0) -> Array:
+        """One Bayes step: add each expert's log-prob of the revealed token, renormalize.
+
+        Args:
+          state: `[batch, K]` log-weights.
+          expert_token_logprobs: `log q_k(x^{t+1} | x^{<=t})`, `[K, batch]` (expert_axis=0, the
+            ensemble layout) or `[batch, K]` (expert_axis=1). A zero row adds no evidence.
+
+        Returns:
+          `[batch, K]` log-weights of the posterior after the token.
+
+        Raises:
+          ValueError: shapes that do not match the state and layout.
+        """
+        if expert_axis not in (0, 1):
+            raise ValueError(f"expert_axis must be 0 ([K, batch]) or 1 ([batch, K]), got {expert_axis}")
+        lp = expert_token_logprobs if expert_axis == 1 else jnp.swapaxes(expert_token_logprobs, 0, 1)
+        if lp.shape != state.shape or state.ndim != 2 or state.shape[1] != self.num_experts:
+            raise ValueError(f"expert_token_logprobs has shape {expert_token_logprobs.shape} "
+                             f"(expert_axis={expert_axis}), incompatible with state {state.shape} "
+                             f"and {self.num_experts} experts")
+        return jax.nn.log_softmax(state + lp, axis=-1)
+
+    def log_weights(self, state: Array) -> Array:
+        """Normalized log-weights `[batch, K]`."""
+        return jax.nn.log_softmax(state, axis=-1)
+
+    def weights(self, state: Array) -> Array:
+        """Router weights `[batch, K]` (rows sum to 1)."""
+        return jax.nn.softmax(state, axis=-1)
+
+    def posterior(self, prefix_logliks: Array) -> Array:
+        """Batch form: `rho(k | prefix) = softmax_k(log w_k + log q_k(prefix))`, `[batch, K]`.
+
+        Args:
+          prefix_logliks: `[batch, K]` each expert's log-likelihood of the whole prefix
+            (sum of its token log-probs). Equal to `weights` after the online updates.
+
+        Raises:
+          ValueError: width different from K.
+        """
+        if prefix_logliks.ndim != 2 or prefix_logliks.shape[1] != self.num_experts:
+            raise ValueError(f"prefix_logliks must have shape [batch, {self.num_experts}], "
+                             f"got {prefix_logliks.shape}")
+        return jax.nn.softmax(self.log_priors + prefix_logliks, axis=-1)
+
+
+def centroid_weights(cosines: Array, temperature: float, top_k_experts: int | None = None,
+                     threshold: float | None = None) -> Array:
+    """`softmax(cosine / T)` over experts, then top-k renormalization and threshold.
+
+    The top-k set of a row does not depend on T (T > 0 keeps the order), so this equals the
+    paper's "softmax over the top-k similarities".
+
+    Args:
+      cosines: `[batch, K]` cosine similarities to the centroids.
+      temperature: T > 0.
+      top_k_experts: keep the k largest (None: all). threshold: see `apply_threshold`.
+
+    Raises:
+      ValueError: T <= 0 or bad k / threshold.
+    """
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    w = jax.nn.softmax(cosines / temperature, axis=-1)
+    if top_k_experts is not None:
+        w = top_k(w, top_k_experts)
+    if threshold is not None:
+        w = apply_threshold(w, threshold)
+    return w
+
+
+@dataclasses.dataclass(frozen=True)
+class CentroidRouter:
+    """Route by cosine similarity of a conditioning feature to the partition's centroids.
+
+    The paper's inference rule (and THEORY S12: with a partition that is a function of the
+    conditioning input, top-1 nearest-centroid routing is the exact posterior). Features go
+    through the partition's own map (normalize, subtract mean, normalize), then
+    `weights = top_k(softmax(cosine / T))`, optionally thresholded (THEORY S13).
+
+    Attributes:
+      partition: the fitted `Partition`.
+      temperature: T > 0 (small T -> top-1 of the nearest centroid).
+      top_k: number of experts kept (None: all K).
+      threshold: drop experts under this weight after top-k and renormalize (None: off).
+
+    Raises:
+      ValueError: T <= 0, top_k not in [1, K], threshold not in [0, 1].
+    """
+
+    partition: Partition
+    temperature: float = 1.0
+    top_k: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if not float(self.temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None:
+            check_positive_int(self.top_k, "top_k")
+            if self.top_k > self.partition.num_clusters:
+                raise ValueError(f"top_k={self.top_k} exceeds the number of experts "
+                                 f"({self.partition.num_clusters})")
+        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.partition.num_clusters
+
+    def similarities(self, features: Any) -> np.ndarray:
+        """Cosine similarities `[batch, K]` (float64 numpy) of conditioning features `[batch, D]`."""
+        return self.partition.cosine(features, "features")
+
+    def weights(self, features: Any) -> Array:
+        """Router weights `[batch, K]` for conditioning features `[batch, D]`.
+
+        Raises:
+          ValueError: features of the wrong dimension, NaN/inf or zero norm.
+        """
+        return centroid_weights(jnp.asarray(self.similarities(features)), self.temperature,
+                                self.top_k, self.threshold)
+
+    def fit_temperature(self, features_val: Any, expert_loglik_val: Any, **kwargs) -> "CentroidRouter":
+        """Return a copy with T maximizing the held-out mixture log-likelihood.
+
+        Maximizes `sum_n log sum_k rho_k(x_n; T) p_k(x_n)` over T (see
+        `dfm.decentral.temperature.fit_temperature`; `kwargs` go there).
+
+        Args:
+          features_val: `[N, D]` conditioning features of held-out examples.
+          expert_loglik_val: `[N, K]` each expert's log-likelihood `log p_k(x_n)` of them.
+        """
+        from dfm.decentral.temperature import fit_temperature
+
+        temperature = fit_temperature(self.similarities(features_val), expert_loglik_val,
+                                      top_k=self.top_k, threshold=self.threshold, **kwargs)
+        return dataclasses.replace(self, temperature=temperature)

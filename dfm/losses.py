@@ -1,0 +1,138 @@
+"""DFM training losses: weighted denoiser cross-entropy (THEORY S5(d,e)), generalized KL, AR NLL.
+
+All losses take denoiser *logits* ``[batch, length, vocab]`` (posterior ``p_{1|t} = softmax(logits)``)
+and return per-sequence values ``[batch]`` (sum over positions) unless stated otherwise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dfm.checks import check_mask_id, check_shape, check_tokens
+from dfm.paths import sample_masked_path
+from dfm.schedules import DiscreteSchedule
+
+Array = jax.Array
+
+
+def _log_prob_at(logits: Array, tokens: Array) -> Array:
+    """``log softmax(logits)[..., tokens]`` for tokens in range, ``[batch, length]``."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def dfm_cross_entropy(logits: Array, x1: Array, x_t: Array, rate: Array, *, mask_id: int | None) -> Array:
+    """Denoiser cross-entropy weighted by the step rates (THEORY S5(d,e)).
+
+    ``sum_i rate^i 1[x_t^i = m] (-log p_{1|t}(x_1^i | x_t))``. Under the AR schedule the weight is 1 on
+    the moving position and 0 elsewhere, so summing over ``t`` gives the AR NLL (S5(d)); for any masked
+    schedule the sum over ``t`` upper-bounds ``-log`` of the sampler's probability of ``x_1`` (S5(e)).
+    Terms with zero weight contribute exactly 0 (even if their log-probability is ``-inf``).
+
+    Args:
+      logits: ``[batch, length, vocab]`` denoiser logits at ``x_t``.
+      x1: ``[batch, length]`` int data in ``[0, vocab)``.
+      x_t: ``[batch, length]`` int noisy states.
+      rate: ``[length]`` or ``[batch, length]`` step rates (``DiscreteSchedule.rates()[t]``).
+      mask_id: the mask token; None (uniform source) weights every coordinate.
+
+    Returns:
+      ``[batch]`` in nats.
+
+    Raises:
+      ValueError: on shape mismatch, ``x1`` out of range, ``mask_id`` inside the vocabulary.
+    """
+    check_shape(logits, (*x1.shape, None), "logits")
+    check_shape(x_t, x1.shape, "x_t")
+    check_tokens(x1, logits.shape[-1], "x1")
+    weight = jnp.broadcast_to(jnp.asarray(rate), x1.shape)
+    if mask_id is not None:
+        check_mask_id(mask_id, logits.shape[-1])
+        weight = jnp.where(x_t == mask_id, weight, 0.0)
+    nll = -_log_prob_at(logits, x1)
+    return jnp.sum(jnp.where(weight > 0, weight * nll, 0.0), axis=-1)
+
+
+def dfm_loss(key: Array, denoiser: Callable[[Array], Array], x1: Array, schedule: DiscreteSchedule, *,
+             mask_id: int) -> Array:
+    """The discrete-time DFM loss, one random step per sequence (THEORY S5(d,e)).
+
+    Draws ``t ~ U{0..T-1}`` per sequence, ``x_t ~ p_t(. | x_1)`` on the masked path, and returns
+    ``T * dfm_cross_entropy(denoiser(x_t), x1, x_t, rate[t])``: an unbiased estimate of
+    ``sum_t E_{x_t}[dfm_cross_entropy_t]``. (The path posterior of a masked path depends only on
+    ``x_t``, so the denoiser is not given ``t``.)
+
+    Args:
+      key: jax PRNG key.
+      denoiser: ``x_t [batch, length] -> logits [batch, length, vocab]``.
+      x1: ``[batch, length]`` int data.
+      schedule: ``DiscreteSchedule`` of length ``x1.shape[1]``.
+      mask_id: the mask token (``>= vocab``).
+
+    Returns:
+      ``[batch]`` per-sequence loss in nats.
+    """
+    check_shape(x1, (None, schedule.length), "x1")
+    key_t, key_x = jax.random.split(key)
+    t = jax.random.randint(key_t, (x1.shape[0],), 0, schedule.num_steps)
+    x_t = sample_masked_path(key_x, x1, schedule.kappa[t], mask_id)
+    rate = schedule.rates()[t]
+    return schedule.num_steps * dfm_cross_entropy(denoiser(x_t), x1, x_t, rate, mask_id=mask_id)
+
+
+def generalized_kl(logits: Array, x1: Array, x_t: Array, kappa: Array, d_kappa: Array, *,
+                   reduction: str = "mean") -> Array:
+    """Generalized KL of Gat et al. 2024 for the mixture path; equals flow_matching's
+    ``MixturePathGeneralizedKL`` (1.0.10) on the same inputs.
+
+    ``l_i = -d_kappa / (1 - kappa) * [p_{1|t}(x_t^i | x_t) - delta_{x_1^i}(x_t^i)
+    + (1 - delta_{x_1^i}(x_t^i)) log p_{1|t}(x_1^i | x_t)]``. States ``x_t^i >= vocab`` (the mask) have
+    ``p_{1|t}(x_t^i) = 0``.
+
+    Args:
+      logits: ``[batch, length, vocab]``.
+      x1: ``[batch, length]`` int data; x_t: ``[batch, length]`` int states.
+      kappa, d_kappa: ``[batch]`` (one time per sequence, as flow_matching) or ``[batch, length]``.
+      reduction: ``"none"`` (``[batch, length]``), ``"mean"`` or ``"sum"`` (scalars).
+
+    Raises:
+      ValueError: on an unknown ``reduction`` or shape mismatch.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction: must be 'none', 'mean' or 'sum', got {reduction!r}")
+    check_shape(logits, (*x1.shape, None), "logits")
+    check_shape(x_t, x1.shape, "x_t")
+    vocab = logits.shape[-1]
+    kappa, d_kappa = jnp.asarray(kappa), jnp.asarray(d_kappa)
+    if kappa.ndim == 1:
+        kappa, d_kappa = kappa[:, None], d_kappa[:, None]
+    log_p_x1 = _log_prob_at(logits, x1)
+    in_vocab = x_t < vocab
+    p_xt = jnp.where(in_vocab, jnp.exp(_log_prob_at(logits, jnp.where(in_vocab, x_t, 0))), 0.0)
+    jump = jnp.broadcast_to(d_kappa / (1.0 - kappa), x1.shape)
+    same = x_t == x1
+    delta = same.astype(log_p_x1.dtype)
+    loss = -jump * (p_xt - delta + jnp.where(same, 0.0, log_p_x1))
+    if reduction == "mean":
+        return jnp.mean(loss)
+    if reduction == "sum":
+        return jnp.sum(loss)
+    return loss
+
+
+def ar_nll(causal_logits: Array, x1: Array) -> Array:
+    """Autoregressive negative log-likelihood ``-sum_j log p(x_1^j | x_1^{<j})`` (THEORY S5(d)).
+
+    Args:
+      causal_logits: ``[batch, length, vocab]``, row ``j`` predicts ``x_1^j`` from ``x_1^{<j}``
+        (one teacher-forced pass: ``causal_fn(shift_right(x1, bos_id))``).
+      x1: ``[batch, length]`` int data.
+
+    Returns:
+      ``[batch]`` in nats.
+    """
+    check_shape(causal_logits, (*x1.shape, None), "causal_logits")
+    check_tokens(x1, causal_logits.shape[-1], "x1")
+    return -jnp.sum(_log_prob_at(causal_logits, x1), axis=-1)

@@ -1,0 +1,208 @@
+"""LLaMA / Qwen2-style NNX decoder: causal LM or bidirectional denoiser, with a KV cache.
+
+Module tree (HF `LlamaForCausalLM` / `Qwen2ForCausalLM` names, `model.` prefix dropped):
+`embed_tokens`, `layers[i]` (see `dfm.models.layers.DecoderLayer`), `norm`, `lm_head`
+(absent when `tie_word_embeddings`). Parameter mapping to HF: `embed_tokens.embedding` =
+`model.embed_tokens.weight`; every `*.kernel` = HF `*.weight` transposed; `*.scale` = the norm
+`*.weight`; biases identical.
+
+With `causal=True` the model is the next-token distribution of an AR model: row j of the logits
+is `p(x^{j+1} | x^{<=j})` (THEORY S5; shift with `dfm.autoregressive.shift_right` to use it as a
+denoiser). With `causal=False` every position sees the whole sequence: the posterior
+`p_{1|t}(x^i | x_t)` of a masked DFM denoiser (THEORY S4).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfm.models.config import DecoderConfig
+from dfm.models.layers import DecoderLayer, RMSNorm, attention_weights_mask, dense_init, rope_cos_sin
+
+Array = jax.Array
+Cache = dict  # {"k": tuple of [batch, max_length, kv_heads, head_dim], "v": same}
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer (RMSNorm, RoPE `rotate_half`, SwiGLU, GQA), HF LLaMA/Qwen2 layout.
+
+    Args:
+      config: `DecoderConfig`.
+      rngs: `nnx.Rngs` for parameter initialization (uses the "params" / default stream).
+
+    Call: `model(tokens [batch, length] int, *, positions=None, attention_mask=None)` ->
+    logits `[batch, length, output_size]` float32. `positions [batch, length]` default
+    `arange(length)`; `attention_mask [batch, length]` (1 = real token) removes padded keys.
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
+            param_dtype=config.parameter_dtype, embedding_init=dense_init(config, ("vocab", "embed")), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.parameter_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.num_outputs, use_bias=False, dtype=config.compute_dtype,
+                param_dtype=config.parameter_dtype, kernel_init=dense_init(config, ("embed", "vocab")), rngs=rngs)
+
+    # ------------------------------------------------------------------ full forward
+    def logits(self, hidden: Array) -> Array:
+        """Final norm + output projection: `[batch, length, hidden] -> [batch, length, output_size]` float32."""
+        h = self.norm(hidden)
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding[...][: self.config.num_outputs].astype(h.dtype)
+            out = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    def hidden_states(self, tokens: Array, *, positions: Array | None = None,
+                      attention_mask: Array | None = None, extra_embedding: Array | None = None) -> Array:
+        """Final-layer hidden states before the last norm, `[batch, length, hidden]`.
+
+        extra_embedding: optional `[batch, 1 or length, hidden]` added to the token embeddings
+        (e.g. a time embedding in `SequenceClassifier`).
+        """
+        tokens = jnp.asarray(tokens)
+        _check_tokens(tokens, self.config.vocab_size, "tokens")
+        b, n = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        elif jnp.shape(positions) != (b, n):
+            raise ValueError(f"positions: expected shape {(b, n)}, got {jnp.shape(positions)}")
+        if attention_mask is not None and jnp.shape(attention_mask) != (b, n):
+            raise ValueError(f"attention_mask: expected shape {(b, n)}, got {jnp.shape(attention_mask)}")
+        x = self.embed_tokens(tokens)
+        if extra_embedding is not None:
+            x = x + extra_embedding.astype(x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
+        mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask)
+        for layer in self.layers:
+            x, _ = layer(x, cos, sin, mask)
+        return x
+
+    def __call__(self, tokens: Array, *, positions: Array | None = None,
+                 attention_mask: Array | None = None) -> Array:
+        """Logits `[batch, length, output_size]` float32 of `tokens [batch, length]` (see class doc).
+
+        Raises ValueError (concrete inputs) for tokens that are not a 2-D integer array with ids in
+        `[0, vocab_size)`, or `positions` / `attention_mask` not of shape `[batch, length]`.
+        """
+        return self.logits(self.hidden_states(tokens, positions=positions, attention_mask=attention_mask))
+
+    # ------------------------------------------------------------------ KV cache
+    def init_cache(self, batch: int, max_length: int) -> Cache:
+        """Empty KV cache for `batch` sequences of up to `max_length` tokens.
+
+        Returns a plain pytree `{"k": (k_0, ..), "v": (v_0, ..)}`, one
+        `[batch, max_length, kv_heads, head_dim]` array (compute dtype) per layer; index = position.
+        Raises ValueError for a bidirectional model (a cache needs causal attention).
+        """
+        if not self.config.causal:
+            raise ValueError("init_cache: the KV cache needs a causal model (config.causal=False)")
+        if batch < 1 or max_length < 1:
+            raise ValueError(f"init_cache: batch and max_length must be >= 1, got {batch}, {max_length}")
+        c = self.config
+        shape = (batch, max_length, c.kv_heads, c.head_size)
+        zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
+        return {"k": zeros, "v": tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))}
+
+    def extend(self, tokens: Array, start, cache: Cache) -> tuple[Array, Cache]:
+        """Run `tokens [batch, n]` at positions `start .. start + n - 1`, reading/writing the cache.
+
+        Keys at cache index `<= position` are attended to, so the cache must hold positions
+        `0 .. start - 1` already. `start` may be traced. Returns `(logits [batch, n, output_size]
+        float32, cache)`. Positions past `max_length` are a ValueError when `start` is concrete.
+        """
+        if not self.config.causal:
+            raise ValueError("extend: the KV cache needs a causal model (config.causal=False)")
+        tokens = jnp.asarray(tokens)
+        b, n = tokens.shape
+        max_length = cache["k"][0].shape[1]
+        if not isinstance(start, jax.core.Tracer) and int(start) + n > max_length:
+            raise ValueError(f"start: positions up to {int(start) + n - 1} exceed the cache max_length {max_length}")
+        start = jnp.asarray(start, jnp.int32)
+        positions = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
+        k_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (b, max_length))
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
+        mask = attention_weights_mask(positions, k_positions, causal=True)
+        x = self.embed_tokens(tokens)
+        new_k, new_v = [], []
+        for layer, k_cache, v_cache in zip(self.layers, cache["k"], cache["v"]):
+            x, (k, v) = layer(x, cos, sin, mask, kv=(k_cache, v_cache, start))
+            new_k.append(k)
+            new_v.append(v)
+        return self.logits(x), {"k": tuple(new_k), "v": tuple(new_v)}
+
+    def prefill(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
+        """Fill the cache with a prompt `tokens [batch, P]` at positions `0..P-1`.
+
+        Returns `(logits [batch, P, output_size] float32, cache)`; equals `model(tokens)`.
+        """
+        return self.extend(tokens, 0, cache)
+
+    def decode_step(self, tokens: Array, position, cache: Cache) -> tuple[Array, Cache]:
+        """One cached AR step: `tokens [batch]` at `position` (int scalar, may be traced).
+
+        Returns `(logits [batch, output_size] float32, cache)`: the next-token logits
+        `p(x^{position+1} | x^{<=position})`. Jittable inside `jax.lax.scan`.
+        """
+        logits, cache = self.extend(jnp.asarray(tokens)[:, None], position, cache)
+        return logits[:, 0], cache
+
+
+def _check_tokens(tokens: Array, vocab_size: int, name: str) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"{name}: expected shape [batch, length], got {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: ids must lie in [0, {vocab_size}), found [{lo}, {hi}]")
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _greedy_generate(graphdef, state, prompt: Array, num_tokens: int) -> Array:
+    model = nnx.merge(graphdef, state)
+    b, p = prompt.shape
+    cache = model.init_cache(b, p + num_tokens)
+    logits, cache = model.prefill(prompt, cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, position):
+        token, cache = carry
+        logits, cache = model.decode_step(token, position, cache)
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (nxt, cache), token
+
+    positions = jnp.arange(p, p + num_tokens, dtype=jnp.int32)
+    _, tokens = jax.lax.scan(step, (first, cache), positions)   # [num_tokens, batch]
+    return jnp.concatenate([prompt.astype(jnp.int32), tokens.T], axis=1)
+
+
+def greedy_generate(model: Decoder, prompt: Array, num_tokens: int) -> Array:
+    """Greedy (argmax) continuation of `prompt [batch, P]` by `num_tokens` tokens with the KV cache.
+
+    One jitted program (prefill + `lax.scan` of `decode_step`). Returns `[batch, P + num_tokens]`
+    int32: the prompt followed by the generated tokens. Raises ValueError for `num_tokens < 1`,
+    an empty prompt, or a bidirectional model.
+    """
+    if not model.config.causal:
+        raise ValueError("model: greedy_generate needs a causal model (config.causal=False)")
+    if not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens: must be a positive int, got {num_tokens!r}")
+    prompt = jnp.asarray(prompt)
+    _check_tokens(prompt, model.config.vocab_size, "prompt")
+    if prompt.shape[1] < 1:
+        raise ValueError("prompt: needs at least one token")
+    graphdef, state = nnx.split(model)
+    return _greedy_generate(graphdef, state, prompt, num_tokens)

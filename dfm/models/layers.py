@@ -1,0 +1,207 @@
+"""Building blocks of the LLaMA / Qwen2 decoder: RMSNorm, RoPE, GQA attention, SwiGLU MLP, block.
+
+Layout follows HF `LlamaDecoderLayer` / `Qwen2DecoderLayer` so checkpoints map one-to-one:
+`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
+`post_attention_layernorm`. Linear kernels are stored flax-style as `kernel [in, out]` (HF
+`weight [out, in]` transposed), norm weights as `scale`, biases as `bias`.
+
+Every parameter carries logical axis names (`nnx.with_partitioning`): "embed" (hidden),
+"mlp" (SwiGLU width), "heads" (the fused `num_heads * head_dim` axis of q / o), "kv_heads" (the
+fused `num_kv_heads * head_dim` axis of k / v), "norm" (norm scales), "vocab". A sharding
+issue only adds a mesh and logical-to-mesh rules; without a mesh the names are inert metadata.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfm.models.config import DecoderConfig
+
+Array = jax.Array
+
+
+def partitioned(init, names: tuple[str, ...]):
+    """`init` annotated with logical axis `names` (`nnx.with_partitioning`).
+
+    Parameters are placed eagerly only when a mesh is active (`jax.sharding.use_mesh` plus
+    logical axis rules); with no mesh (plain CPU) the names are kept as metadata only, readable
+    with `nnx.get_partition_spec`.
+    """
+    has_mesh = not jax.sharding.get_abstract_mesh().empty
+    return nnx.with_partitioning(init, names, eager_sharding=has_mesh and nnx.using_eager_sharding())
+
+
+def dense_init(config: DecoderConfig, names: tuple[str, ...]):
+    """Normal(0, initializer_range) initializer carrying logical axis `names`."""
+    return partitioned(nnx.initializers.normal(config.initializer_range), names)
+
+
+def linear(config: DecoderConfig, d_in: int, d_out: int, names: tuple[str, str], *, rngs: nnx.Rngs,
+           use_bias: bool = False) -> nnx.Linear:
+    """An `nnx.Linear` `[d_in] -> [d_out]` with logical names on kernel (and bias: `names[1:]`)."""
+    return nnx.Linear(
+        d_in, d_out, use_bias=use_bias, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+        kernel_init=dense_init(config, names),
+        bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]), rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm, HF `LlamaRMSNorm`: `scale * x / sqrt(mean(x**2) + eps)`.
+
+    The statistic is computed in float32 and cast back to the input dtype before scaling (as HF).
+    Parameter: `scale [hidden]`, logical axes ("norm",).
+    """
+
+    def __init__(self, size: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        init = partitioned(nnx.initializers.ones_init(), ("norm",))
+        self.scale = nnx.Param(init(jax.random.key(0), (size,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        """x: `[..., hidden]` -> `[..., hidden]` in x's dtype."""
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotate_half(x: Array) -> Array:
+    """HF `rotate_half`: `[x1, x2] -> [-x2, x1]` over the last axis split in halves."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """RoPE tables, HF `LlamaRotaryEmbedding` (default rope type).
+
+    Args:
+      positions: `[batch, length]` int positions.
+      head_dim: even per-head width.
+      theta: base frequency (`rope_theta`).
+    Returns:
+      `(cos, sin)`, each `[batch, length, head_dim]` float32 with frequencies
+      `theta ** (-2j / head_dim)` repeated over both halves.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)                        # [B, L, D]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate `x [batch, length, heads, head_dim]` by position: `x cos + rotate_half(x) sin`."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = x.astype(jnp.float32) * cos + rotate_half(x.astype(jnp.float32)) * sin
+    return out.astype(x.dtype)
+
+
+def attention_weights_mask(q_positions: Array, k_positions: Array, *, causal: bool,
+                           key_mask: Array | None = None) -> Array:
+    """Boolean mask `[batch, 1, q_len, k_len]`: True where query i may attend to key j.
+
+    Causal: `k_positions[j] <= q_positions[i]`. `key_mask [batch, k_len]` (True = real token)
+    removes padded / unwritten keys.
+    """
+    if causal:
+        mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    else:
+        mask = jnp.ones((q_positions.shape[0], q_positions.shape[1], k_positions.shape[1]), bool)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, :].astype(bool)
+    return mask[:, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with GQA and RoPE, HF `LlamaAttention` / `Qwen2Attention`.
+
+    Query head h reads key/value head `h // (num_heads // num_kv_heads)` (HF `repeat_kv`).
+    Softmax in float32 with scale `head_dim ** -0.5`.
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, d = config, config.head_size
+        bias = c.attention_bias
+        self.q_proj = linear(c, c.hidden_size, c.num_heads * d, ("embed", "heads"), rngs=rngs, use_bias=bias)
+        self.k_proj = linear(c, c.hidden_size, c.kv_heads * d, ("embed", "kv_heads"), rngs=rngs, use_bias=bias)
+        self.v_proj = linear(c, c.hidden_size, c.kv_heads * d, ("embed", "kv_heads"), rngs=rngs, use_bias=bias)
+        self.o_proj = linear(c, c.num_heads * d, c.hidden_size, ("heads", "embed"), rngs=rngs)
+
+    def project_kv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """Keys (rotated) and values `[batch, length, kv_heads, head_dim]` of `x [batch, length, hidden]`."""
+        b, n, _ = x.shape
+        c = self.config
+        k = self.k_proj(x).reshape(b, n, c.kv_heads, c.head_size)
+        v = self.v_proj(x).reshape(b, n, c.kv_heads, c.head_size)
+        return apply_rope(k, cos, sin), v
+
+    def attend(self, x: Array, cos: Array, sin: Array, k: Array, v: Array, mask: Array) -> Array:
+        """Attention of queries from `x [batch, q_len, hidden]` over `k, v [batch, k_len, kv_heads, head_dim]`.
+
+        mask: `[batch, 1, q_len, k_len]` bool. Returns `[batch, q_len, hidden]`.
+        A query row whose mask is all False gets uniform weights (never NaN).
+        """
+        c = self.config
+        b, n, _ = x.shape
+        groups = c.num_heads // c.kv_heads
+        q = apply_rope(self.q_proj(x).reshape(b, n, c.num_heads, c.head_size), cos, sin)
+        q = q.reshape(b, n, c.kv_heads, groups, c.head_size)
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (c.head_size ** -0.5)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, n, c.num_heads * c.head_size)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward, HF `LlamaMLP`: `down_proj(silu(gate_proj(x)) * up_proj(x))`."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = linear(c, c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs=rngs)
+        self.up_proj = linear(c, c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs=rngs)
+        self.down_proj = linear(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """x: `[..., hidden]` -> `[..., hidden]`."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block, HF `LlamaDecoderLayer`: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.parameter_dtype)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, param_dtype=config.parameter_dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """One block.
+
+        Args:
+          x: `[batch, q_len, hidden]`.
+          cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`.
+          mask: `[batch, 1, q_len, k_len]` bool.
+          kv: None (keys = this chunk, `k_len = q_len`) or `(k_cache, v_cache, start)`: caches
+            `[batch, max_length, kv_heads, head_dim]` into which this chunk's keys/values are
+            written at index `start` (scalar int, may be traced); `k_len = max_length`.
+        Returns:
+          `(x_out [batch, q_len, hidden], (k, v))` where `(k, v)` are the updated caches (or this
+          chunk's keys/values when `kv` is None).
+        """
+        h = self.input_layernorm(x)
+        k, v = self.self_attn.project_kv(h, cos, sin)
+        if kv is not None:
+            k_cache, v_cache, start = kv
+            zero = jnp.zeros((), jnp.int32)
+            idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+        x = x + self.self_attn.attend(h, cos, sin, k, v, mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, (k, v)

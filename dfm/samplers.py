@@ -1,0 +1,171 @@
+"""``jax.lax.scan`` samplers for factorized DFM: discrete time (THEORY S4-S6) and Euler (S7).
+
+One internal scan over a rate table ``rate [T, length]`` serves both samplers. At step ``s`` each
+coordinate ``i`` that may move (mask source: ``x^i = mask_id``; uniform source: any) jumps with
+probability ``rate[s, i]`` to a draw from the posterior ``p_{1|t}(. | x)``; this is exactly the kernel
+``delta_{x^i} + u^i`` with ``u^i = rate (p_{1|t} - delta_{x^i})`` of ``posterior_to_velocity``.
+
+The model is a *posterior function* (``PosteriorFn``)::
+
+    posterior_fn(x_t [batch, length] int, t, positions [m] int32, state) -> (logits [batch, m, vocab], state)
+
+``t`` is the integer step (discrete sampler) or the float time ``s / T`` (Euler sampler).
+``positions`` are the coordinates that may move this step (``DiscreteSchedule.moving_positions``), so
+under the AR schedule (``max_moves = 1``) the model is asked for one position per step and a cached
+model does O(1) work per step; ``state`` (e.g. a KV cache, any pytree, or None) is threaded through
+the scan.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dfm.checks import check_mask_id, check_rate, check_shape, is_tracer
+from dfm.schedules import DiscreteSchedule, KappaScheduler
+
+Array = jax.Array
+PosteriorFn = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+
+
+def posterior_fn_from_denoiser(fn: Callable[..., Array], *, with_time: bool = False) -> PosteriorFn:
+    """Adapt a stateless denoiser ``fn(x_t) -> logits [batch, length, vocab]`` to a ``PosteriorFn``.
+
+    With ``with_time=True`` the denoiser is called as ``fn(x_t, t)``. The full posterior is computed
+    and the rows at ``positions`` are returned; ``state`` is passed through unchanged.
+    """
+
+    def posterior_fn(x_t, t, positions, state):
+        logits = fn(x_t, t) if with_time else fn(x_t)
+        return jnp.take(logits, positions, axis=1), state
+
+    return posterior_fn
+
+
+def euler_rates(scheduler: KappaScheduler, length: int, num_steps: int) -> Array:
+    """Jump probabilities of the Euler sampler (THEORY S7), ``[num_steps, length]``.
+
+    ``rate[s] = min(1, h * d_kappa(t_s) / (1 - kappa(t_s)))`` with ``h = 1 / T``, ``t_s = s h``; the last
+    step has rate 1 (every coordinate still masked is drawn from ``p_{1|t}``, as flow_matching's
+    ``MixtureDiscreteEulerSolver`` sets ``x_t = x_1`` on its final step).
+
+    Raises:
+      ValueError: if ``num_steps`` or ``length`` is not a positive integer.
+    """
+    for name, v in (("num_steps", num_steps), ("length", length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+    return _euler_rates(scheduler, length, num_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _euler_rates(scheduler, length, num_steps):
+    dtype = jnp.result_type(float)
+    h = 1.0 / num_steps
+    t = jnp.arange(num_steps, dtype=dtype) * h
+    kappa = jnp.asarray(scheduler.kappa(t), dtype)
+    d_kappa = jnp.asarray(scheduler.d_kappa(t), dtype)
+    denom = 1.0 - kappa
+    r = jnp.where(denom > 0, h * d_kappa / jnp.where(denom > 0, denom, 1.0), 1.0)
+    r = jnp.clip(r, 0.0, 1.0).at[-1].set(1.0)
+    return jnp.broadcast_to(r[:, None], (num_steps, length))
+
+
+def _sample_tokens(key, logits, temperature):
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, logits / temperature, axis=-1)
+
+
+def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature, mask_id, state,
+                  return_intermediates):
+    """The one scan: rates/times/positions/valid are ``[T, length]``/``[T]``/``[T, m]``/``[T, m]``."""
+    check_shape(x0, (None, None), "x0")
+    if not is_tracer(temperature) and not float(temperature) >= 0:
+        raise ValueError(f"temperature: must be >= 0, got {temperature!r}")
+    if mask_id is not None:
+        check_mask_id(mask_id, 0)
+    check_rate(rates, "rates")
+    batch, length = x0.shape
+    if rates.shape[1] != length:
+        raise ValueError(f"x0: length {length} does not match the schedule length {rates.shape[1]}")
+    num_moves = positions.shape[1]
+    keys = jax.random.split(key, rates.shape[0])
+
+    def step(carry, xs):
+        x, st = carry
+        k, rate_row, t, pos, ok = xs
+        logits, st = posterior_fn(x, t, pos, st)
+        if logits.ndim != 3 or logits.shape[:2] != (batch, num_moves):
+            raise ValueError(
+                f"posterior_fn: returned logits of shape {tuple(logits.shape)}, expected "
+                f"[batch={batch}, positions={num_moves}, vocab]")
+        k_jump, k_tok = jax.random.split(k)
+        x_pos = jnp.take(x, pos, axis=1)                               # [batch, m]
+        r = jnp.take(rate_row, pos)                                    # [m]
+        jump = jax.random.uniform(k_jump, x_pos.shape, dtype=rate_row.dtype) < r[None, :]
+        if mask_id is not None:
+            jump = jump & (x_pos == mask_id)
+        y = _sample_tokens(k_tok, logits, temperature).astype(x.dtype)
+        new = jnp.where(jump, y, x_pos)
+        idx = jnp.where(ok, pos, length)                               # padded entries: dropped
+        x = x.at[:, idx].set(new, mode="drop")
+        return (x, st), (x if return_intermediates else None)
+
+    (x, state), xs = jax.lax.scan(step, (x0, state), (keys, rates, times, positions, valid))
+    if return_intermediates:
+        return x, jnp.concatenate([x0[None], xs], axis=0)
+    return x
+
+
+def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSchedule, x0: Array, *,
+                    temperature: float = 1.0, mask_id: int | None = None, state: Any = None,
+                    return_intermediates: bool = False):
+    """Discrete-time factorized sampler ``X_{t+1} ~ prod_i (delta + u_t^i)(. | X_t)`` (THEORY S4-S6).
+
+    At step ``t = 0..T-1`` the coordinates ``schedule.moving_positions(t)`` that may still move jump
+    with probability ``rate[t, i]`` to a draw from ``softmax(logits / temperature)``; ``temperature = 0``
+    takes the argmax. Under ``autoregressive(length)`` this is next-token sampling, exact for the
+    exact posterior (THEORY S5(c)).
+
+    Args:
+      key: jax PRNG key.
+      posterior_fn: ``PosteriorFn`` (see module docstring); called with the integer step ``t``.
+      schedule: ``DiscreteSchedule`` with ``length`` equal to ``x0.shape[1]``.
+      x0: ``[batch, length]`` int source states (``mask_source`` or ``uniform_source``).
+      temperature: ``>= 0`` (a Python float; 0 is greedy).
+      mask_id: mask token for a mask source (only masked coordinates move), None for a uniform source.
+      state: initial model state (pytree or None), threaded through the scan.
+      return_intermediates: also return all states ``xs [T + 1, batch, length]`` (``xs[0] = x0``).
+
+    Returns:
+      ``x1 [batch, length]`` or ``(x1, xs)``.
+
+    Raises:
+      ValueError: bad ``x0`` shape or length, negative ``temperature``, invalid ``mask_id``, or
+        ``posterior_fn`` returning logits of the wrong shape.
+    """
+    positions, valid = schedule.moving_table()
+    times = jnp.arange(schedule.num_steps, dtype=jnp.int32)
+    return _scan_sampler(key, posterior_fn, schedule.rates(), times, positions, valid, x0, temperature,
+                         mask_id, state, return_intermediates)
+
+
+def sample_euler(key: Array, posterior_fn: PosteriorFn, scheduler: KappaScheduler, x0: Array,
+                 num_steps: int, *, temperature: float = 1.0, mask_id: int | None = None,
+                 state: Any = None, return_intermediates: bool = False):
+    """Continuous-time Euler sampler of Gat et al. 2024 for the mixture path (THEORY S7).
+
+    Step ``s`` (time ``t = s / T``) uses ``euler_rates``: ``min(1, h d_kappa / (1 - kappa))``, every
+    position may move (``positions = arange(length)``), and ``posterior_fn`` gets the float time ``t``.
+    Same arguments, returns and errors as ``sample_discrete``.
+    """
+    length = x0.shape[1]
+    rates = euler_rates(scheduler, length, num_steps)
+    times = jnp.arange(num_steps, dtype=rates.dtype) / num_steps
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_steps, length))
+    valid = jnp.ones((num_steps, length), dtype=bool)
+    return _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature, mask_id,
+                         state, return_intermediates)

@@ -1,0 +1,111 @@
+"""Checkpoints: the training loop's orbax `CheckpointManager`, and model hand-off helpers.
+
+`save_model` / `load_model` hand a finished model from one stage to the next (e.g. the base
+checkpoint that every expert starts from). Both use orbax, which writes into a temporary
+directory and renames it when complete, so a crashed save never looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+# Model-held RNG streams (nnx.RngState) are not checkpointed: randomness in training comes from
+# the explicit per-step key, so these streams do not affect a resumed run's result.
+MODEL_STATE = nnx.Not(nnx.RngState)
+
+
+def ensure_writable_dir(path: str | os.PathLike, name: str = "checkpoint_dir") -> Path:
+    """Create `path` (and parents) if needed and check that files can be written in it.
+
+    Returns the absolute path. Raises ValueError naming `name` and `path` when the directory
+    cannot be created or written (e.g. a parent is a file, or permissions forbid it).
+    """
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name}: cannot write checkpoints to {str(path)!r}: {err}") from err
+    return path
+
+
+def model_state_dict(model: nnx.Module) -> dict:
+    """The model's variables (all but RNG streams) as a pure nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
+
+
+def restore_into(module: Any, pure: dict, filt=...) -> None:
+    """Write a pure dict (from `model_state_dict` / orbax) into `module` in place."""
+    state = nnx.state(module) if filt is ... else nnx.state(module, filt)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(module, state)
+
+
+def abstract_tree(tree):
+    """`jax.ShapeDtypeStruct` of every array leaf (the orbax restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """A synchronous orbax `CheckpointManager` with items "state" (arrays) and "meta" (JSON).
+
+    Raises ValueError naming `checkpoint_dir` when `directory` is not writable.
+    """
+    path = ensure_writable_dir(directory, "checkpoint_dir")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(path, options=options, item_names=("state", "meta"))
+
+
+def save_model(model: nnx.Module, directory: str | os.PathLike) -> Path:
+    """Save the model's variables to `directory` (overwritten if it exists), atomically.
+
+    Returns the absolute path. Raises ValueError naming `directory` if it cannot be written.
+    """
+    path = Path(directory).absolute()
+    ensure_writable_dir(path.parent, "directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, model_state_dict(model), force=True)
+        ckptr.wait_until_finished()
+    return path
+
+
+def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
+               directory: str | os.PathLike) -> nnx.Module:
+    """Load a model saved by `save_model`.
+
+    Args:
+      abstract_model_or_factory: a module of the right structure (concrete, or abstract from
+        `nnx.eval_shape`), or a zero-argument factory building one (it is only traced with
+        `nnx.eval_shape`, so no parameters are initialized).
+      directory: the directory given to `save_model`.
+    Returns:
+      A new module with the saved variables (a given module is not modified).
+    Raises:
+      ValueError: naming `directory` if it holds no saved model, or `abstract_model_or_factory`
+        if it is neither a module nor a callable.
+    """
+    path = Path(directory).absolute()
+    if not (path / "_CHECKPOINT_METADATA").exists() and not (path / "_METADATA").exists():
+        raise ValueError(f"directory: no saved model at {str(path)!r}")
+    if isinstance(abstract_model_or_factory, nnx.Module):
+        template = abstract_model_or_factory
+    elif callable(abstract_model_or_factory):
+        template = nnx.eval_shape(abstract_model_or_factory)
+    else:
+        raise ValueError(
+            f"abstract_model_or_factory: expected an nnx.Module or a factory, got {type(abstract_model_or_factory)}")
+    graphdef, state, rest = nnx.split(template, MODEL_STATE, ...)
+    target = abstract_tree(nnx.to_pure_dict(state))
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path, target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state, rest)

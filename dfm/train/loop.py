@@ -1,0 +1,167 @@
+"""The one training loop used by every stage (base, dense, expert, router).
+
+`train(model, loss_fn, batch_fn, config)` runs AdamW (`make_optimizer`) on
+`loss_fn(model, batch_fn(step), fold_in(PRNGKey(seed), step))`, with resumable orbax
+checkpoints. Because the batch and the key are functions of the step, a run that is stopped and
+resumed produces exactly the parameters and history of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dfm.train.checkpoint import abstract_tree, model_state_dict, open_manager, restore_into, MODEL_STATE
+from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
+
+LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `train`.
+
+    Attributes:
+      model: the trained model (the same object that was passed in, updated in place).
+      history: one row per logged step: `{"step", "loss", "lr", "grad_norm", <loss_fn metrics>,
+        "wall"}`; `step` counts completed updates (1-based), `lr` is the rate used by that
+        update, `wall` the cumulative training seconds (across resumes). Restored rows included.
+      steps_done: completed optimizer steps (restored ones included).
+      wall_time_s: seconds spent in this call.
+    """
+
+    model: nnx.Module
+    history: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    wall_time_s: float = 0.0
+
+
+@nnx.jit(static_argnums=0, donate_argnums=(1, 2))
+def _train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key):
+    def objective(m):
+        return loss_fn(m, batch, key)
+
+    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, metrics, optax.tree.norm(grads)
+
+
+def _optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
+    # One transformation object per optimizer setting: the optimizer's `tx` is static in the
+    # jitted step, so reusing the object lets repeated `train` calls (resume, stages, seeds)
+    # reuse the compilation. Fields that do not change the optimizer are normalized away.
+    return _cached_optimizer(config.replace(seed=0, checkpoint_every=1, log_every=1))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    return make_optimizer(config)
+
+
+def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+    return {"model": model_state_dict(model), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], config: TrainConfig, *,
+          checkpoint_dir=None, desc: str = "train", stop_after: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` in place for `config.steps` AdamW steps, resuming from `checkpoint_dir`.
+
+    Args:
+      model: an NNX module; its `nnx.Param`s are optimized.
+      loss_fn: `loss_fn(model, batch, key) -> (loss scalar, metrics dict of scalars)`. It is
+        traced under `nnx.jit` once per distinct `loss_fn` object; metrics (e.g. "tokens")
+        are copied into the history rows.
+      batch_fn: `batch_fn(step) -> batch pytree` for the 0-based step; must be deterministic in
+        `step` for resume to be exact.
+      config: `TrainConfig`.
+      checkpoint_dir: if given, orbax checkpoints (params, optimizer state, step, history) are
+        saved every `config.checkpoint_every` steps and when the call ends; an existing
+        checkpoint is restored first and training continues from its step. A directory holding a
+        finished run (step == steps) returns at once without training.
+      desc: progress bar label.
+      stop_after: stop once this many steps are done in total (restored steps count), after
+        saving a checkpoint; None = run to `config.steps`.
+      progress: show a tqdm bar with the loss.
+
+    Returns:
+      `TrainResult(model, history, steps_done, wall_time_s)`.
+
+    Raises:
+      ValueError: `checkpoint_dir` not writable or holding a run longer than `config.steps`;
+        `stop_after` < 1; `config` not a TrainConfig.
+      FloatingPointError: the loss becomes NaN or inf (reported at a logged step).
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after: must be a positive int or None, got {stop_after!r}")
+    t_start = time.perf_counter()
+    optimizer = nnx.Optimizer(model, _optimizer_for(config), wrt=nnx.Param)
+    schedule = learning_rate_schedule(config)
+    manager = None if checkpoint_dir is None else open_manager(checkpoint_dir)
+    start, history, wall_before = 0, [], 0.0
+    if manager is not None and manager.latest_step() is not None:
+        start, history, wall_before = _restore(manager, model, optimizer)
+        if start > config.steps:
+            raise ValueError(
+                f"checkpoint_dir: {str(checkpoint_dir)!r} holds a run at step {start} > config.steps={config.steps}")
+    end = config.steps if stop_after is None else min(stop_after, config.steps)
+    if start >= end:
+        if manager is not None:
+            manager.close()
+        return TrainResult(model, history, start, time.perf_counter() - t_start)
+
+    base_key = jax.random.PRNGKey(config.seed)
+    bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not progress, leave=False)
+    t_loop = time.perf_counter()
+    try:
+        for step in range(start, end):
+            loss, metrics, grad_norm = _train_step(
+                loss_fn, model, optimizer, batch_fn(step), jax.random.fold_in(base_key, step))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                row = {"step": done, "loss": float(loss), "lr": float(schedule(step)), "grad_norm": float(grad_norm)}
+                row.update({k: float(v) for k, v in metrics.items()})
+                row["wall"] = wall_before + time.perf_counter() - t_loop
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"{desc}: loss is {row['loss']} at step {done}")
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            bar.update(1)
+            if manager is not None and (done % config.checkpoint_every == 0 or done == end):
+                _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.close()
+    return TrainResult(model, history, end, time.perf_counter() - t_start)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float) -> None:
+    meta = {"step": step, "history": history, "wall": wall}
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_train_state(model, optimizer)), meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+
+
+def _restore(manager: ocp.CheckpointManager, model, optimizer) -> tuple[int, list[dict], float]:
+    step = manager.latest_step()
+    target = abstract_tree(_train_state(model, optimizer))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    restore_into(model, restored["state"]["model"], MODEL_STATE)
+    restore_into(optimizer, restored["state"]["optimizer"])
+    meta = restored["meta"]
+    if int(meta["step"]) != step:
+        raise ValueError(f"checkpoint_dir: step {step} has inconsistent metadata step {meta['step']}")
+    return step, list(meta["history"]), float(meta["wall"])

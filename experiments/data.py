@@ -1,0 +1,109 @@
+"""Data stage: corpus -> split -> tokenizer (trained on train) -> token ids, written to the run dir.
+
+Idempotent: `prepare_data` returns at once when ``data/summary.json`` exists (it is written last).
+Later stages read only the run directory (`load_corpus`, `load_split`), never the stdlib again.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from experiments import corpus as corpus_mod
+from experiments.config import ExperimentConfig
+from experiments.rundir import RunDir, atomic_save_npz, atomic_write_json, atomic_write_text, read_json
+from experiments.sequences import Sequences, chunk_documents, pack_tokens, unpack_tokens
+from experiments.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+
+
+@dataclass(frozen=True)
+class Split:
+    """The documents of one split: ids, texts and token ids (text + EOS)."""
+
+    ids: list[str]
+    texts: list[str]
+    tokens: list[np.ndarray]
+
+    def sequences(self, seq_len: int) -> Sequences:
+        """Full-length chunks (see `experiments.sequences.chunk_documents`)."""
+        return chunk_documents(self.tokens, seq_len)
+
+
+def prepare_data(config: ExperimentConfig, run: RunDir, log=print) -> dict:
+    """Build corpus, split, tokenizer and token ids in `run` (skipped if already done).
+
+    Returns:
+      the data summary (also in ``data/summary.json``): per split the number of documents,
+      characters, tokens and full sequences; vocabulary size; corpus fingerprint; Python version.
+    """
+    if run.data_summary.is_file():
+        return read_json(run.data_summary)
+    t0 = time.perf_counter()
+    dc = config.data
+    docs = corpus_mod.stdlib_documents(exclude_dirs=dc.exclude_dirs)
+    splits = corpus_mod.split_documents(docs, dc.val_fraction, dc.test_fraction)
+    for name in corpus_mod.SPLITS:
+        if not splits[name]:
+            raise RuntimeError(f"data: the {name} split is empty; change data.val_fraction/test_fraction")
+    lines = [json.dumps({"id": d.id, "split": corpus_mod.split_of(d.id, dc.val_fraction, dc.test_fraction),
+                         "text": d.text}) for d in docs]
+    atomic_write_text(run.corpus, "\n".join(lines) + "\n")
+    log(f"[data] corpus: {len(docs)} documents, {sum(len(d.text) for d in docs):,} characters")
+    if not (run.tokenizer / "tokenizer.json").is_file():
+        tok = train_tokenizer((d.text for d in splits["train"]), dc.vocab_size)
+        save_tokenizer(tok, run.tokenizer)
+    tok = load_tokenizer(run.tokenizer)
+    arrays = {}
+    summary = {"documents": {}, "characters": {}, "tokens": {}, "sequences": {},
+               "scored_tokens_max": {}}
+    for name in corpus_mod.SPLITS:
+        toks = encode_documents(tok, [d.text for d in splits[name]])
+        flat, offsets = pack_tokens(toks)
+        arrays[f"{name}_tokens"], arrays[f"{name}_offsets"] = flat, offsets
+        arrays[f"{name}_ids"] = np.array([d.id for d in splits[name]])
+        seqs = chunk_documents(toks, dc.seq_len)
+        summary["documents"][name] = len(splits[name])
+        summary["characters"][name] = sum(len(d.text) for d in splits[name])
+        summary["tokens"][name] = int(flat.size)
+        summary["sequences"][name] = len(seqs)
+        summary["scored_tokens_max"][name] = int((seqs.chunk > 0).sum()) * dc.seq_len
+    atomic_save_npz(run.tokens, **arrays)
+    summary.update({
+        "vocab_size": len(tok), "seq_len": dc.seq_len, "bos_id": tok.bos_token_id,
+        "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+        "fingerprint": corpus_mod.fingerprint(docs), "python": platform.python_version(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    atomic_write_json(run.data_summary, summary)
+    log(f"[data] tokens: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
+        + f"; vocab {len(tok)}")
+    return summary
+
+
+def load_split(run: RunDir, split: str) -> Split:
+    """Ids, texts and token ids of one split, read from the run directory.
+
+    Raises:
+      FileNotFoundError: if the data stage has not run (message says which command runs it).
+    """
+    if not run.tokens.is_file():
+        raise FileNotFoundError(f"{run.tokens} is missing: run `dfm partition` (data stage) first")
+    with np.load(run.tokens) as z:
+        ids = [str(x) for x in z[f"{split}_ids"]]
+        tokens = unpack_tokens(z[f"{split}_tokens"], z[f"{split}_offsets"])
+    texts = {}
+    with open(run.corpus, encoding="utf-8") as f:
+        wanted = set(ids)
+        for line in f:
+            row = json.loads(line)
+            if row["id"] in wanted:
+                texts[row["id"]] = row["text"]
+    return Split(ids, [texts[i] for i in ids], tokens)
+
+
+def token_text(tokenizer, tokens: np.ndarray) -> str:
+    """Decode token ids to text (special tokens kept visible)."""
+    return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)

@@ -1,0 +1,152 @@
+"""The run's report: report.json (everything), report.md (a paper-style table + samples), plots,
+and a short summary table printed with rich."""
+from __future__ import annotations
+
+import math
+
+from experiments import plots
+from experiments.rundir import atomic_write_json, atomic_write_text
+from experiments.stages import Context, stage_names
+
+TOKEN_COUNTING = (
+    "Training tokens = optimizer steps x batch_size x seq_len (every position of a sequence is a "
+    "target of the loss; the BOS the causal model reads is not counted). Stage 2 is "
+    "compute-matched: the dense model runs stage2.steps steps; the K experts split the same "
+    "number of steps (proportionally to their clusters' sequence counts) at the same batch size "
+    "and sequence length, so both see the same number of training tokens.")
+
+
+def build_report(ctx: Context, results: dict) -> dict:
+    """Assemble report.json's contents from the evaluation results and the stage markers."""
+    run, c = ctx.run, ctx.config
+    stages = {s: run.stage_info(s) for s in stage_names(c)}
+    experts = [s for s in stages if s.startswith("expert-")]
+    randoms = [s for s in stages if s.startswith("random-")]
+    compute = {
+        "token_counting": TOKEN_COUNTING,
+        "base_tokens": stages["base"]["train_tokens"],
+        "dense_stage2_tokens": stages["dense"]["train_tokens"],
+        "experts_stage2_tokens": sum(stages[e]["train_tokens"] for e in experts),
+        "expert_steps": {e: stages[e]["steps"] for e in experts},
+        "random_expert_steps": {e: stages[e]["steps"] for e in randoms},
+    }
+    partition = run.stage_info("partition")
+    return {
+        "config": c.to_dict(),
+        "schedule": results["schedule"],
+        "metric": results["metric"],
+        "perplexity_is_upper_bound": results["perplexity_is_upper_bound"],
+        "data": results["data"],
+        "partition": {k: v for k, v in partition.items() if k != "stage"},
+        "compute": compute,
+        "stages": {s: {k: v for k, v in info.items() if k not in ("history", "stage")} for s, info in stages.items()},
+        "eval": results["eval"],
+        "systems": results["systems"],
+        "clusters": results["clusters"],
+        "s11": results["s11"],
+        "router_weights_by_true_cluster": results["router_weights_by_true_cluster"],
+        "samples": results["samples"],
+        "wall_time_s": {"training": sum(i["wall_time_s"] for i in stages.values()),
+                        "partition": partition["wall_time_s"], "evaluation": results["eval"]["wall_time_s"]},
+        "plots": ["plots/loss_curves.png", "plots/router_weights.png", "plots/cluster_sizes.png"],
+    }
+
+
+def _fmt(x, digits=4):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def markdown(rep: dict) -> str:
+    """report.md text."""
+    c, d = rep["config"], rep["data"]
+    masked = rep["schedule"] == "masked"
+    metric = "DFM loss (ELBO, nats/token)" if masked else "NLL (nats/token)"
+    dense = next(s for s in rep["systems"] if s["name"] == "dense")
+    lines = [
+        f"# Dense vs decentralized experts: `{c['name']}` ({rep['schedule']} schedule)",
+        "",
+        f"Corpus: Python {d['python']} standard-library documentation (pydoc topics + module docstrings), "
+        f"fingerprint `{d['fingerprint']}`. Documents train/val/test: "
+        f"{d['documents']['train']}/{d['documents']['val']}/{d['documents']['test']}; tokens "
+        f"{d['tokens']['train']:,}/{d['tokens']['val']:,}/{d['tokens']['test']:,} (byte-level BPE, vocab {d['vocab_size']}).",
+        f"K = {c['partition']['num_clusters']} experts; held-out: {rep['eval']['documents']} test documents, "
+        f"{rep['eval']['scored_tokens']:,} scored tokens (first chunk of each document is context only).",
+        "",
+    ]
+    if masked:
+        lines += ["**Masked schedule: the loss is the DFM loss, an ELBO (THEORY S5(e)); its perplexity is an "
+                  "UPPER BOUND on the sampler's perplexity, not an exact perplexity.**", ""]
+    lines += [f"| system | router | tokens | {metric} | perplexity{' (bound)' if masked else ''} | "
+              f"Δ loss vs dense | train s | eval s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in rep["systems"]:
+        lines.append(f"| {s['name']} | {s['router'] or '-'} | {s['tokens']:,} | {_fmt(s['loss'])} | "
+                     f"{_fmt(s['perplexity'], 2)} | {s['loss'] - dense['loss']:+.4f} | "
+                     f"{s['train_wall_time_s']:.1f} | {s['eval_wall_time_s']:.1f} |")
+    s11 = rep["s11"]
+    lines += ["", "## THEORY S11 terms (nats per scored token)", "",
+              f"- dense loss: {_fmt(s11['dense_loss'])}",
+              f"- sum_k w_k (expert k's loss on its own cluster): {_fmt(s11['weighted_expert_loss'])} "
+              f"(w = {', '.join(f'{w:.3f}' for w in s11['cluster_weights'])})",
+              f"- difference = measured I(X; K): {_fmt(s11['mutual_information'])}",
+              "", "| cluster | test documents | scored tokens | expert on own cluster | dense on same tokens |",
+              "|---:|---:|---:|---:|---:|"]
+    for cl in rep["clusters"]:
+        lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['tokens']:,} | {_fmt(cl['expert_loss'])} | "
+                     f"{_fmt(cl['dense_loss'])} |")
+    comp = rep["compute"]
+    lines += ["", "## Compute", "", comp["token_counting"], "",
+              f"- base: {comp['base_tokens']:,} tokens; dense stage 2: {comp['dense_stage2_tokens']:,}; "
+              f"experts stage 2 (sum): {comp['experts_stage2_tokens']:,}",
+              f"- expert steps: {comp['expert_steps']}",
+              f"- wall time: training {rep['wall_time_s']['training']:.1f} s, evaluation "
+              f"{rep['wall_time_s']['evaluation']:.1f} s", ""]
+    lines += ["## Router weights by true cluster", "",
+              "Mean weight (columns: experts) over test documents of each true cluster (rows).", ""]
+    for name, rows in rep["router_weights_by_true_cluster"].items():
+        lines.append(f"- {name}: " + "; ".join(
+            "-" if r is None else "[" + ", ".join(f"{v:.2f}" for v in r) + "]" for r in rows))
+    samples = rep["samples"]
+    if samples.get("dense"):
+        lines += ["", f"## Samples (seed {samples['seed']}, temperature {samples['temperature']}; "
+                      f"ensemble router: {samples['router']})", ""]
+        for label in ("dense", "ensemble"):
+            for i, text in enumerate(samples[label]):
+                lines += [f"**{label} {i}**", "", "```text", text.replace("```", "'''"), "```", ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in rep["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(ctx: Context, results: dict) -> dict:
+    """Write plots, report.json and report.md (atomically); returns the report dict."""
+    rep = build_report(ctx, results)
+    run = ctx.run
+    stages = {s: run.stage_info(s) for s in stage_names(ctx.config)}
+    plots.loss_curves(stages, run.plots / "loss_curves.png", f"{ctx.config.name}: training loss")
+    plots.router_heatmaps(rep["router_weights_by_true_cluster"], run.plots / "router_weights.png")
+    plots.cluster_sizes(rep["partition"], run.plots / "cluster_sizes.png")
+    atomic_write_json(run.report_json, rep)
+    atomic_write_text(run.report_md, markdown(rep))
+    return rep
+
+
+def print_summary(rep: dict) -> None:
+    """A short rich table of the systems (loss, perplexity, Δ vs dense) and the S11 terms."""
+    from rich.console import Console
+    from rich.table import Table
+
+    masked = rep["schedule"] == "masked"
+    dense = next(s for s in rep["systems"] if s["name"] == "dense")["loss"]
+    table = Table(title=f"{rep['config']['name']} ({rep['schedule']}): {rep['eval']['scored_tokens']:,} held-out tokens"
+                        + (" - ELBO, perplexity is an upper bound" if masked else ""))
+    for col in ("system", "loss", "ppl", "Δ vs dense"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for s in rep["systems"]:
+        table.add_row(s["name"], _fmt(s["loss"]), _fmt(s["perplexity"], 2), f"{s['loss'] - dense:+.4f}")
+    console = Console()
+    console.print(table)
+    s11 = rep["s11"]
+    console.print(f"S11: dense {s11['dense_loss']:.4f} - experts on own clusters {s11['weighted_expert_loss']:.4f} "
+                  f"= I(X;K) {s11['mutual_information']:.4f} nats/token")

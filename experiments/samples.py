@@ -1,0 +1,99 @@
+"""Generated samples of the dense model and the expert ensemble, decoded to text.
+
+Both use `dfm.samplers.sample_discrete` from an all-mask source with fixed keys (the same key for
+dense and ensemble):
+- AR schedule (`dfm.schedules.autoregressive`): `dfm.autoregressive.causal_posterior_fn` over the
+  decoder's KV cache (`init_cache` / `decode_step`), one cached token per step; the ensemble
+  mixes the experts with the Bayes-filter router (`dfm.decentral.ensemble_posterior_fn`,
+  THEORY S9), priors = the clusters' shares of the train sequences.
+- masked schedule (the config's discretized kappa schedule, full `seq_len`): the denoisers via
+  `posterior_fn_from_denoiser`; the ensemble uses the learned router (THEORY S10).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments.stages import Context, data_summary, load_stage_model, tokenizer
+
+
+def _ar_sampler(graphdefs, priors, num: int, length: int, bos: int, vocab: int, temperature: float):
+    from dfm import schedules
+    from dfm.autoregressive import causal_posterior_fn
+    from dfm.decentral import BayesFilterRouter, ensemble_init_state, ensemble_posterior_fn
+    from dfm.paths import mask_source
+    from dfm.samplers import sample_discrete
+
+    schedule = schedules.autoregressive(length)
+    router = None if priors is None else BayesFilterRouter.from_priors(priors)
+
+    @jax.jit
+    def go(states, key):
+        models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+        fns = [causal_posterior_fn(m.decode_step, bos) for m in models]
+        caches = [m.init_cache(num, length) for m in models]
+        x0 = mask_source((num, length), vocab)
+        if router is None:
+            return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab,
+                                   state=caches[0])
+        fn = ensemble_posterior_fn(fns, router, mask_id=vocab)
+        state = ensemble_init_state(router, caches, batch=num, num_moving=1, vocab=vocab)
+        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state)
+
+    return go
+
+
+def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, temperature: float):
+    from dfm.decentral import ensemble_init_state, ensemble_posterior_fn
+    from dfm.paths import mask_source
+    from dfm.samplers import posterior_fn_from_denoiser, sample_discrete
+
+    length = schedule.length
+
+    @jax.jit
+    def go(states, router_state, key):
+        models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+        fns = [posterior_fn_from_denoiser(m) for m in models]
+        x0 = mask_source((num, length), vocab)
+        if router_graphdef is None:
+            return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab)
+        router = nnx.merge(router_graphdef, router_state)
+        fn = ensemble_posterior_fn(fns, lambda x_t, t: router.weights(x_t, t), mask_id=vocab)
+        state = ensemble_init_state(None, [None] * len(models), batch=num, num_moving=length, vocab=vocab)
+        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state)
+
+    return go
+
+
+def generate(ctx: Context, models: dict, experts: list, priors: np.ndarray) -> dict:
+    """``{"dense": [text], "ensemble": [text], "router": str, "key": seed, "tokens": n}``."""
+    c = ctx.config
+    num = c.eval.num_samples
+    if num == 0:
+        return {"dense": [], "ensemble": [], "router": None}
+    summary = data_summary(ctx)
+    vocab, bos = summary["vocab_size"], summary["bos_id"]
+    key = jax.random.PRNGKey(c.eval.seed)
+    split = {name: nnx.split(models[name]) for name in ["dense", *experts]}
+    out = {}
+    if c.schedule == "ar":
+        length = c.eval.sample_length
+        for label, names, prior in (("dense", ["dense"], None), ("ensemble", experts, priors)):
+            go = _ar_sampler(tuple(split[n][0] for n in names), prior, num, length, bos, vocab, c.eval.temperature)
+            out[label] = np.asarray(go(tuple(split[n][1] for n in names), key))
+        router_name = "bayes filter (S9)"
+    else:
+        from experiments.modeling import kappa_schedule
+
+        schedule = kappa_schedule(c)
+        router_gd, router_state = nnx.split(load_stage_model(ctx, "router"))
+        go = _masked_sampler((split["dense"][0],), None, num, schedule, vocab, c.eval.temperature)
+        out["dense"] = np.asarray(go((split["dense"][1],), None, key))
+        go = _masked_sampler(tuple(split[n][0] for n in experts), router_gd, num, schedule, vocab, c.eval.temperature)
+        out["ensemble"] = np.asarray(go(tuple(split[n][1] for n in experts), router_state, key))
+        router_name = "learned router (S10)"
+    tok = tokenizer(ctx)
+    return {label: [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
+            for label, tokens in out.items()} | {"router": router_name, "seed": c.eval.seed,
+                                                 "temperature": c.eval.temperature}

@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer trained on the train split, saved as an HF fast tokenizer.
+
+`train_tokenizer` uses HF `tokenizers` (GPT-2-style byte-level pre-tokenizer and decoder, so every
+string round-trips) and wraps the result in `transformers.PreTrainedTokenizerFast` with BOS, EOS
+and PAD special tokens (ids 0, 1, 2); `save_pretrained` writes it so that
+``transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")`` loads it back.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE on `texts`.
+
+    Args:
+      texts: training documents.
+      vocab_size: final vocabulary size, special tokens and the 256 byte symbols included.
+
+    Returns:
+      a `transformers.PreTrainedTokenizerFast` with ``bos_token``, ``eos_token``, ``pad_token``.
+
+    Raises:
+      ValueError: if `vocab_size` < 256 + 3 (the byte alphabet and the special tokens).
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size: must be >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """``tokenizer.save_pretrained`` into a temporary sibling, then an atomic rename to `directory`."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, directory)
+
+
+def load_tokenizer(directory: Path):
+    """``transformers.AutoTokenizer.from_pretrained(directory)`` (a PreTrainedTokenizerFast)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def encode_documents(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each text followed by EOS, int32 arrays (no BOS: the model input adds it)."""
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [np.asarray(list(x) + [tokenizer.eos_token_id], dtype=np.int32) for x in ids]

@@ -1,0 +1,83 @@
+"""Tests of proofs_check: every THEORY row passes on a few cases, the JSON/CLI contract, and that a
+deliberately wrong formula makes a row FAIL (exit status 1)."""
+import json
+
+import numpy as np
+import pytest
+
+import dfm.tabular as tb
+import proofs_check
+from proofs_check import symbolic
+
+CASES = 12
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return proofs_check.run_checks(cases=CASES, seed=1)
+
+
+def test_every_statement_passes(rows):
+    assert [r.id for r in rows] == [f"S{i}" for i in range(1, 14)]
+    for r in rows:
+        assert r.passed, (r.id, r.failures)
+        assert r.max_error <= 1e-12
+        assert r.cases == CASES
+        assert r.tolerance == 1e-12
+    methods = {r.id: r.method for r in rows}
+    assert methods["S3"] == "both" and methods["S5"] == "both"
+
+
+def test_rate_and_information_extras_are_reported(rows):
+    by_id = {r.id: r for r in rows}
+    assert any("fitted rate" in line for line in by_id["S6"].extra)
+    assert any("fitted rate" in line for line in by_id["S7"].extra)
+    assert any("I(X;K)" in line for line in by_id["S11"].extra)
+
+
+def test_cli_json_and_exit_status(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    status = proofs_check.main(["--cases", "5", "--seed", "3", "--only", "S1,S9,S13", "--json", str(path)])
+    assert status == 0
+    data = json.loads(path.read_text())
+    assert [d["id"] for d in data] == ["S1", "S9", "S13"]
+    for d in data:
+        assert {"id", "passed", "max_error", "cases", "statement", "method", "tolerance"} <= set(d)
+        assert d["passed"] is True and d["cases"] == 5 and d["max_error"] <= 1e-12
+    out = capsys.readouterr().out
+    assert "S13" in out and "PASS" in out
+
+
+def test_unknown_statement_is_a_usage_error():
+    with pytest.raises(SystemExit) as err:
+        proofs_check.main(["--only", "S99", "--cases", "1"])
+    assert err.value.code == 2
+
+
+def test_wrong_joint_velocity_makes_s3_fail(monkeypatch):
+    real = tb.joint_velocity
+    monkeypatch.setattr(tb, "joint_velocity", lambda *a, **k: 0.5 * real(*a, **k))  # valid but too slow
+    row = proofs_check.s1_s3.check_s3(np.random.default_rng(0), 6, symbolic=False)
+    assert not row.passed and row.max_error > 1e-12
+
+
+def test_wrong_total_correlation_makes_cli_exit_1(monkeypatch, tmp_path):
+    real = tb.block_total_correlation
+    monkeypatch.setattr(tb, "block_total_correlation", lambda *a: real(*a) + 1e-9)
+    path = tmp_path / "bad.json"
+    assert proofs_check.main(["--cases", "4", "--only", "S6", "--json", str(path)]) == 1
+    (entry,) = json.loads(path.read_text())
+    assert entry["passed"] is False and entry["max_error"] > 1e-12
+
+
+def test_wrong_top_k_makes_s13_fail(monkeypatch):
+    monkeypatch.setattr(tb, "top_k_renormalize", lambda w, k: np.asarray(w, dtype=float)[::-1].copy())
+    (row,) = proofs_check.run_checks(cases=20, seed=0, only=["S13"])
+    assert not row.passed
+
+
+def test_symbolic_check_detects_a_wrong_kernel(monkeypatch):
+    assert symbolic.symbolic_s3()[0] == 0.0
+    real = symbolic._cond_kernel
+    monkeypatch.setattr(symbolic, "_cond_kernel", lambda y, x, x0, x1, rate: real(y, x, x0, x1, [r / 2 for r in rate]))
+    assert symbolic.symbolic_s3()[0] == float("inf")
