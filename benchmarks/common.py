@@ -144,21 +144,52 @@ def block(x):
 def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, number: int = 1) -> dict[str, Any]:
     """Median wall time of ``fn()`` (blocked until ready) over ``repeats`` timings of ``number`` calls.
 
-    Returns ``{"median_s", "min_s", "max_s", "repeats", "number"}``; times are per call, in seconds.
+    Returns ``{"median_s", "min_s", "max_s", "cpu_median_s", "repeats", "number"}``; times are per
+    call, in seconds. ``cpu_median_s`` is the process CPU time (all threads): with one thread it is
+    the work done, nearly unaffected by other processes sharing the cores (wall time is not).
     """
     if repeats < 1 or number < 1:
         raise ValueError(f"repeats/number: must be >= 1, got {repeats}, {number}")
     for _ in range(warmup):
         block(fn())
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(number):
             out = fn()
         block(out)
         times.append((time.perf_counter() - t0) / number)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": repeats, "number": number}
+        cpu.append((time.process_time() - c0) / number)
+    return _stats(times, cpu, repeats, number)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 2,
+                     number: int | dict[str, int] = 1) -> dict[str, dict[str, Any]]:
+    """Like ``time_call`` for several functions, alternating them repeat by repeat.
+
+    The machine is shared, so the load drifts; alternating ours and the peer in each repeat
+    exposes both to the same load and keeps their ratio meaningful. ``number`` may differ per name.
+    """
+    nums = number if isinstance(number, dict) else {name: number for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(nums[name]):
+                out = fn()
+            block(out)
+            times[name].append((time.perf_counter() - t0) / nums[name])
+            cpu[name].append((time.process_time() - c0) / nums[name])
+    return {name: _stats(times[name], cpu[name], repeats, nums[name]) for name in fns}
+
+
+def _stats(wall: list[float], cpu: list[float], repeats: int, number: int) -> dict[str, Any]:
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "max_s": max(wall),
+            "cpu_median_s": statistics.median(cpu), "repeats": repeats, "number": number}
 
 
 def compile_jitted(jitted, *args, **kwargs):

@@ -131,10 +131,11 @@ def allocate_steps(total_steps: int, sizes: Sequence[int]) -> list[int]:
         raise ValueError(f"sizes: must be positive, got {sizes.tolist()}")
     if total_steps < sizes.size:
         raise ValueError(f"total_steps: must be >= the number of experts ({sizes.size}), got {total_steps}")
-    spare = total_steps - sizes.size  # everybody gets 1 step, the rest proportionally
-    exact = spare * sizes / sizes.sum()
+    exact = total_steps * sizes / sizes.sum()
     base = np.floor(exact).astype(int)
-    rest = spare - base.sum()
     order = np.argsort(-(exact - base), kind="stable")
-    base[order[:rest]] += 1
-    return [int(b) + 1 for b in base]
+    base[order[: total_steps - base.sum()]] += 1
+    while base.min() < 1:  # tiny clusters still get one step, taken from the largest share
+        base[np.argmax(base)] -= 1
+        base[np.argmin(base)] += 1
+    return [int(b) for b in base]

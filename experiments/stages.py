@@ -272,13 +272,15 @@ def run_train(ctx: Context, stage: str, *, stop_after: int | None = None) -> dic
         ctx.log(f"[{stage}] already finished, skipped")
         return ctx.run.stage_info(stage)
     c = ctx.config
+    if stage == "router" and c.schedule != "masked":
+        raise StageError("the learned router is part of the masked schedule; use --schedule masked "
+                         "(under AR the exact router is the Bayes filter, THEORY S9)")
+    if stage not in stage_names(c):
+        raise StageError(f"unknown stage {stage!r}; stages of this config: {', '.join(stage_names(c))}")
     summary = data_summary(ctx)
     vocab, bos = summary["vocab_size"], summary["bos_id"]
     seqs = sequences(ctx, "train")
     if stage == "router":
-        if c.schedule != "masked":
-            raise StageError("the learned router is part of the masked schedule; use --schedule masked "
-                             "(under AR the exact router is the Bayes filter, THEORY S9)")
         load_assignments(ctx)
     elif stage != "base":
         load_assignments(ctx)

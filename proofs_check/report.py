@@ -5,6 +5,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 TOLERANCE = 1e-12
 
 
@@ -22,6 +24,7 @@ class Row:
     failures: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    data: dict = field(default_factory=dict)  # numbers behind the extra lines (rates, entropies, ...)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -42,28 +45,30 @@ class Tracker:
 
     def error(self, value, label: str) -> None:
         """Record an error value (array or scalar; NaN counts as infinite)."""
-        import numpy as np
-
         arr = np.asarray(value, dtype=np.float64)
         if arr.size == 0:
             return
-        val = float(np.max(np.where(np.isnan(arr), np.inf, arr)))
+        val = float(arr.max())
+        if val != val:  # NaN somewhere
+            val = math.inf
         if val > self.max_error:
             self.max_error, self.where = val, label
         if val > self.tolerance and len(self.failures) < 5:
             self.failures.append(f"{label}: error {val:.3e} > {self.tolerance:.0e}")
 
     def diff(self, a, b, label: str) -> None:
-        """Record ``max |a - b|``."""
-        import numpy as np
-
+        """Record ``max |a - b|`` (equal infinities count as equal)."""
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
             self.fail(f"{label}: shape {a.shape} != {b.shape}")
             return
-        both_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
-        self.error(np.where(both_inf, 0.0, np.abs(a - b)), label)
+        with np.errstate(invalid="ignore"):
+            d = np.abs(a - b)
+        if not np.isfinite(d).all():
+            both_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
+            d = np.where(both_inf, 0.0, np.where(np.isnan(d), np.inf, d))
+        self.error(d, label)
 
     def require(self, condition: bool, label: str) -> None:
         """A boolean assertion; a False makes the statement FAIL."""
@@ -80,16 +85,19 @@ class Tracker:
     def passed(self) -> bool:
         return not self.failures and self.max_error <= self.tolerance
 
-    def row(self, sid: str, statement: str, method: str, extra=None) -> Row:
+    def row(self, sid: str, statement: str, method: str, extra=None, data=None) -> Row:
         return Row(
             id=sid, statement=statement, method=method, cases=self.cases, max_error=self.max_error,
             tolerance=self.tolerance, passed=self.passed, failures=list(self.failures), extra=list(extra or []),
+            data=dict(data or {}),
         )
 
 
-def print_table(rows: list[Row], total_seconds: float | None = None, console=None) -> None:
+def print_table(rows: list[Row], total_seconds: float | None = None, wall_seconds: float | None = None,
+                console=None) -> None:
     """Print one rich table row per statement, then the extra lines and the failures."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -97,11 +105,11 @@ def print_table(rows: list[Row], total_seconds: float | None = None, console=Non
         if not console.is_terminal:  # pipes and CI logs: do not wrap the table at 80 columns
             console = Console(width=170)
     table = Table(title="proofs_check: THEORY S1-S13 (float64)")
-    for col in ("id", "statement", "method", "cases", "max abs error", "tolerance", "time s", "result"):
-        table.add_column(col, justify="right" if col in ("cases", "max abs error", "tolerance", "time s") else "left")
+    for col in ("id", "statement", "method", "cases", "max abs error", "tolerance", "CPU s", "result"):
+        table.add_column(col, justify="right" if col in ("cases", "max abs error", "tolerance", "CPU s") else "left")
     for r in rows:
         verdict = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
-        table.add_row(r.id, r.statement, r.method, str(r.cases), f"{r.max_error:.2e}", f"{r.tolerance:.0e}",
+        table.add_row(r.id, escape(r.statement), escape(r.method), str(r.cases), f"{r.max_error:.2e}", f"{r.tolerance:.0e}",
                       f"{r.seconds:.1f}", verdict)
     console.print(table)
     for r in rows:
@@ -109,9 +117,10 @@ def print_table(rows: list[Row], total_seconds: float | None = None, console=Non
             console.print(f"  {r.id}: {line}", highlight=False, markup=False)
     for r in rows:
         for line in r.failures:
-            console.print(f"  [red]{r.id} FAIL[/red]: {line}", highlight=False)
+            console.print(f"  [red]{r.id} FAIL[/red]: {escape(line)}", highlight=False)
     if total_seconds is not None:
-        console.print(f"total {total_seconds:.1f} s; {sum(r.passed for r in rows)}/{len(rows)} statements pass")
+        wall = f", wall {wall_seconds:.1f} s" if wall_seconds is not None else ""
+        console.print(f"total CPU {total_seconds:.1f} s{wall}; {sum(r.passed for r in rows)}/{len(rows)} statements pass")
 
 
 def write_json(rows: list[Row], path: str) -> None:

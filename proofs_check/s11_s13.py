@@ -24,7 +24,7 @@ def check_s11(rng, cases: int) -> Row:
     """S11 (AR schedule): E_q[loss(exact denoiser)] == H(q); sum_k w_k E_{q_k}[loss_k] == sum_k w_k H(q_k) == H(X|K);
     H(q) - H(X|K) == I(X; K) == sum_t I(X^{t+1}; K | X^{<=t}); the routed ensemble attains H(q)."""
     tr = Tracker()
-    extra = []
+    extra, data = [], {}
     for c in range(cases):
         v, n = random_size(rng)
         w, experts, q = random_mixture(rng, v**n)
@@ -56,10 +56,12 @@ def check_s11(rng, cases: int) -> Row:
         ens_loss = tb.dfm_loss(np.stack(ensemble), kappa, v)
         tr.diff(_expect(q, ens_loss), h_q, f"{label}: routed ensemble != H(q)")
         if c == 0:
+            data = {"vocab": v, "length": n, "experts": int(w.shape[0]), "H_q": h_q, "sum_w_H_qk": experts_total,
+                    "I_X_K": mi}
             extra.append(f"representative case (vocab {v}, length {n}, K {w.shape[0]}): H(q) = {h_q:.4f}, "
                          f"sum_k w_k H(q_k) = {experts_total:.4f}, I(X;K) = {mi:.4f} nats")
         tr.cases += 1
-    return tr.row("S11", "objectives: H(q) = H(X|K) + I(X;K); ensemble attains H(q)", "enumeration", extra)
+    return tr.row("S11", "objectives: H(q) = H(X|K) + I(X;K); ensemble attains H(q)", "enumeration", extra, data)
 
 
 def check_s12(rng, cases: int) -> Row:
@@ -127,4 +129,5 @@ def check_s13(rng, cases: int) -> Row:
         tr.cases += 1
     extra = [f"max over cases of TV - (1 - rho(S)): {worst:.3e} (<= 1e-12); the bound is attained (to rounding) "
              "by disjointly supported experts"]
-    return tr.row("S13", "top-k renormalization: TV <= 1 - rho(S), tight", "enumeration", extra)
+    return tr.row("S13", "top-k renormalization: TV <= 1 - rho(S), tight", "enumeration", extra,
+                  {"max_tv_minus_bound": float(worst)})

@@ -66,7 +66,7 @@ def _rate_study(rng, tr, measure, label: str, n_dists: int):
     """Error vs T for both schedulers on n_dists random q (vocab 2-3, length 3). Asserts: the error is >= 0 (1e-12 abs.),
     nonincreasing in T (up to 1e-12 absolute), and at T = 64 at most 1/8 of its T = 2 value (or <= 1e-12:
     e.g. a point mass q, sampled exactly for every T)."""
-    lines = []
+    lines, rates = [], {}
     for name in SCHEDULERS:
         curves = []
         for j in range(n_dists):
@@ -80,10 +80,12 @@ def _rate_study(rng, tr, measure, label: str, n_dists: int):
                 curves.append(errs)
         if curves:
             mean = np.exp(np.mean(np.log(np.maximum(curves, 1e-300)), axis=0))
+            rate = fit_rate(RATE_STEPS[2:], mean[2:])
+            rates[name] = {"steps": list(RATE_STEPS), "error": mean.tolist(), "fitted_rate": rate}
             lines.append(f"{label} {name}: geometric-mean error vs T={list(RATE_STEPS)}: "
                          + ", ".join(f"{e:.2e}" for e in mean) + f"; fitted rate (slope of log err vs log T, T>=8) "
-                         f"{fit_rate(RATE_STEPS[2:], mean[2:]):.2f}")
-    return lines
+                         f"{rate:.2f}")
+    return lines, rates
 
 
 def check_s6(rng, cases: int, rate_dists: int = 6):
@@ -112,9 +114,11 @@ def check_s6(rng, cases: int, rate_dists: int = 6):
         return tb.kl_divergence(q, factorized_sampler_law(q, kappa, v)[tb.data_index(v, n)])
 
     extra = [f"block identity: max KL(q || p_sampled) over cases {max_kl:.3f} nats (matched by the TC sum)"]
-    extra += _rate_study(rng, tr, measure, "KL(q || p_sampled)", rate_dists)
+    lines, rates = _rate_study(rng, tr, measure, "KL(q || p_sampled)", rate_dists)
+    extra += lines
     extra.append("asserted for kappa schedules, per q: KL >= 0, nonincreasing in T (1e-12 abs.), KL(T=64) <= KL(T=2) / 8")
-    return tr.row("S6", "factorization cost: KL == sum_blocks E[TC]; KL -> 0 in T", "enumeration", extra)
+    return tr.row("S6", "factorization cost: KL == sum_blocks E[TC]; KL -> 0 in T", "enumeration", extra,
+                  {"rates": rates})
 
 
 def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
@@ -143,20 +147,20 @@ def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
         label = f"case {c} (vocab {v}, length {n}, T {num_steps})"
         tr.diff(euler, discrete, f"{label}: Euler != discrete kernel")
         if library:
-            tr.error(lib.s7_step_error(post, kap, dk, h, v, wm, euler), f"{label}: library Euler step vs enumeration")
+            lib.record(tr, f"{label}: library Euler step", lib.s7_step_error, post, kap, dk, h, v, wm, euler)
         tr.error(tb.markov_kernel_error(euler), f"case {c}: Euler kernel not Markov")
         tr.cases += 1
 
     def measure(q, name, T, v, n):
         if library:
             kappa, _, rate = euler_tables(name, T, n)
-            tr.error(lib.s7_rates_error(name, T, n, kappa, rate), f"{name} T {T}: library euler_rates / discretize")
+            lib.record(tr, f"{name} T {T}: library euler_rates / discretize", lib.s7_rates_error, name, T, n, kappa, rate)
         return tb.tv_distance(euler_sampler_law(q, name, T, v, n), tb.embed_data(q, v, n))
 
-    extra = _rate_study(rng, tr, measure, "TV(p_Euler, q)", rate_dists)
+    extra, rates = _rate_study(rng, tr, measure, "TV(p_Euler, q)", rate_dists)
     if library:
         extra.append("library: dfm.velocities.posterior_to_velocity as an Euler step on every case; "
                      "dfm.samplers.euler_rates and dfm.schedules.discretize tables in the rate study (float64)")
     extra.append("asserted for the Euler sampler, per q: TV nonincreasing in T (1e-12 abs.), TV(T=64) <= TV(T=2) / 8")
     method = "enumeration + library" if library else "enumeration"
-    return tr.row("S7", "continuous-time limit: Euler == discrete kernel; error -> 0", method, extra)
+    return tr.row("S7", "continuous-time limit: Euler == discrete kernel; error -> 0", method, extra, {"rates": rates})

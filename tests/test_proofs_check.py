@@ -14,7 +14,7 @@ CASES = 12
 
 @pytest.fixture(scope="module")
 def rows():
-    return proofs_check.run_checks(cases=CASES, seed=1)
+    return proofs_check.run_checks(cases=CASES, seed=1, library=False)
 
 
 def test_every_statement_passes(rows):
@@ -26,6 +26,25 @@ def test_every_statement_passes(rows):
         assert r.tolerance == 1e-12
     methods = {r.id: r.method for r in rows}
     assert methods["S3"] == "both" and methods["S5"] == "both"
+
+
+def test_library_cross_checks_pass_in_float64():
+    rows = proofs_check.run_checks(cases=6, seed=2, only=["S4", "S5", "S7"], library=True)
+    for r in rows:
+        assert "library" in r.method
+        assert r.passed, (r.id, r.failures)
+        assert r.max_error <= 1e-12
+
+
+def test_wrong_library_velocity_makes_s4_fail(monkeypatch):
+    import dfm.velocities
+
+    real = dfm.velocities.posterior_to_velocity
+    monkeypatch.setattr(dfm.velocities, "posterior_to_velocity", lambda *a, **k: 1.001 * real(*a, **k))
+    proofs_check.library._JITTED.clear()
+    row = proofs_check.s4_s5.check_s4(np.random.default_rng(0), 4, library=True)
+    proofs_check.library._JITTED.clear()
+    assert not row.passed
 
 
 def test_rate_and_information_extras_are_reported(rows):

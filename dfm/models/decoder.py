@@ -6,6 +6,11 @@ Module tree (HF `LlamaForCausalLM` / `Qwen2ForCausalLM` names, `model.` prefix d
 `model.embed_tokens.weight`; every `*.kernel` = HF `*.weight` transposed; `*.scale` = the norm
 `*.weight`; biases identical.
 
+Sharding: parameters carry logical axis names (see `dfm.models.layers`); the residual stream
+`[batch, length, hidden]` and the logits are constrained with `dfm.sharding.constrain` to the
+"activation_*" logical axes, which is the identity unless a step traces inside
+`dfm.sharding.use_rules(mesh, rules)` (the sharded steps of `dfm.train.steps`).
+
 With `causal=True` the model is the next-token distribution of an AR model: row j of the logits
 is `p(x^{j+1} | x^{<=j})` (THEORY S5; shift with `dfm.autoregressive.shift_right` to use it as a
 denoiser). With `causal=False` every position sees the whole sequence: the posterior
@@ -21,9 +26,12 @@ from flax import nnx
 
 from dfm.models.config import DecoderConfig
 from dfm.models.layers import DecoderLayer, RMSNorm, attention_weights_mask, dense_init, rope_cos_sin
+from dfm.sharding.rules import constrain
 
 Array = jax.Array
 Cache = dict  # {"k": tuple of [batch, max_length, kv_heads, head_dim], "v": same}
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")   # [batch, length, hidden]
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")     # [batch, length, output_size]
 
 
 class Decoder(nnx.Module):
@@ -53,6 +61,15 @@ class Decoder(nnx.Module):
                 param_dtype=config.parameter_dtype, kernel_init=dense_init(config, ("embed", "vocab")), rngs=rngs)
 
     # ------------------------------------------------------------------ full forward
+    def embed(self, tokens: Array) -> Array:
+        """Token embeddings `[batch, length] -> [batch, length, hidden]` (compute dtype), as `nnx.Embed`.
+
+        Under `dfm.sharding.use_rules` the table is first gathered over its "embed" (FSDP) shards,
+        so the lookup's output can be split on batch without an all-to-all.
+        """
+        table = self.embed_tokens.embedding[...].astype(self.config.compute_dtype)
+        return jnp.take(constrain(table, ("vocab", None)), tokens, axis=0)
+
     def logits(self, hidden: Array) -> Array:
         """Final norm + output projection: `[batch, length, hidden] -> [batch, length, output_size]` float32."""
         h = self.norm(hidden)
@@ -61,7 +78,7 @@ class Decoder(nnx.Module):
             out = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
         else:
             out = self.lm_head(h)
-        return out.astype(jnp.float32)
+        return constrain(out.astype(jnp.float32), LOGITS_AXES)
 
     def hidden_states(self, tokens: Array, *, positions: Array | None = None,
                       attention_mask: Array | None = None, extra_embedding: Array | None = None) -> Array:
@@ -79,13 +96,15 @@ class Decoder(nnx.Module):
             raise ValueError(f"positions: expected shape {(b, n)}, got {jnp.shape(positions)}")
         if attention_mask is not None and jnp.shape(attention_mask) != (b, n):
             raise ValueError(f"attention_mask: expected shape {(b, n)}, got {jnp.shape(attention_mask)}")
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         if extra_embedding is not None:
             x = x + extra_embedding.astype(x.dtype)
+        x = constrain(x, RESIDUAL_AXES)
         cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
         mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask)
         for layer in self.layers:
             x, _ = layer(x, cos, sin, mask)
+            x = constrain(x, RESIDUAL_AXES)
         return x
 
     def __call__(self, tokens: Array, *, positions: Array | None = None,
@@ -133,7 +152,7 @@ class Decoder(nnx.Module):
         k_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (b, max_length))
         cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
         mask = attention_weights_mask(positions, k_positions, causal=True)
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         new_k, new_v = [], []
         for layer, k_cache, v_cache in zip(self.layers, cache["k"], cache["v"]):
             x, (k, v) = layer(x, cos, sin, mask, kv=(k_cache, v_cache, start))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfm.models.config import DecoderConfig
+from dfm.sharding.rules import constrain
 
 Array = jax.Array
 
@@ -24,9 +25,11 @@ Array = jax.Array
 def partitioned(init, names: tuple[str, ...]):
     """`init` annotated with logical axis `names` (`nnx.with_partitioning`).
 
-    Parameters are placed eagerly only when a mesh is active (`jax.sharding.use_mesh` plus
-    logical axis rules); with no mesh (plain CPU) the names are kept as metadata only, readable
-    with `nnx.get_partition_spec`.
+    Parameters are placed eagerly only when a mesh is active at construction (`jax.set_mesh`
+    plus flax logical axis rules, e.g. inside `dfm.sharding.use_rules`); with no mesh (plain
+    CPU) the names are kept as metadata only, readable with `nnx.get_partition_spec`. The
+    recommended placement is after construction (`dfm.sharding.shard_module`) or jitted
+    (`dfm.sharding.init_sharded`), which also handle sizes a mesh axis does not divide.
     """
     has_mesh = not jax.sharding.get_abstract_mesh().empty
     return nnx.with_partitioning(init, names, eager_sharding=has_mesh and nnx.using_eager_sharding())
@@ -165,8 +168,12 @@ class MLP(nnx.Module):
         self.down_proj = linear(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        """x: `[..., hidden]` -> `[..., hidden]`."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x: `[..., hidden]` -> `[..., hidden]`. The hidden `[batch, length, mlp]` is constrained to
+        ("activation_batch", "activation_length", "activation_mlp") under `dfm.sharding.use_rules`."""
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if hidden.ndim == 3:
+            hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):

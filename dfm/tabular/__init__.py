@@ -9,6 +9,8 @@ library and ``proofs_check`` compare against. Keep vocab and length small (``M <
 Shapes: ``q [D]`` over data states (``D = vocab**L``), ``kappa [T + 1, L]``, paths ``[T + 1, M]``,
 ``posterior [M, D]``, ``coordinate_posteriors [M, L, vocab]``, kernels/velocities ``[M, M]``.
 """
+from types import ModuleType as _ModuleType
+
 from dfm.tabular.distributions import (
     KINDS,
     random_coupling,
@@ -77,4 +79,4 @@ from dfm.tabular.states import (
     state_index,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = sorted(n for n, o in dict(globals()).items() if not n.startswith("_") and not isinstance(o, _ModuleType))

@@ -16,12 +16,15 @@ from dfm.tabular.states import enumerate_states, num_symbols, state_index
 
 
 def product_kernel(factors, vocab: int, with_mask: bool = True) -> np.ndarray:
-    """Joint kernel ``K[y, x] = prod_i f[x, i, y^i]`` from per-coordinate factors ``[M, L, S]``."""
+    """Joint kernel ``K[y, x] = prod_i f[x, i, y^i]`` from per-coordinate factors ``[C, L, S]``.
+
+    Usually ``C = M`` (all states x, result ``[M, M]``); factors of a subset of states give those
+    columns only (``[M, C]``). Rows y are in :func:`enumerate_states` order.
+    """
     f = np.asarray(factors, dtype=np.float64)
+    if f.ndim != 3 or f.shape[2] != num_symbols(vocab, with_mask):
+        raise ValueError(f"factors must have shape [C, length, {num_symbols(vocab, with_mask)}], got {f.shape}")
     m, length, s = f.shape
-    ys = enumerate_states(vocab, length, with_mask=with_mask)
-    if ys.shape[0] != m or s != num_symbols(vocab, with_mask):
-        raise ValueError(f"factors must have shape [{ys.shape[0]}, {length}, {num_symbols(vocab, with_mask)}], got {f.shape}")
     out = f[:, 0, :]
     for i in range(1, length):  # outer products, first coordinate most significant (C order)
         out = (out[:, :, None] * f[:, i, None, :]).reshape(m, -1)

@@ -19,7 +19,7 @@ import numpy as np
 
 from dfm.tabular import _validate as V
 from dfm.tabular._einsum import einsum
-from dfm.tabular.states import enumerate_states, num_symbols
+from dfm.tabular.states import enumerate_states
 
 
 def rates(kappa) -> np.ndarray:

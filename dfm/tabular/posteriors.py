@@ -72,32 +72,37 @@ def coordinate_posteriors(q, kappa, t: int, vocab: int, *, source=None, coupling
     return _normalize_rows(coordinate_posteriors_from(joint, vocab, length), joint.sum(1))
 
 
-def expected_conditional_kernel(post, rate, vocab: int, with_mask: bool = True) -> np.ndarray:
+def expected_conditional_kernel(post, rate, vocab: int, with_mask: bool = True, columns=None) -> np.ndarray:
     """``K[y, x] = sum_{x1} p_t(x1 | x) K_t(y | x, x1)`` for the conditional product kernels of THEORY S4.
 
     post ``[M, D]``, rate ``[L]``. Contracted coordinate by coordinate (batched matmuls), never
     materializing ``[D, M, M]``. Columns of unreachable x (zero posterior rows) are ``delta_x``.
+    columns: optional state indices ``[C]``; then only those columns are computed, ``[M, C]``.
     """
     post = np.asarray(post, dtype=np.float64)
-    m, d = post.shape
+    m_all, d = post.shape
     r = np.asarray(rate, dtype=np.float64)
     length = r.shape[0]
     xs = enumerate_states(vocab, length, with_mask=with_mask)
+    cols = np.arange(m_all) if columns is None else np.asarray(columns, dtype=np.int64)
+    xs, post = xs[cols], post[cols]
+    m = cols.shape[0]
     s = num_symbols(vocab, with_mask)
     eye_s = np.eye(s)
     tensor = post.reshape((m,) + (vocab,) * length)
     for i in range(length):
-        stay = eye_s[xs[:, i]]  # [M, S]: delta(y, x^i)
+        stay = eye_s[xs[:, i]]  # [C, S]: delta(y, x^i)
         movable = (xs[:, i] == vocab) if with_mask else np.ones(m, dtype=bool)
         # G[x, a, y] = delta(y, x^i) + r_i movable (delta(y, a) - delta(y, x^i))
         g = stay[:, None, :] + (r[i] * movable)[:, None, None] * (eye_s[None, :vocab, :] - stay[:, None, :])
         moved = np.moveaxis(tensor, 1 + i, -1)
         shp = moved.shape
-        res = np.matmul(moved.reshape(m, -1, shp[-1]), g)  # [M, R, S]
+        res = np.matmul(moved.reshape(m, -1, shp[-1]), g)  # [C, R, S]
         tensor = np.moveaxis(res.reshape(shp[:-1] + (s,)), -1, 1 + i)
     kern = tensor.reshape(m, -1).T
-    dead = post.sum(1) == 0
-    kern[:, dead] = np.eye(m)[:, dead]
+    dead = np.flatnonzero(post.sum(1) == 0)
+    kern[:, dead] = 0.0
+    kern[cols[dead], dead] = 1.0
     return kern
 
 

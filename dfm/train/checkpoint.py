@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dfm.sharding.partition import abstract_state
+
 # Model-held RNG streams (nnx.RngState) are not checkpointed: randomness in training comes from
 # the explicit per-step key, so these streams do not affect a resumed run's result.
 MODEL_STATE = nnx.Not(nnx.RngState)
@@ -79,14 +81,18 @@ def save_model(model: nnx.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
-               directory: str | os.PathLike) -> nnx.Module:
-    """Load a model saved by `save_model`.
+               directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.Module:
+    """Load a model saved by `save_model` (from any mesh, or unsharded).
 
     Args:
       abstract_model_or_factory: a module of the right structure (concrete, or abstract from
         `nnx.eval_shape`), or a zero-argument factory building one (it is only traced with
         `nnx.eval_shape`, so no parameters are initialized).
       directory: the directory given to `save_model`.
+      mesh: None = default placement. A mesh from `dfm.sharding.make_mesh`: every array is
+        restored directly into its shards on this mesh (orbax target `ShapeDtypeStruct`s with
+        the `NamedSharding` its logical axis names give), whatever mesh it was saved from.
+      rules: logical-axis rules for `mesh` (default `dfm.sharding.DEFAULT_RULES`).
     Returns:
       A new module with the saved variables (a given module is not modified).
     Raises:
@@ -104,7 +110,10 @@ def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
         raise ValueError(
             f"abstract_model_or_factory: expected an nnx.Module or a factory, got {type(abstract_model_or_factory)}")
     graphdef, state, rest = nnx.split(template, MODEL_STATE, ...)
-    target = abstract_tree(nnx.to_pure_dict(state))
+    if mesh is None:
+        target = abstract_tree(nnx.to_pure_dict(state))
+    else:
+        target = nnx.to_pure_dict(abstract_state(state, mesh, rules))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path, target)
     nnx.replace_by_pure_dict(state, restored)

@@ -20,10 +20,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from dfm.sharding.distributed import is_main_process
 from dfm.train.checkpoint import abstract_tree, model_state_dict, open_manager, restore_into, MODEL_STATE
 from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
-
-LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
+from dfm.train.steps import LossFn, make_train_step
 
 
 @dataclass
@@ -45,16 +45,6 @@ class TrainResult:
     wall_time_s: float = 0.0
 
 
-@nnx.jit(static_argnums=0, donate_argnums=(1, 2))
-def _train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key):
-    def objective(m):
-        return loss_fn(m, batch, key)
-
-    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return loss, metrics, optax.tree.norm(grads)
-
-
 def _optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
     # One transformation object per optimizer setting: the optimizer's `tx` is static in the
     # jitted step, so reusing the object lets repeated `train` calls (resume, stages, seeds)
@@ -73,7 +63,7 @@ def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
 
 def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], config: TrainConfig, *,
           checkpoint_dir=None, desc: str = "train", stop_after: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, mesh: jax.sharding.Mesh | None = None, rules=None) -> TrainResult:
     """Train `model` in place for `config.steps` AdamW steps, resuming from `checkpoint_dir`.
 
     Args:
@@ -91,7 +81,14 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
       desc: progress bar label.
       stop_after: stop once this many steps are done in total (restored steps count), after
         saving a checkpoint; None = run to `config.steps`.
-      progress: show a tqdm bar with the loss.
+      progress: show a tqdm bar with the loss (on process 0 only).
+      mesh: None = train on one device (default). A mesh from `dfm.sharding.make_mesh`: the
+        model and optimizer state are moved onto it as their logical axis names say (the model
+        stays sharded after the call), each step is jitted with `NamedSharding` inputs/outputs
+        (`dfm.train.steps.make_train_step`), and `batch_fn(step)` returns this process's rows of
+        the global batch (all rows on one process). A checkpoint saved on another mesh (or
+        unsharded) is restored onto this one.
+      rules: logical-axis rules table for `mesh` (default `dfm.sharding.DEFAULT_RULES`).
 
     Returns:
       `TrainResult(model, history, steps_done, wall_time_s)`.
@@ -107,6 +104,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         raise ValueError(f"stop_after: must be a positive int or None, got {stop_after!r}")
     t_start = time.perf_counter()
     optimizer = nnx.Optimizer(model, _optimizer_for(config), wrt=nnx.Param)
+    step_fn = make_train_step(loss_fn, model, optimizer, mesh=mesh, rules=rules)   # places state on mesh
     schedule = learning_rate_schedule(config)
     manager = None if checkpoint_dir is None else open_manager(checkpoint_dir)
     start, history, wall_before = 0, [], 0.0
@@ -122,12 +120,12 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         return TrainResult(model, history, start, time.perf_counter() - t_start)
 
     base_key = jax.random.PRNGKey(config.seed)
-    bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()),
+               leave=False)
     t_loop = time.perf_counter()
     try:
         for step in range(start, end):
-            loss, metrics, grad_norm = _train_step(
-                loss_fn, model, optimizer, batch_fn(step), jax.random.fold_in(base_key, step))
+            loss, metrics, grad_norm = step_fn(batch_fn(step), jax.random.fold_in(base_key, step))
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 row = {"step": done, "loss": float(loss), "lr": float(schedule(step)), "grad_norm": float(grad_norm)}

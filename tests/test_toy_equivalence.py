@@ -1,0 +1,246 @@
+"""Trained toy equivalence of dense and decentralized models (THEORY S8, S9, S10, S11).
+
+Data: q = sum_k w_k q_k, K = 3 Markov chains on vocab 8, length 8 (fixed numpy seed). Each chain's
+transition matrix is sharp-ish, `A_k = 0.7 P_k + 0.3 Dirichlet(1)` with a random permutation P_k,
+so the clusters are distinguishable from a few tokens and I(X; K) is close to H(K). Exact H(q) by
+enumerating the 8^8 sequences, exact H(q_k) by the Markov chain entropy rate, I(X;K) = H(q) - H(X|K).
+
+AR part: a tiny dense causal decoder trained on samples of q, and K experts (same config, same
+number of steps, fixed seeds, `dfm.train.train`) each on its own source. On fresh held-out samples
+of q: (i) Bayes-router ensemble NLL ~ dense NLL, (ii) both ~ H(q), (iii) sum_k w_k (expert k NLL on
+source k) ~ H(X|K) sits below the dense NLL by ~ I(X;K) (THEORY S11: experts that look better on
+their own clusters are not evidence of a better ensemble).
+
+Masked part: bidirectional denoisers (dense + K experts) trained with `dfm_loss` on a linear
+masked schedule, the `LearnedRouter` trained on noised states with cluster labels (THEORY S10),
+and the DFM ELBO (THEORY S5(e)) of the ensemble denoiser (probability mixing, THEORY S8) close to
+the dense one; reference: the ELBO of the exact posterior (forward-backward on each chain).
+
+Run with `pytest -s tests/test_toy_equivalence.py` to see the figures.
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfm.autoregressive import causal_denoiser, shift_right
+from dfm.decentral import (BayesFilterRouter, LearnedRouter, ensemble_init_state, ensemble_posterior_fn,
+                           mix_log_probs, train_learned_router)
+from dfm.losses import ar_nll, dfm_cross_entropy, dfm_loss
+from dfm.models import Decoder, DecoderConfig
+from dfm.paths import sample_masked_path
+from dfm.samplers import posterior_fn_from_denoiser
+from dfm.schedules import LinearScheduler, discretize
+from dfm.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+V, L, K = 8, 8, 3
+MASK = V  # mask id for the denoisers, BOS id for the causal models
+W = np.array([0.5, 0.3, 0.2])
+STEPS = 500
+BATCH = 128
+N_TRAIN, N_EVAL = 20000, 4000
+TRAIN = TrainConfig(steps=STEPS, learning_rate=1e-2, warmup_steps=25, log_every=STEPS)
+
+
+# ----------------------------------------------------------------------------------- exact toy
+def make_chains(seed=0):
+    rng = np.random.default_rng(seed)
+    pis = rng.dirichlet(np.ones(V), size=K)
+    perms = np.stack([np.eye(V)[rng.permutation(V)] for _ in range(K)])
+    trans = 0.7 * perms + 0.3 * rng.dirichlet(np.ones(V), size=(K, V))
+    return pis, trans
+
+
+def sample_chain(pi, trans, n, rng):
+    x = np.empty((n, L), np.int64)
+    x[:, 0] = (pi.cumsum() > rng.random((n, 1))).argmax(1)
+    for t in range(1, L):
+        x[:, t] = (trans[x[:, t - 1]].cumsum(1) > rng.random((n, 1))).argmax(1)
+    return x
+
+
+def sample_mixture(pis, trans, n, rng):
+    labels = np.sort((W.cumsum() > rng.random((n, 1))).argmax(1))
+    x = np.concatenate([sample_chain(pis[k], trans[k], int((labels == k).sum()), rng) for k in range(K)])
+    perm = rng.permutation(n)
+    return x[perm], labels[perm]
+
+
+def chain_loglik(pi, trans, x):
+    return np.log(pi[x[:, 0]]) + np.log(trans[x[:, :-1], x[:, 1:]]).sum(1)
+
+
+def mixture_loglik(pis, trans, x):
+    return np.logaddexp.reduce(np.stack([np.log(W[k]) + chain_loglik(pis[k], trans[k], x) for k in range(K)]), 0)
+
+
+def exact_entropies(pis, trans):
+    """(H(q), [H(q_k)]) in nats per sequence: chains by the entropy rate, q by enumeration."""
+    h_k = []
+    for k in range(K):
+        m, h = pis[k], -(pis[k] * np.log(pis[k])).sum()
+        row = -(trans[k] * np.log(trans[k])).sum(1)
+        for _ in range(1, L):
+            h, m = h + m @ row, m @ trans[k]
+        h_k.append(h)
+    tail = np.stack(np.unravel_index(np.arange(V ** (L - 2)), (V,) * (L - 2)), 1)
+    h_q = 0.0
+    for a in range(V):
+        for b in range(V):
+            x = np.concatenate([np.full((len(tail), 1), a), np.full((len(tail), 1), b), tail], 1)
+            lq = mixture_loglik(pis, trans, x)
+            h_q -= (np.exp(lq) * lq).sum()
+    return h_q, np.array(h_k)
+
+
+def exact_posteriors(pis, trans, x_t):
+    """Exact denoiser and router of q at partially masked states (forward-backward per chain).
+
+    Returns (posterior [B, L, V] = q(x_1^i = v | x_t), rho [B, K] = w_k q_k(x_t) / sum)."""
+    emit = np.where((x_t == MASK)[..., None], 1.0, np.eye(V)[np.minimum(x_t, V - 1)])  # [B, L, V]
+    post, log_z = [], []
+    for k in range(K):
+        alpha = [pis[k] * emit[:, 0]]
+        for t in range(1, L):
+            alpha.append((alpha[-1] @ trans[k]) * emit[:, t])
+        beta = [np.ones_like(alpha[0])]
+        for t in range(L - 1, 0, -1):
+            beta.insert(0, (emit[:, t] * beta[0]) @ trans[k].T)
+        gamma = np.stack(alpha, 1) * np.stack(beta, 1)
+        z = alpha[-1].sum(1)
+        post.append(gamma / z[:, None, None])
+        log_z.append(np.log(z))
+    log_rho = np.log(W)[None] + np.stack(log_z, 1)
+    rho = np.exp(log_rho - np.logaddexp.reduce(log_rho, 1, keepdims=True))
+    return np.einsum("bk,kblv->blv", rho, np.stack(post)), rho
+
+
+# ----------------------------------------------------------------------------------- training
+def batch_fn_for(data, seed):
+    data_j = jnp.asarray(data, jnp.int32)
+    return lambda step: data_j[np.random.default_rng([seed, step]).integers(0, len(data), BATCH)]
+
+
+def ar_loss(model, batch, key):
+    return jnp.mean(ar_nll(model(shift_right(batch, MASK)), batch)), {}
+
+
+SCHEDULE = discretize(LinearScheduler(), L, L)
+
+
+def masked_loss(model, batch, key):
+    return jnp.mean(dfm_loss(key, model, batch, SCHEDULE, mask_id=MASK)), {}
+
+
+def train_models(config, loss_fn, datasets):
+    models = []
+    for i, data in enumerate(datasets):
+        model = Decoder(config, rngs=nnx.Rngs(i))
+        train(model, loss_fn, batch_fn_for(data, seed=i), TRAIN.replace(seed=i), progress=False)
+        models.append(model)
+    return models
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pis, trans = make_chains(0)
+    rng = np.random.default_rng(1)
+    mix, labels = sample_mixture(pis, trans, N_TRAIN, rng)
+    sources = [sample_chain(pis[k], trans[k], N_TRAIN, rng) for k in range(K)]
+    eval_x, _ = sample_mixture(pis, trans, N_EVAL, rng)
+    eval_sources = [sample_chain(pis[k], trans[k], N_EVAL, rng) for k in range(K)]
+    h_q, h_k = exact_entropies(pis, trans)
+    return dict(pis=pis, trans=trans, mix=mix, labels=labels, sources=sources, eval_x=eval_x,
+                eval_sources=eval_sources, h_q=h_q, h_k=h_k, h_x_given_k=float(W @ h_k))
+
+
+# ----------------------------------------------------------------------------------- AR
+def test_ar_ensemble_matches_dense(toy):
+    config = DecoderConfig(vocab_size=V + 1, output_size=V, hidden_size=32, intermediate_size=64,
+                           num_layers=2, num_heads=4, causal=True)
+    dense, *experts = train_models(config, ar_loss, [toy["mix"]] + toy["sources"])
+    x = jnp.asarray(toy["eval_x"], jnp.int32)
+
+    def nll(model, data):
+        return np.asarray(ar_nll(model(shift_right(data, MASK)), data), np.float64)
+
+    dense_nll = nll(dense, x).mean()
+    expert_ll = np.stack([-nll(m, x) for m in experts], 1)  # [N, K] log q_k-hat(x)
+    # Bayes-router ensemble: online filter == batch posterior (THEORY S9) => sequence likelihood
+    # of the ensemble is sum_k w_k q_k-hat(x).
+    ensemble_nll = -np.logaddexp.reduce(np.log(W)[None] + expert_ll, 1).mean()
+    # the same through the ensemble PosteriorFn, teacher-forced, on a slice
+    router = BayesFilterRouter.from_priors(W)
+    fns = [posterior_fn_from_denoiser(causal_denoiser(m, MASK)) for m in experts]
+    post = ensemble_posterior_fn(fns, router, mask_id=MASK)
+    xs = x[:256]
+    state = ensemble_init_state(router, [None] * K, batch=256, num_moving=1, vocab=V)
+    total = jnp.zeros(256)
+    for t in range(L):
+        logp, state = post(jnp.where(jnp.arange(L)[None] < t, xs, MASK), t, jnp.array([t], jnp.int32), state)
+        total = total - logp[jnp.arange(256), 0, xs[:, t]]
+    batch_form = -np.logaddexp.reduce(np.log(W)[None] + expert_ll[:256], 1)
+    np.testing.assert_allclose(np.asarray(total), batch_form, atol=2e-3)
+
+    own = float(sum(W[k] * nll(experts[k], jnp.asarray(toy["eval_sources"][k], jnp.int32)).mean()
+                    for k in range(K)))
+    true_nll = -mixture_loglik(toy["pis"], toy["trans"], toy["eval_x"]).mean()
+    h_q, i_xk = toy["h_q"], toy["h_q"] - toy["h_x_given_k"]
+    print(f"\n[AR toy] nats/sequence: H(q)={h_q:.4f}  H(X|K)={toy['h_x_given_k']:.4f}  I(X;K)={i_xk:.4f}"
+          f"  H(q_k)={np.round(toy['h_k'], 4).tolist()}")
+    print(f"[AR toy] held-out: true -log q={true_nll:.4f}  dense={dense_nll:.4f}  Bayes ensemble={ensemble_nll:.4f}"
+          f"  sum_k w_k expert_k-on-source_k={own:.4f}  dense - experts-on-own={dense_nll - own:.4f}")
+    assert i_xk > 0.5  # the clusters carry real information
+    # (i) ensemble ~ dense: 0.3 nats/sequence (3% of H(q)); (ii) both within 0.3 of H(q)
+    assert abs(ensemble_nll - dense_nll) < 0.3
+    assert abs(dense_nll - h_q) < 0.3 and abs(ensemble_nll - h_q) < 0.3
+    # (iii) experts on their own clusters look better by ~ I(X;K) (within 0.3 nats)
+    assert abs((dense_nll - own) - i_xk) < 0.3
+    assert own < min(dense_nll, ensemble_nll) - 0.5
+
+
+# ----------------------------------------------------------------------------------- masked DFM
+def test_masked_ensemble_elbo_matches_dense(toy):
+    config = DecoderConfig(vocab_size=V + 1, output_size=V, hidden_size=32, intermediate_size=64,
+                           num_layers=2, num_heads=4, causal=False)
+    dense, *experts = train_models(config, masked_loss, [toy["mix"]] + toy["sources"])
+    router_config = DecoderConfig(vocab_size=V + 1, hidden_size=32, intermediate_size=64, num_layers=2,
+                                  num_heads=4)
+    router = LearnedRouter(router_config, K, num_steps=SCHEDULE.num_steps, rngs=nnx.Rngs(10))
+    train_learned_router(router, toy["mix"], toy["labels"], SCHEDULE, TRAIN.replace(seed=10), mask_id=MASK,
+                         batch_size=BATCH, progress=False)
+
+    x1 = jnp.asarray(toy["eval_x"], jnp.int32)
+    rates = SCHEDULE.rates()
+    elbo = {"exact posterior": 0.0, "dense": 0.0, "ensemble (learned router)": 0.0,
+            "ensemble (exact router)": 0.0}
+    router_tv = []
+    for t in range(SCHEDULE.num_steps):  # ELBO = sum_t E[weighted CE at step t] (THEORY S5(e))
+        x_t = sample_masked_path(jax.random.PRNGKey(100 + t), x1, SCHEDULE.kappa[t], MASK)
+        exact_post, exact_rho = exact_posteriors(toy["pis"], toy["trans"], np.asarray(x_t))
+        expert_logits = jnp.stack([m(x_t) for m in experts])
+        learned_w = router.weights(x_t, jnp.full((x1.shape[0],), t))
+        router_tv.append(0.5 * np.abs(np.asarray(learned_w) - exact_rho).sum(1).mean())
+        candidates = {
+            "exact posterior": jnp.asarray(np.log(np.maximum(exact_post, 1e-30)), jnp.float32),
+            "dense": dense(x_t),
+            "ensemble (learned router)": mix_log_probs(expert_logits, learned_w),
+            "ensemble (exact router)": mix_log_probs(expert_logits, jnp.asarray(exact_rho, jnp.float32)),
+        }
+        for name, logits in candidates.items():
+            elbo[name] += float(dfm_cross_entropy(logits, x1, x_t, rates[t], mask_id=MASK).mean())
+    print(f"\n[masked toy] linear schedule T={SCHEDULE.num_steps}; H(q)={toy['h_q']:.4f} nats/sequence")
+    print("[masked toy] held-out DFM ELBO (nats/sequence): "
+          + "  ".join(f"{k}={v:.4f}" for k, v in elbo.items()))
+    print(f"[masked toy] learned router: mean TV to the exact router over steps = {np.mean(router_tv):.4f}"
+          f" (per step {np.round(router_tv, 3).tolist()})")
+    floor = elbo["exact posterior"]
+    assert floor >= toy["h_q"] - 0.1  # the ELBO upper-bounds -log q on average (S5(e)), MC noise
+    # ensemble with the learned router ~ dense, both near the exact-posterior ELBO (tolerances in nats)
+    assert abs(elbo["ensemble (learned router)"] - elbo["dense"]) < 0.4
+    assert elbo["dense"] - floor < 0.5 and elbo["ensemble (learned router)"] - floor < 0.5
+    assert np.mean(router_tv) < 0.1
