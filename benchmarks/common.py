@@ -262,3 +262,71 @@ def main_dispatch(script: str, args, argv: list[str]) -> bool:
         if "summary" in res:
             print_rows(f"summary, threads={mode}", res["summary"])
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny LLaMA-style decoder shared by the AR, ensemble and machine-limit benchmarks
+# ----------------------------------------------------------------------------------------------
+TINY = {"vocab": 4096, "hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "seq": 256, "batch": 8,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
+
+
+def tiny_config(**changes):
+    """``dfm.models.DecoderConfig`` of the tiny decoder (``TINY``; untied embeddings, MHA, float32)."""
+    from dfm.models import DecoderConfig
+
+    t = {**TINY, **changes}
+    return DecoderConfig(vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+                         num_layers=t["layers"], num_heads=t["heads"], rope_theta=t["rope_theta"],
+                         rms_norm_eps=t["rms_norm_eps"], tie_word_embeddings=False)
+
+
+def hf_llama(config):
+    """HF ``LlamaForCausalLM`` with the same hyper-parameters as ``config`` (sdpa attention)."""
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.kv_heads, max_position_embeddings=4 * TINY["seq"],
+        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False,
+        attention_bias=False)
+    return transformers.LlamaForCausalLM(hf_config)
+
+
+def copy_hf_into(hf, model) -> None:
+    """Copy HF LLaMA weights into our ``Decoder`` (layout of ``dfm.models.decoder``: kernels are
+    HF weights transposed, norm ``scale`` / ``embedding`` equal)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path[:-1])
+        hf_name = name if name == "lm_head" else "model." + name
+        leaf = path[-1]
+        value = sd[hf_name + ".weight"].T if leaf == "kernel" else sd[hf_name + (".bias" if leaf == "bias" else ".weight")]
+        var[...] = jnp.asarray(value)
+
+
+def matmul_params(config) -> int:
+    """Parameters that enter matmuls (all but the input embedding and the norm scales)."""
+    h, i, c = config.hidden_size, config.intermediate_size, config
+    d = c.head_size
+    per_layer = h * c.num_heads * d * 2 + h * c.kv_heads * d * 2 + 3 * h * i
+    return c.num_layers * per_layer + h * c.num_outputs
+
+
+def train_flops_per_token(config, seq: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 n_layers seq (n_heads head_dim)`` (PaLM appendix B).
+
+    ``N = matmul_params`` (forward 2N, backward 4N); the attention term counts ``Q K^T`` and
+    ``P V`` (2 * 2 * seq * n_heads * head_dim forward per layer, x3 with the backward) over the full
+    ``seq x seq`` score matrix, as the implementation computes it (the causal mask zeroes half).
+    """
+    return 6.0 * matmul_params(config) + 12.0 * config.num_layers * seq * config.num_heads * config.head_size
+
+
+def decode_flops_per_token(config, context: int) -> float:
+    """Forward FLOPs of one cached decode step: ``2 N + 4 n_layers context n_heads head_dim``."""
+    return 2.0 * matmul_params(config) + 4.0 * config.num_layers * context * config.num_heads * config.head_size

@@ -13,6 +13,7 @@ docs/design.md maps each concept to a module:
 - ``dfm.tabular``: exact float64 enumeration engine (the reference for tests and ``proofs_check``).
 - ``dfm.decentral``: balanced k-means partitions, routers, ensembles (S8-S13).
 - ``dfm.models``, ``dfm.train``: NNX decoders and the one training loop.
+- ``dfm.sharding``: meshes, logical-axis rules, multi-host initialization.
 
 Submodules are imported on first attribute access, so ``import dfm`` stays cheap.
 """
@@ -21,7 +22,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("checks", "schedules", "paths", "velocities", "samplers", "losses", "autoregressive",
-               "tabular", "decentral", "models", "train")
+               "tabular", "decentral", "models", "train", "sharding")
 __all__ = list(_SUBMODULES)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import scoring
+from experiments.samples import generate
 from experiments.stages import (Context, data_summary, load_assignments, load_stage_model, sequences,
                                 split, stage_names, tokenizer, train_labels)
 
@@ -110,11 +111,13 @@ def by_cluster(weights_doc: np.ndarray, labels: np.ndarray, k: int) -> list:
     return [weights_doc[labels == i].mean(axis=0).tolist() if np.any(labels == i) else None for i in range(k)]
 
 
-def _system(name, kind, router, nll_tokens, tokens, train_s, eval_s, **extra):
-    loss = float(np.sum(nll_tokens) / tokens)
-    return {"name": name, "kind": kind, "router": router, "tokens": int(tokens), "loss": loss,
+def scoring_system(name, kind, router, nll_seq, n_tokens, train_s, eval_s) -> dict:
+    """One system entry: loss = sum of per-sequence losses `nll_seq` / `n_tokens` (nats per token),
+    perplexity = exp(loss), and the training / evaluation wall times of everything it uses."""
+    loss = float(np.sum(nll_seq) / n_tokens)
+    return {"name": name, "kind": kind, "router": router, "tokens": int(n_tokens), "loss": loss,
             "perplexity": float(math.exp(loss)), "train_wall_time_s": float(train_s),
-            "eval_wall_time_s": float(eval_s), **extra}
+            "eval_wall_time_s": float(eval_s)}
 
 
 def evaluate(ctx: Context) -> dict:
@@ -164,6 +167,9 @@ def evaluate(ctx: Context) -> dict:
             "expert_loss": float(expert_own[m].sum() / tok_i) if tok_i else None,
             "dense_loss": float(dense_nll[m].sum() / tok_i) if tok_i else None,
         })
+        for key in ("expert", "dense"):
+            loss = clusters[-1][f"{key}_loss"]
+            clusters[-1][f"{key}_perplexity"] = None if loss is None else float(math.exp(loss))
     w = np.array([cl["tokens"] for cl in clusters], np.float64) / n_tokens
     dense_loss = float(dense_nll.sum() / n_tokens)
     weighted = float(sum(wi * cl["expert_loss"] for wi, cl in zip(w, clusters) if cl["tokens"]))
@@ -171,7 +177,7 @@ def evaluate(ctx: Context) -> dict:
            "mutual_information": dense_loss - weighted,
            "note": "nats per scored token; w_k = share of scored tokens in cluster k; "
                    "weighted_expert_loss equals the oracle ensemble's loss"}
-    samples = _samples(ctx, models, experts, priors)
+    samples = generate(ctx, models, experts, priors)
     return {
         "schedule": c.schedule,
         "metric": "nll" if c.schedule == "ar" else "dfm_elbo",
@@ -262,11 +268,6 @@ def _evaluate_ar(ctx, models, test, val, priors, experts, randoms, topk, top1, o
     return systems, per_seq, weights_doc, float(topk.temperature)
 
 
-def scoring_system(name, kind, router, nll_seq, n_tokens, train_s, eval_s):
-    """One system entry: loss = sum of `nll_seq` / `n_tokens` (nats per token)."""
-    return _system(name, kind, router, nll_seq, n_tokens, train_s, eval_s)
-
-
 def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracle_w, n_tokens, train_s):
     from experiments.modeling import kappa_schedule
 
@@ -280,7 +281,7 @@ def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracl
     scored = test.scored
     n_test_batches = -(-int(scored.sum()) // bs) * c.masked.elbo_samples
     bar = tqdm(total=n_val_batches + n_test_batches, desc="evaluate", disable=not ctx.progress, leave=False)
-    elbo_val, _, _, _ = scoring.masked_elbo({e: models[e] for e in experts}, val.x1[vs], schedule, vocab,
+    elbo_val, _, _ = scoring.masked_elbo({e: models[e] for e in experts}, val.x1[vs], schedule, vocab,
                                             ensembles={}, progress=bar.update, **draws)
     ll = np.zeros((len(val.ids), len(experts)))
     for j, e in enumerate(experts):
@@ -299,7 +300,7 @@ def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracl
     }
     if randoms:
         ensembles["random-uniform"] = (randoms, np.full((len(doc), len(randoms)), 1.0 / len(randoms)))
-    elbo, secs, mean_w, _ = scoring.masked_elbo(models, test.x1[scored], schedule, vocab, ensembles=ensembles,
+    elbo, secs, mean_w = scoring.masked_elbo(models, test.x1[scored], schedule, vocab, ensembles=ensembles,
                                                 progress=bar.update, **draws)
     bar.close()
     own = np.stack([elbo[e] for e in experts])[test.labels[doc], np.arange(len(doc))]
@@ -323,8 +324,3 @@ def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracl
         weights_doc[name] = wd / np.bincount(doc, minlength=len(test.ids))[:, None]
     return systems, {"dense": elbo["dense"], "own": own}, weights_doc, float(topk.temperature)
 
-
-def _samples(ctx, models, experts, priors) -> dict:
-    from experiments.samples import generate
-
-    return generate(ctx, models, experts, priors)

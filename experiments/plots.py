@@ -66,8 +66,8 @@ def router_heatmaps(weights: dict, path: Path) -> Path:
     true cluster is i (rows). Rows without documents are blank."""
     plt = _plt()
     names = list(weights)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.0), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    for i_ax, (ax, name) in enumerate(zip(axes[0], names)):
         rows = weights[name]
         k = len(rows)
         m = np.array([r if r is not None else [np.nan] * k for r in rows], dtype=float)
@@ -79,7 +79,8 @@ def router_heatmaps(weights: dict, path: Path) -> Path:
                             color="white" if m[i, j] < 0.6 else "black")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_ylabel("true cluster")
+        if i_ax == 0:
+            ax.set_ylabel("true cluster")
         ax.set_xticks(range(k))
         ax.set_yticks(range(k))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)

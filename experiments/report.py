@@ -91,11 +91,13 @@ def markdown(rep: dict) -> str:
               f"- sum_k w_k (expert k's loss on its own cluster): {_fmt(s11['weighted_expert_loss'])} "
               f"(w = {', '.join(f'{w:.3f}' for w in s11['cluster_weights'])})",
               f"- difference = measured I(X; K): {_fmt(s11['mutual_information'])}",
-              "", "| cluster | test documents | scored tokens | expert on own cluster | dense on same tokens |",
+              "", "| cluster | test documents | scored tokens | expert k on cluster k: loss (ppl) | "
+                  "dense on the same tokens: loss (ppl) |",
               "|---:|---:|---:|---:|---:|"]
     for cl in rep["clusters"]:
-        lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['tokens']:,} | {_fmt(cl['expert_loss'])} | "
-                     f"{_fmt(cl['dense_loss'])} |")
+        lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['tokens']:,} | "
+                     f"{_fmt(cl['expert_loss'])} ({_fmt(cl.get('expert_perplexity'), 2)}) | "
+                     f"{_fmt(cl['dense_loss'])} ({_fmt(cl.get('dense_perplexity'), 2)}) |")
     comp = rep["compute"]
     lines += ["", "## Compute", "", comp["token_counting"], "",
               f"- base: {comp['base_tokens']:,} tokens; dense stage 2: {comp['dense_stage2_tokens']:,}; "

@@ -120,7 +120,7 @@ def _elbo_terms(schedule, mask_id):
 
 
 def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_draws: int, seed: int,
-                batch_size: int, ensembles: dict, progress=None) -> tuple[dict, dict, dict, dict]:
+                batch_size: int, ensembles: dict, progress=None) -> tuple[dict, dict, dict]:
     """DFM loss (ELBO estimate) per sequence for single models and ensembles, on shared draws.
 
     Args:
@@ -131,7 +131,7 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
       progress: optional callable(advance) for a progress bar.
 
     Returns:
-      ``(elbo, seconds, mean_weights, _)``: elbo: name -> ``[n]`` nats per sequence (mean over
+      ``(elbo, seconds, mean_weights)``: elbo: name -> ``[n]`` nats per sequence (mean over
       draws); seconds: name -> wall time (ensembles: mixing only; add the experts' forward
       time); mean_weights: ensemble name -> ``[n, K]`` weights averaged over draws.
     """
@@ -160,7 +160,7 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
             seconds[name] += time.perf_counter() - t0
         if progress is not None:
             progress(1)
-    return elbo, seconds, mean_w, {}
+    return elbo, seconds, mean_w
 
 
 def ar_log_probs(models: dict, x1: np.ndarray, bos_id: int, batch_size: int, progress=None) -> tuple[dict, dict]:

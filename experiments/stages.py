@@ -23,7 +23,6 @@ model). An interrupted stage resumes from its last orbax checkpoint (`dfm.train.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +94,7 @@ def tokenizer(ctx: Context):
 
 def run_partition(ctx: Context) -> dict:
     """Data stage, then the k-means and random partitions of the train documents (idempotent)."""
-    summary = data_summary(ctx)
+    data_summary(ctx)
     if ctx.run.is_done("partition"):
         return ctx.run.stage_info("partition")
     from dfm.decentral import TextFeaturizer, assign, balanced_kmeans
@@ -131,7 +130,6 @@ def run_partition(ctx: Context) -> dict:
     ctx.run.mark_done("partition", info)
     ctx.log(f"[partition] K={pc.num_clusters}: documents {info['documents_per_cluster']}, "
             f"sequences {info['sequences_per_cluster']}")
-    del summary
     return info
 
 
@@ -205,7 +203,10 @@ def _train_config(ctx: Context, stage: str):
                            weight_decay=0.0, seed=c.seed + 7, checkpoint_every=max(1, steps // 2),
                            log_every=max(1, steps // 50)), opt.batch_size
     opt = c.base if stage == "base" else c.stage2
-    return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, opt.warmup_steps),
+    warmup = opt.warmup_steps
+    if stage not in ("base", "dense"):  # experts: the dense schedule's shape, compressed to steps_k
+        warmup = round(opt.warmup_steps * steps / c.stage2.steps)
+    return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, warmup),
                        weight_decay=opt.weight_decay, seed=c.seed, checkpoint_every=opt.checkpoint_every,
                        log_every=max(1, steps // 100)), opt.batch_size
 

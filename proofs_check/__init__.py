@@ -3,7 +3,9 @@
 Run ``python -m proofs_check [--cases N] [--seed S] [--json PATH] [--only S1,S5]``. Each statement
 is checked by exact enumeration with the numpy engine :mod:`dfm.tabular` (vocab 2-4, length 2-4,
 dirichlet / sparse / peaked laws, random per-position schedules); S3 and S5 also by sympy on a
-generic small case. One table row per statement; exit status 1 if any row fails.
+generic small case; S1, S2, S4, S5 and S7 also evaluate the JAX library's implementation of the
+formula (float64) on the same cases when it imports (``--no-library`` to skip). One table row per
+statement; exit status 1 if any row fails.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ CHECKS = {
 DEFAULT_CASES = 1000
 
 
-LIBRARY_ROWS = ("S4", "S5", "S7")
+LIBRARY_ROWS = ("S1", "S2", "S4", "S5", "S7")
 
 
 def run_checks(cases: int = DEFAULT_CASES, seed: int = 0, only=None, library: bool | None = None) -> list[Row]:
     """Run the selected checks (all by default); each statement gets its own Generator from ``seed``.
 
     library: also compare the JAX library (``dfm.velocities``, ``dfm.losses``, ``dfm.samplers``,
-    ``dfm.schedules``) with the enumeration on rows S4, S5, S7; None means "if it imports".
+    ``dfm.schedules``) with the enumeration on rows S1, S2, S4, S5, S7; None means "if it imports".
     """
     ids = list(CHECKS) if not only else list(only)
     unknown = [i for i in ids if i not in CHECKS]
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the rows as a JSON list to this path")
     parser.add_argument("--only", default=None, help="comma-separated statement ids, e.g. S1,S5")
     parser.add_argument("--no-library", action="store_true",
-                        help="skip the JAX library cross-checks on S4, S5, S7 (enumeration only)")
+                        help="skip the JAX library cross-checks on S1, S2, S4, S5, S7 (enumeration only)")
     args = parser.parse_args(argv)
     only = [s.strip().upper() for s in args.only.split(",") if s.strip()] if args.only else None
     start, wall = time.process_time(), time.perf_counter()

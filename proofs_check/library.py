@@ -1,6 +1,7 @@
 """Cross-checks of the JAX library against the exact enumeration (float64 via ``jax.enable_x64``).
 
 For the statements whose formula the library implements:
+* S1, S2: ``dfm.velocities.validity_error`` and ``continuity_residual``,
 * S4: ``dfm.velocities.conditional_velocity`` and ``posterior_to_velocity`` (per-coordinate velocities),
 * S5(d), S5(e): ``dfm.losses.dfm_cross_entropy`` summed over steps and ``dfm.losses.ar_nll``,
 * S7: ``dfm.samplers.euler_rates`` and ``dfm.schedules.discretize`` (Euler rates, kappa tables), and
@@ -172,3 +173,43 @@ def s7_rates_error(name: str, num_steps: int, length: int, kappa_expected, rate_
     if kap.dtype != np.float64 or rates.dtype != np.float64:
         return float("inf")
     return float(max(np.max(np.abs(kap - kappa_expected)), np.max(np.abs(rates - rate_expected))))
+
+
+PAD_STATES = 40  # S1/S2 draw M in [2, 40): pad to one shape, so each library function compiles once
+
+
+def _pad_square(u, size: int) -> np.ndarray:
+    out = np.zeros((size, size))
+    out[: u.shape[0], : u.shape[1]] = u
+    return out
+
+
+def s1_errors(u_valid, u_bad) -> float:
+    """Library ``validity_error`` (rows of ``u.T`` are per-state velocities) vs the engine's
+    ``velocity_validity_error`` on a valid and an invalid velocity; ``inf`` if the library calls the
+    invalid one valid (error <= 1e-12) or the valid one invalid."""
+    from dfm.velocities import validity_error
+
+    fn = _jit(validity_error)
+    x_t = np.arange(PAD_STATES)
+    with _x64():
+        lib_valid = float(fn(_pad_square(np.asarray(u_valid).T, PAD_STATES), x_t))
+        lib_bad = float(fn(_pad_square(np.asarray(u_bad).T, PAD_STATES), x_t))
+    err = max(abs(lib_valid - tb.velocity_validity_error(u_valid)), abs(lib_bad - tb.velocity_validity_error(u_bad)))
+    if not lib_bad > 1e-12 or lib_valid > 1e-12:
+        return float("inf")
+    return float(err)
+
+
+def s2_error(p_t, p_next, u) -> float:
+    """Library ``continuity_residual`` vs the engine's divergence-form residual (THEORY S2)."""
+    from dfm.velocities import continuity_residual
+
+    m = len(p_t)
+    with _x64():
+        res = np.asarray(_jit(continuity_residual)(_pad(np.asarray(p_t), PAD_STATES, 0.0),
+                                                    _pad(np.asarray(p_next), PAD_STATES, 0.0),
+                                                    _pad_square(np.asarray(u), PAD_STATES)))
+    if res.dtype != np.float64:
+        return float("inf")
+    return float(np.max(np.abs(res[:m] - tb.continuity_residual_divergence(p_t, p_next, u))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from dfm import tabular as tb
+from proofs_check import library as lib
 from proofs_check.cases import SOURCES, random_dist, random_schedule, random_source_case
 from proofs_check.report import Row, Tracker
 
@@ -47,7 +48,7 @@ def _break(rng, kernel: np.ndarray) -> np.ndarray:
     return k - np.eye(m)
 
 
-def check_s1(rng, cases: int) -> Row:
+def check_s1(rng, cases: int, library: bool = False) -> Row:
     """(V1)+(V2) <=> I + u is a Markov kernel, on valid and invalid velocities; convex combinations of
     valid velocities are valid."""
     tr = Tracker()
@@ -65,15 +66,19 @@ def check_s1(rng, cases: int) -> Row:
         bad = _break(rng, kernel)
         tr.require(_satisfies_v1_v2(bad) == _is_markov(np.eye(m) + bad), f"case {c}: (V1)+(V2) != Markov")
         tr.require(not _satisfies_v1_v2(bad), f"case {c}: broken u classified valid")
+        if library:
+            lib.record(tr, f"case {c}: library validity_error", lib.s1_errors, u, bad)
         n = int(rng.integers(2, 6))
         lam = rng.dirichlet(np.ones(n))
         comb = sum(l * (tb.random_markov_kernel(rng, m, kind="sparse") - np.eye(m)) for l in lam[:-1]) + lam[-1] * u
         tr.error(tb.velocity_validity_error(comb), f"case {c}: convex combination invalid")
         tr.cases += 1
-    return tr.row("S1", "validity (V1)+(V2) <=> Markov kernel; convex combos", "enumeration")
+    extra = ["library: dfm.velocities.validity_error on the valid and the broken velocity of every case"] if library else []
+    method = "enumeration + library" if library else "enumeration"
+    return tr.row("S1", "validity (V1)+(V2) <=> Markov kernel; convex combos", method, extra)
 
 
-def check_s2(rng, cases: int) -> Row:
+def check_s2(rng, cases: int, library: bool = False) -> Row:
     """For valid u: divergence-form residual == kernel-form residual; generating <=> p_{t+1} = K p_t."""
     tr = Tracker()
     for c in range(cases):
@@ -86,6 +91,8 @@ def check_s2(rng, cases: int) -> Row:
         r_div = tb.continuity_residual_divergence(p, p_next, u)
         r_ker = tb.continuity_residual_kernel(p, p_next, u)
         tr.diff(r_div, r_ker, f"case {c}: divergence form != kernel form")
+        if library:
+            lib.record(tr, f"case {c}: library continuity_residual", lib.s2_error, p, p_next, u)
         if generating:
             tr.error(np.abs(r_div), f"case {c}: generating u has divergence residual")
         else:
@@ -93,7 +100,9 @@ def check_s2(rng, cases: int) -> Row:
             if true_gap > 1e-9:
                 tr.require(np.max(np.abs(r_div)) > 1e-10, f"case {c}: non-generating u has zero residual")
         tr.cases += 1
-    return tr.row("S2", "discrete continuity: divergence form == kernel form", "enumeration")
+    extra = ["library: dfm.velocities.continuity_residual on every case"] if library else []
+    method = "enumeration + library" if library else "enumeration"
+    return tr.row("S2", "discrete continuity: divergence form == kernel form", method, extra)
 
 
 def _check_pairs(tr: Tracker, case, kappa, t, label: str) -> None:

@@ -111,7 +111,8 @@ def test_detect_cluster_reads_each_launcher():
     ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "^JAX_NUM_PROCESSES:"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "^JAX_PROCESS_ID: must be set"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "^JAX_NUM_PROCESSES:"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"^JAX_PROCESS_ID: .*\[0, 2\)"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     r"^JAX_PROCESS_ID: .*\[0, 2\)"),
     ({"DFM_DISTRIBUTED": "yes"}, "^DFM_DISTRIBUTED:"),
 ])
 def test_detect_cluster_rejects_malformed_setups(env, message):
@@ -168,11 +169,12 @@ def test_two_processes_on_loopback_train_with_equal_losses(tmp_path):
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
     reports = [json.loads(out.read_text()) for out in outs]
+    print("2-process histories:", [rep["history"] for rep in reports], "one device:", reference.history)
     for pid, rep in enumerate(reports):
         assert rep["kind"] == "explicit" and rep["process_index"] == pid and rep["main"] == (pid == 0)
         assert (rep["process_count"], rep["device_count"], rep["local_device_count"]) == (2, 4, 2)
         assert rep["collectives"] == "gloo"
-        assert rep["kernel_spec"] == "PartitionSpec('fsdp', None)" and not rep["kernel_fully_addressable"]
+        assert rep["kernel_spec"] == "P('fsdp', None)" and not rep["kernel_fully_addressable"]
         assert [row["step"] for row in rep["history"]] == [1, 2]
     assert reports[0]["history"] == reports[1]["history"]          # one replicated loss, bit-identical
     for row, ref in zip(reports[0]["history"], reference.history, strict=True):

@@ -217,3 +217,28 @@ def test_ensemble_posterior_fn_bad_inputs():
     with pytest.raises(ValueError, match="weights has width 2 but there are 3 experts"):
         fn_w(jnp.full((2, L), V), 0, jnp.array([0]), ensemble_init_state(None, [None] * 3, batch=2,
                                                                         num_moving=1, vocab=V))
+
+
+def test_learned_router_ensemble_runs_in_sampler_and_identical_experts_change_nothing():
+    """A callable router (LearnedRouter.weights) inside `sample_discrete` (jit + scan); with K copies
+    of one denoiser the ensemble samples exactly what the single denoiser samples."""
+    from flax import nnx
+
+    from dfm.decentral import LearnedRouter
+    from dfm.models import Decoder, DecoderConfig
+    from dfm.samplers import posterior_fn_from_denoiser
+    from dfm.schedules import LinearScheduler, discretize
+
+    cfg = DecoderConfig(vocab_size=5, output_size=4, hidden_size=16, intermediate_size=32, num_layers=1,
+                        num_heads=2, causal=False)
+    experts = [Decoder(cfg, rngs=nnx.Rngs(0)) for _ in range(3)]
+    router = LearnedRouter(DecoderConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_layers=1,
+                                         num_heads=2), 3, num_steps=6, rngs=nnx.Rngs(5))
+    schedule = discretize(LinearScheduler(), 6, 6)
+    fn = ensemble_posterior_fn([posterior_fn_from_denoiser(e) for e in experts], router.weights, mask_id=4)
+    state = ensemble_init_state(router, [None] * 3, batch=5, num_moving=6, vocab=4)
+    key = jax.random.PRNGKey(3)
+    x_ens = jax.jit(lambda k: sample_discrete(k, fn, schedule, mask_source((5, 6), 4), mask_id=4, state=state))(key)
+    x_one = sample_discrete(key, posterior_fn_from_denoiser(experts[0]), schedule, mask_source((5, 6), 4), mask_id=4)
+    np.testing.assert_array_equal(x_ens, x_one)
+    assert int(x_ens.max()) < 4

@@ -142,7 +142,9 @@ def test_sharded_inference_returns_batch_split_logits_equal_to_one_device():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     logits = make_eval_step(lambda m, tokens: m(tokens), new_model(), mesh=mesh, split_outputs=True)(DATA)
     assert logits.shape == (8, 12, 64) and logits.sharding.spec == P(("data", "fsdp"), None, None)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(new_model()(jnp.asarray(DATA))), atol=TOL, rtol=0)
+    one_device = make_eval_step(lambda m, tokens: m(tokens), new_model())(jnp.asarray(DATA))   # mesh=None
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(one_device), atol=TOL, rtol=0)
+    assert float(np.std(np.asarray(one_device))) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -164,7 +166,7 @@ def test_checkpoint_saved_on_one_mesh_restores_identically_on_another(tmp_path):
 
 
 def test_training_resumes_on_a_different_mesh_and_matches_one_device(tmp_path):
-    config = TrainConfig(steps=3, learning_rate=5e-3, log_every=1, checkpoint_every=1, seed=2)
+    config = TrainConfig(steps=3, learning_rate=5e-3, log_every=1, checkpoint_every=100, seed=2)
     straight = train(new_model(), lm_loss, lambda step: jnp.asarray(np.roll(DATA, step, 0)), config, progress=False)
     batches = lambda step: np.roll(DATA, step, 0)   # noqa: E731  (process-local rows = all rows here)
     first = train(new_model(), lm_loss, batches, config, checkpoint_dir=tmp_path, stop_after=2, progress=False,
@@ -176,8 +178,10 @@ def test_training_resumes_on_a_different_mesh_and_matches_one_device(tmp_path):
     for a, b in zip(straight.history, resumed.history, strict=True):
         for key in ("loss", "nll", "grad_norm", "lr"):
             assert abs(a[key] - b[key]) <= TOL, (key, a[key], b[key])
+    # Adam divides by sqrt(v): a 1e-8 gradient difference on a near-zero gradient entry moves that
+    # parameter by up to ~lr, so parameters are compared at 2% of the learning rate (5e-3)
     want, got = flat(nnx.state(straight.model)), flat(nnx.state(resumed.model))
-    assert max(float(np.max(np.abs(want[k] - got[k]))) for k in want) <= TOL
+    assert max(float(np.max(np.abs(want[k] - got[k]))) for k in want) <= 1e-4
     assert resumed.model.lm_head.kernel[...].sharding.mesh == mesh_b
 
 
@@ -186,7 +190,8 @@ def test_init_sharded_equals_shard_module_of_the_same_factory():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     direct = init_sharded(lambda: Decoder(small, rngs=nnx.Rngs(4)), mesh)
     assert direct.layers[0].mlp.up_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
-    eager = Decoder(small, rngs=nnx.Rngs(4))
-    want, got = flat(nnx.state(eager)), flat(nnx.state(direct))
+    one_device = jax.jit(lambda: nnx.state(Decoder(small, rngs=nnx.Rngs(4))))()
+    want, got = flat(one_device), flat(nnx.state(direct))
+    assert want.keys() == got.keys() and np.std(want[("lm_head", "kernel")]) > 0.01
     for path in want:
         np.testing.assert_allclose(got[path], want[path], atol=1e-7, rtol=0)

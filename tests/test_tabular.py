@@ -143,6 +143,7 @@ def test_router_and_top_k():
     np.testing.assert_array_equal(rho0[1], [0.0, 0.0])  # unreachable state
     np.testing.assert_allclose(tb.top_k_renormalize(np.array([0.2, 0.5, 0.3]), 2), [0, 0.625, 0.375])
     np.testing.assert_allclose(tb.route(rho, np.ones((2, 3, 4))), np.ones((3, 4)))
+    np.testing.assert_allclose(tb.mixture([0.25, 0.75], np.eye(2)), [0.25, 0.75])
 
 
 def test_random_distributions_kinds():

@@ -19,7 +19,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dfm.decentral.routers import BayesFilterRouter, top_k as top_k_weights
 from dfm.decentral.validation import check_positive_int, check_weights

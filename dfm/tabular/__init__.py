@@ -8,6 +8,13 @@ library and ``proofs_check`` compare against. Keep vocab and length small (``M <
 
 Shapes: ``q [D]`` over data states (``D = vocab**L``), ``kappa [T + 1, L]``, paths ``[T + 1, M]``,
 ``posterior [M, D]``, ``coordinate_posteriors [M, L, vocab]``, kernels/velocities ``[M, M]``.
+Sources: masked by default; ``source=[D]`` (x0 independent of x1, e.g. uniform) or ``coupling=[D, D]``
+(``pi(x0, x1)``) on the path/posterior functions, ``with_mask=False`` on the kernel functions.
+
+Modules: ``states`` (enumeration), ``distributions`` (random laws, schedules, couplings, kernels),
+``paths`` (mixture paths, rates), ``posteriors`` (posteriors, denoisers, exact joint velocity),
+``kernels`` (conditional / factorized / Euler kernels, validity, continuity), ``losses`` (DFM loss,
+AR NLL, sampler likelihood), ``mixtures`` (router, top-k), ``info`` (entropy, KL, TV, MI, TC).
 """
 from types import ModuleType as _ModuleType
 

@@ -112,7 +112,8 @@ def make_train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer
             return (nnx.state(m), nnx.state(o)), loss, metrics, grad_norm
 
         r = on.replicated
-        return jax.jit(pure, static_argnums=3, donate_argnums=0, in_shardings=((s_model, s_opt), on.batch_shardings(batch), r),
+        return jax.jit(pure, static_argnums=3, donate_argnums=0,
+                       in_shardings=((s_model, s_opt), on.batch_shardings(batch), r),
                        out_shardings=((s_model, s_opt), r, r, r))
 
     def step(batch, key):
@@ -165,7 +166,8 @@ def make_eval_step(fn: Callable[[nnx.Module, Any], Any], model: nnx.Module, *,
         scalars replicated.
     """
     if mesh is None:
-        return nnx.jit(lambda batch: fn(model, batch))
+        jitted = nnx.jit(fn)
+        return lambda batch: jitted(model, batch)
     on = _OnMesh(mesh, rules, (model,))
     graphdef = on.graphdefs[0]
 
