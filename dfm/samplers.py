@@ -195,9 +195,13 @@ def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSch
       ValueError: bad ``x0`` shape or length, negative ``temperature``, invalid ``mask_id``, or
         ``posterior_fn`` returning logits of the wrong shape.
     """
-    positions, valid = schedule.moving_table()
+    # A concrete schedule closed over inside jit: build its tables now, not as constants that XLA
+    # folds at compile time (seconds for an AR schedule of length 256; same values either way).
+    with jax.ensure_compile_time_eval():
+        positions, valid = schedule.moving_table()
+        rates = schedule.rates()
     times = jnp.arange(schedule.num_steps, dtype=jnp.int32)
-    return _scan_sampler(key, posterior_fn, schedule.rates(), times, positions, valid, x0, temperature,
+    return _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature,
                          mask_id, state, return_intermediates)
 
 

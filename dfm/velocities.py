@@ -23,26 +23,37 @@ def _broadcast_rate(rate: Array, x_t: Array, name: str = "rate") -> Array:
     return jnp.broadcast_to(rate, jnp.broadcast_shapes(rate.shape, x_t.shape))
 
 
-def conditional_velocity(x_t: Array, x1: Array, rate: Array, num_states: int) -> Array:
+def conditional_velocity(x_t: Array, x1: Array, rate: Array, num_states: int, *,
+                         mask_id: int | None = None) -> Array:
     """The conditional velocity of the mixture path (THEORY S4).
 
     ``u^i(y) = rate^i * (delta_{x_1^i}(y) - delta_{x_t^i}(y))``: on a masked (or source-valued)
     coordinate it moves mass ``rate`` to ``x_1^i``; it is 0 on a revealed coordinate (``x_t^i = x_1^i``).
+    With ``mask_id`` given (mask source) it is 0 on every coordinate with ``x_t^i != mask_id``, as S4
+    states; this differs from the formula only off the conditional path (a revealed value other than
+    ``x_1^i``, which has probability 0 given ``x_1``).
 
     Args:
       x_t: ``[batch, length]`` int states in ``[0, num_states)``.
       x1: ``[batch, length]`` int data.
       rate: ``[length]`` or ``[batch, length]``, ``(kappa_{t+1} - kappa_t) / (1 - kappa_t)``.
       num_states: size of the state space per coordinate.
+      mask_id: the mask token for a mask source (``< num_states``), or None (uniform source).
 
     Returns:
       ``[batch, length, num_states]`` in the dtype of ``rate`` (float).
+
+    Raises:
+      ValueError: ``x1`` shape differs from ``x_t``; ``rate`` does not broadcast.
     """
     check_shape(x1, x_t.shape, "x1")
     rate = _broadcast_rate(rate, x_t)
     dtype = jnp.result_type(rate.dtype, float)
     diff = jax.nn.one_hot(x1, num_states, dtype=dtype) - jax.nn.one_hot(x_t, num_states, dtype=dtype)
-    return rate[..., None].astype(dtype) * diff
+    u = rate[..., None].astype(dtype) * diff
+    if mask_id is not None:
+        u = jnp.where((x_t == mask_id)[..., None], u, 0.0)
+    return u
 
 
 def posterior_to_velocity(posterior: Array, x_t: Array, rate: Array, *, mask_id: int | None = None) -> Array:

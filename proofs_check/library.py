@@ -69,7 +69,8 @@ def _x64():
 
 def s4_errors(xs, coord_post, alive, rate, vocab: int, with_mask: bool, x1, x0) -> float:
     """Library vs engine: marginal velocity ``r (p_{1|t} - delta)`` on reachable states, and the conditional
-    velocity ``r (delta_{x1} - delta_{x_t})`` on the support of ``p_t(. | x0, x1)``."""
+    velocity: on every state with a mask source (0 on revealed coordinates, THEORY S4), on the support of
+    ``p_t(. | x0, x1)`` with a uniform source (off it the S4 formula is not defined)."""
     from dfm.velocities import conditional_velocity, posterior_to_velocity
 
     s = vocab + 1 if with_mask else vocab
@@ -82,12 +83,14 @@ def s4_errors(xs, coord_post, alive, rate, vocab: int, with_mask: bool, x1, x0) 
     post = np.where(alive[:, None, None], coord_post, 1.0 / vocab)  # unreachable rows: any distribution
     with _x64():
         u = _jit(posterior_to_velocity, mask_id=vocab if with_mask else None)(post, xs, rate)
-        cu = _jit(conditional_velocity, num_states=s)(xs, np.broadcast_to(x1, xs.shape), rate)
+        cu = _jit(conditional_velocity, num_states=s, mask_id=vocab if with_mask else None)(
+            xs, np.broadcast_to(x1, xs.shape), rate)
         u, cu = np.asarray(u), np.asarray(cu)
     if u.dtype != np.float64 or cu.dtype != np.float64:
         return float("inf")
     err = np.max(np.abs(u[alive] - expected)) if expected.size else 0.0
-    err_c = np.max(np.abs(cu[on_support] - cond_expected[on_support]))
+    compared = np.ones_like(on_support) if with_mask else on_support
+    err_c = np.max(np.abs(cu[compared] - cond_expected[compared]))
     return float(max(err, err_c))
 
 

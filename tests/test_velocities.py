@@ -133,3 +133,15 @@ def test_velocity_jit_vmap_match_eager():
         np.testing.assert_allclose(np.asarray(vm), eager, atol=1e-7)
     u = f(post, x_t, rate)
     np.testing.assert_allclose(float(jax.jit(vel.validity_error)(u, x_t)), float(vel.validity_error(u, x_t)))
+
+
+def test_conditional_velocity_zero_on_revealed_coordinates_with_mask_source():
+    # THEORY S4: 0 on a revealed coordinate, even one off the conditional path (value != x1).
+    x_t = jnp.array([[3, 1, 2]])          # mask_id = 3; coordinate 1 revealed off-path, 2 on-path
+    x1 = jnp.array([[0, 0, 2]])
+    rate = jnp.array([0.5, 0.5, 0.5])
+    u = np.asarray(vel.conditional_velocity(x_t, x1, rate, 4, mask_id=3))
+    np.testing.assert_allclose(u[0, 0], [0.5, 0.0, 0.0, -0.5])
+    np.testing.assert_array_equal(u[0, 1:], 0.0)
+    u_formula = np.asarray(vel.conditional_velocity(x_t, x1, rate, 4))
+    np.testing.assert_allclose(u_formula[0, 1], [0.5, -0.5, 0.0, 0.0])   # the bare formula moves it
