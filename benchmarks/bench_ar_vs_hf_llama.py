@@ -92,18 +92,21 @@ def run(args) -> dict:
     jax.block_until_ready(step(x1, key))
     ours_first = time.perf_counter() - t0
 
-    hf.train()
-    decay = [p for p in hf.parameters() if p.ndim >= 2]
-    no_decay = [p for p in hf.parameters() if p.ndim < 2]
+    import copy
+
+    train_hf = copy.deepcopy(hf)          # trained in place; `hf` keeps the weights `model` has
+    train_hf.train()
+    decay = [p for p in train_hf.parameters() if p.ndim >= 2]
+    no_decay = [p for p in train_hf.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.999), eps=1e-8)
 
     def peer_step():
-        logits = hf(inp_t).logits
+        logits = train_hf(inp_t).logits
         loss = F.cross_entropy(logits.reshape(-1, vocab), x1_t.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_(train_hf.parameters(), CLIP)
         opt.step()
         return loss
 
@@ -113,7 +116,6 @@ def run(args) -> dict:
     rows = [_row("train step (b8 x s256)", tokens, tt["ours"], tt["peer"], ours_first, GOALS["train"])]
 
     # ---- (b) greedy decoding with a KV cache
-    hf.eval()
     sched = schedules.autoregressive(NEW_TOKENS)
 
     @jax.jit

@@ -2,7 +2,7 @@
 
 Each expert is the tiny LLaMA-style decoder of ``common.TINY`` (own random initialization) used as a
 cached AR posterior (``dfm.autoregressive.causal_posterior_fn`` over ``Decoder.decode_step``).
-Decoding: ``dfm.samplers.sample_discrete`` with the ``autoregressive(255)`` schedule, greedy
+Decoding: ``dfm.samplers.sample_discrete`` with the ``autoregressive(127)`` schedule (127 tokens), greedy
 (temperature 0), from the all-mask source, one jitted program per case. The ensemble is
 ``dfm.decentral.ensemble_posterior_fn`` (probability mixing, ``mix_log_probs``) with
 
@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 NAME = "bench_ensemble"
 K = 8
-NEW_TOKENS = 255
+NEW_TOKENS = 127
 GOAL = 1.15
 
 

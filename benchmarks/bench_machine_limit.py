@@ -11,7 +11,8 @@ FLOPs are counted analytically (``common.train_flops_per_token``)::
     N = n_layers (4 h^2 + 3 h i) + h V        (matmul parameters; input embedding and norms excluded)
 
 and the reference is the best rate of ``jax.jit(jnp.dot)`` on two 2048 x 2048 float32 matrices
-(``2 * 2048^3`` FLOPs) on the same machine, same thread setting. Goal: >= 65% of it. Default
+(``2 * 2048^3`` FLOPs) on the same machine, same thread setting, timed alternately with the step
+(medians; the best/best ratio is printed too). Goal: >= 65% of it. Default
 thread settings (``--threads default``; ``--threads both`` also runs one thread).
 
 Run: ``.venv/bin/python benchmarks/bench_machine_limit.py``.
@@ -49,10 +50,7 @@ def run(args) -> dict:
     b = jax.random.normal(jax.random.key(1), (DOT_N, DOT_N), jnp.float32)
     dot = jax.jit(jnp.dot)
     _, dot_compile = common.compile_jitted(dot, a, b)
-    dot_t = common.time_call(lambda: dot(a, b), repeats=repeats, warmup=2)
     dot_flops = 2.0 * DOT_N**3
-    dot_rate = dot_flops / dot_t["min_s"]                    # best rate = the machine's limit
-    print(f"dot {DOT_N}^3: median {dot_t['median_s'] * 1e3:.1f} ms, best {dot_rate / 1e9:.1f} GFLOP/s", flush=True)
 
     # ---- our training step
     t = common.TINY
@@ -76,26 +74,36 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(step(x1, key))
     first_s = time.perf_counter() - t0
-    step_t = common.time_call(lambda: step(x1, key)[0], repeats=repeats, warmup=2)
     tokens = t["batch"] * t["seq"]
     flops = tokens * common.train_flops_per_token(config, t["seq"])
-    rate = flops / step_t["median_s"]
-    frac = rate / dot_rate
+
+    # alternate dot and step so that both see the same load (the machine is shared)
+    tm = common.time_interleaved({"dot": lambda: dot(a, b), "step": lambda: step(x1, key)[0]},
+                                 repeats=repeats, warmup=1, number={"dot": 3, "step": 1})
+    dot_t, step_t = tm["dot"], tm["step"]
+    dot_rate, dot_best = dot_flops / dot_t["median_s"], dot_flops / dot_t["min_s"]
+    rate, rate_best = flops / step_t["median_s"], flops / step_t["min_s"]
+    frac, frac_best = rate / dot_rate, rate_best / dot_best
+    print(f"dot {DOT_N}^3: median {dot_t['median_s'] * 1e3:.1f} ms = {dot_rate / 1e9:.1f} GFLOP/s "
+          f"(best {dot_best / 1e9:.1f}; compile {dot_compile:.2f} s)", flush=True)
     print(f"train step: median {step_t['median_s'] * 1e3:.1f} ms ({tokens / step_t['median_s']:.0f} tok/s), "
           f"{flops / 1e9:.2f} GFLOP/step -> {rate / 1e9:.1f} GFLOP/s = {100 * frac:.1f}% of the dot "
-          f"(first call incl. compile {first_s:.1f} s)", flush=True)
+          f"(best/best {100 * frac_best:.1f}%; first call incl. compile {first_s:.1f} s)", flush=True)
 
     summary = [
         {"case": f"jnp.dot {DOT_N}^3 float32", "ms": 1e3 * dot_t["median_s"], "GFLOP/s": dot_rate / 1e9,
-         "fraction_of_dot": 1.0, "goal": "reference", "met": True},
+         "best_GFLOP/s": dot_best / 1e9, "fraction_of_dot": 1.0, "best/best": 1.0, "goal": "reference",
+         "met": True},
         {"case": "decoder train step (b8 x s256)", "ms": 1e3 * step_t["median_s"], "GFLOP/s": rate / 1e9,
-         "fraction_of_dot": frac, "goal": f">= {GOAL:.0%}", "met": frac >= GOAL},
+         "best_GFLOP/s": rate_best / 1e9, "fraction_of_dot": frac, "best/best": frac_best,
+         "goal": f">= {GOAL:.0%}", "met": frac >= GOAL},
     ]
     common.print_rows(f"{NAME}, threads={args.threads}", summary)
     return {"benchmark": NAME, "date_utc": common.utc_now(), "threads": info, "config": t,
             "flops_formula": "tokens * (6 N + 12 n_layers seq n_heads head_dim), N = matmul parameters",
             "matmul_params": common.matmul_params(config), "flops_per_step": flops,
-            "dot": {"n": DOT_N, "compile_s": dot_compile, **dot_t, "best_flops_per_s": dot_rate},
+            "dot": {"n": DOT_N, "compile_s": dot_compile, **dot_t, "flops_per_s": dot_rate,
+                    "best_flops_per_s": dot_best},
             "train_step": {"first_call_s": first_s, **step_t, "tokens_per_s": tokens / step_t["median_s"],
                            "flops_per_s": rate, "fraction_of_dot": frac},
             "summary": summary}

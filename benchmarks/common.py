@@ -5,8 +5,9 @@ Benchmarks are scripts, not tests: nothing here asserts a time. Every script
 - runs ours (JAX) and the peer (PyTorch) on identical inputs in one process,
 - under two thread settings, each in its own subprocess (``--threads both``, the default):
   ``1`` (one thread each: ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-  intra_op_parallelism_threads=1`` set *before* jax is imported, ``torch.set_num_threads(1)``)
-  and ``default`` (the libraries' own defaults),
+  intra_op_parallelism_threads=1`` set *before* jax is imported, ``torch.set_num_threads(1)``,
+  and the process pinned to one CPU, see ``configure_threads``) and ``default`` (the libraries'
+  own defaults),
 - reports compile time separately (``jit(f).lower(...).compile()``), warms up, calls
   ``jax.block_until_ready`` on every timed result, and reports the median over repeats,
 - writes one JSON file (``--out``, default ``benchmarks/results/<name>.json``).
@@ -47,13 +48,21 @@ def parser(name: str, description: str, *, threads_default: str = "both") -> arg
 
 
 def configure_threads(mode: str) -> None:
-    """Set the thread environment for ``mode`` ("1" or "default"). Call before importing jax/torch."""
+    """Set the thread environment for ``mode`` ("1" or "default"). Call before importing jax/torch.
+
+    Mode "1" sets ``XLA_FLAGS`` (``ONE_THREAD_XLA_FLAGS``) and the BLAS/OpenMP variables, and pins
+    the process to one CPU (``os.sched_setaffinity``, as ``taskset -c``): with jax 0.10 the XLA
+    flags alone do not stop XLA:CPU's YNNPACK matmuls from using every core (measured: a 2048^3 dot
+    ran at 2 CPU-seconds per wall-second with the flags set).
+    """
     if mode not in THREAD_MODES:
         raise ValueError(f"mode: must be one of {THREAD_MODES}, got {mode!r}")
     if mode == "1":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ONE_THREAD_XLA_FLAGS).strip()
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = "1"
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -76,6 +85,7 @@ def thread_info(mode: str) -> dict[str, Any]:
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_1min": os.getloadavg()[0],
         "python": platform.python_version(),
     }

@@ -193,6 +193,7 @@ def evaluate(ctx: Context) -> dict:
         "s11": s11,
         "router_weights_by_true_cluster": {name: by_cluster(wd, test.labels, k) for name, wd in weights_doc.items()},
         "samples": samples,
+        "masked_context_use": per_token_expert.get("context_use"),
         "data": summary,
     }
 
@@ -322,5 +323,28 @@ def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracl
         wd = np.zeros((len(test.ids), len(experts)))
         np.add.at(wd, doc, mean_w[name])
         weights_doc[name] = wd / np.bincount(doc, minlength=len(test.ids))[:, None]
-    return systems, {"dense": elbo["dense"], "own": own}, weights_doc, float(topk.temperature)
+    per_seq = {"dense": elbo["dense"], "own": own,
+               "context_use": context_use(models["dense"], test.x1[scored], vocab, c.eval.seed, bs)}
+    return systems, per_seq, weights_doc, float(topk.temperature)
+
+
+def context_use(denoiser, x1: np.ndarray, mask_id: int, seed: int, batch_size: int) -> dict:
+    """Does the denoiser use context? Its mean cross-entropy (nats) on masked positions when all
+    positions are masked (= what a unigram model can do) and when 10% / 50% are masked."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name, frac in (("all_masked", 1.0), ("half_masked", 0.5), ("tenth_masked", 0.1)):
+        total, count = 0.0, 0
+        for start in range(0, len(x1), batch_size):
+            x = jnp.asarray(x1[start:start + batch_size])
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+            masked = jax.random.uniform(key, x.shape) < frac
+            logp = jax.nn.log_softmax(scoring.forward(denoiser, jnp.where(masked, mask_id, x)), axis=-1)
+            nll = -jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
+            total += float(jnp.sum(jnp.where(masked, nll, 0.0)))
+            count += int(jnp.sum(masked))
+        out[name] = total / max(count, 1)
+    return out
 

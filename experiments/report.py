@@ -46,6 +46,7 @@ def build_report(ctx: Context, results: dict) -> dict:
         "s11": results["s11"],
         "router_weights_by_true_cluster": results["router_weights_by_true_cluster"],
         "samples": results["samples"],
+        "masked_context_use": results.get("masked_context_use"),
         "wall_time_s": {"training": sum(i["wall_time_s"] for i in stages.values()),
                         "partition": partition["wall_time_s"], "evaluation": results["eval"]["wall_time_s"]},
         "plots": ["plots/loss_curves.png", "plots/router_weights.png", "plots/cluster_sizes.png"],
@@ -98,6 +99,12 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['tokens']:,} | "
                      f"{_fmt(cl['expert_loss'])} ({_fmt(cl.get('expert_perplexity'), 2)}) | "
                      f"{_fmt(cl['dense_loss'])} ({_fmt(cl.get('dense_perplexity'), 2)}) |")
+    cu = rep.get("masked_context_use")
+    if cu:
+        lines += ["", "Context use of the dense denoiser (cross-entropy on masked positions, nats): "
+                  f"all masked {cu['all_masked']:.4f}, half masked {cu['half_masked']:.4f}, "
+                  f"10% masked {cu['tenth_masked']:.4f}. Equal values mean the denoiser does not yet use "
+                  "context (it predicts the unigram distribution)."]
     comp = rep["compute"]
     lines += ["", "## Compute", "", comp["token_counting"], "",
               f"- base: {comp['base_tokens']:,} tokens; dense stage 2: {comp['dense_stage2_tokens']:,}; "

@@ -69,7 +69,8 @@ def bayes_filter_doc(lp_doc: np.ndarray, priors: np.ndarray) -> tuple[np.ndarray
 
 
 @nnx.jit
-def _forward(model, x):
+def forward(model, x):
+    """Jitted ``model(x)`` (logits)."""
     return model(x)
 
 
@@ -145,7 +146,7 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
         logits = {}
         for name, model in models.items():
             t0 = time.perf_counter()
-            logits[name] = _forward(model, x_t)
+            logits[name] = forward(model, x_t)
             elbo[name][start:stop] += np.asarray(single(logits[name], xb, x_t, t))[:b] / num_draws
             seconds[name] += time.perf_counter() - t0
         for name, (experts, weights) in ensembles.items():

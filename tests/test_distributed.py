@@ -21,30 +21,19 @@ GLOBAL_BATCH, LENGTH, VOCAB = 8, 12, 64
 
 # ----------------------------------------------------------------------------- shared by the workers
 def _new_model(seed=0):
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
+    from tiny_models import tiny_decoder
 
-    from dfm.models import Decoder, DecoderConfig
+    from dfm.models import DecoderConfig
 
     config = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                            num_kv_heads=2)
-    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.ones(var.shape) if path[-1] == "scale" else 0.02 * rng.standard_normal(var.shape)
-        var.set_raw_value(jnp.asarray(value, var.dtype))
-    return model
+    return tiny_decoder(config, seed)
 
 
 def _lm_loss(model, batch, key):
-    import jax
-    import jax.numpy as jnp
-    import optax
+    from tiny_models import lm_loss
 
-    logits = model(batch[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    return nll + 1e-3 * jax.random.normal(key, ()) * jnp.sum(model.norm.scale[...]), {"nll": nll}
+    return lm_loss(model, batch, key)
 
 
 def _global_batch(step):

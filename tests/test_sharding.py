@@ -6,12 +6,12 @@ FSDP, tensor-parallel and mixed meshes; checkpoints saved on one mesh restore on
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from dfm.models import Decoder, DecoderConfig
+from tiny_models import lm_loss, tiny_decoder
 from dfm.sharding import (DEFAULT_RULES, MeshConfig, constrain, global_batch, init_sharded, logical_to_spec,
                           make_mesh, rules_from_table, shard_module, use_rules)
 from dfm.train import TrainConfig, load_model, make_eval_step, make_grad_fn, save_model, train
@@ -24,19 +24,7 @@ TOL = 1e-5
 
 
 def new_model(seed=0):
-    """Default-init distribution drawn with numpy into an abstract module (no jax.random compiles)."""
-    model = nnx.eval_shape(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.ones(var.shape) if path[-1] == "scale" else 0.02 * rng.standard_normal(var.shape)
-        var.set_raw_value(jnp.asarray(value, var.dtype))
-    return model
-
-
-def lm_loss(model, batch, key):
-    logits = model(batch[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    return nll + 1e-3 * jax.random.normal(key, ()) * jnp.sum(model.norm.scale[...]), {"nll": nll}
+    return tiny_decoder(CONFIG, seed)
 
 
 def flat(state):

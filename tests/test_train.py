@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dfm.models import Decoder, DecoderConfig
+from tiny_models import lm_loss, tiny_decoder
 from dfm.train import TrainConfig, learning_rate_schedule, load_model, make_optimizer, save_model, train
 
 CONFIG = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -15,22 +16,7 @@ DATA = jax.random.randint(jax.random.key(0), (4, 12), 0, 50, dtype=jnp.int32)
 
 
 def new_model(seed=0):
-    """A Decoder with the default-init distribution (normal(0.02) weights, unit norm scales) drawn from
-    a seeded numpy Generator into an abstract module: avoids compiling jax.random per shape."""
-    model = nnx.eval_shape(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.ones(var.shape) if path[-1] == "scale" else 0.02 * rng.standard_normal(var.shape)
-        var.set_raw_value(jnp.asarray(value, var.dtype))
-    return model
-
-
-def lm_loss(model, batch, key):
-    """Next-token NLL, plus a key-dependent term so the per-step key matters for exact resume."""
-    logits = model(batch[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    noise = 1e-3 * jnp.sum(jax.random.normal(key, ()) * model.norm.scale[...])
-    return nll + noise, {"nll": nll, "tokens": batch[:, 1:].size}
+    return tiny_decoder(CONFIG, seed)
 
 
 def batches(step):
