@@ -7,7 +7,7 @@ Benchmarks are scripts, not tests: nothing here asserts a time. Every script
   ``1`` (one thread each: ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
   intra_op_parallelism_threads=1`` set *before* jax is imported, ``torch.set_num_threads(1)``,
   and the process pinned to one CPU, see ``configure_threads``) and ``default`` (the libraries'
-  own defaults),
+  default thread counts; ``OMP_WAIT_POLICY=PASSIVE`` so that torch's idle workers sleep),
 - reports compile time separately (``jit(f).lower(...).compile()``), warms up, calls
   ``jax.block_until_ready`` on every timed result, and reports the median over repeats,
 - writes one JSON file (``--out``, default ``benchmarks/results/<name>.json``).
@@ -44,6 +44,8 @@ def parser(name: str, description: str, *, threads_default: str = "both") -> arg
     p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON result path")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller problems (smoke run)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the (untimed) correctness checks; --threads both runs them in the first mode only")
     return p
 
 
@@ -63,6 +65,11 @@ def configure_threads(mode: str) -> None:
             os.environ[var] = "1"
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    else:
+        # Default thread counts, but torch's OpenMP workers sleep instead of spinning when idle: with
+        # jax's thread pool in the same process on 2 shared cores, spinning made the peer 30-400x
+        # slower (e.g. 31 s instead of 1.1 s for 256 sampling steps). Override by setting it yourself.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -84,6 +91,7 @@ def thread_info(mode: str) -> dict[str, Any]:
         "mode": mode,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_1min": os.getloadavg()[0],
@@ -110,10 +118,12 @@ def run_modes(script: str, argv: list[str], modes, out: Path) -> dict[str, Any]:
     """
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in modes:
+        for i, mode in enumerate(modes):
             child_out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, script, *_strip(argv, ("--threads", "--out")), "--threads", mode,
                    "--out", str(child_out)]
+            if i > 0 and "--no-check" not in cmd:
+                cmd.append("--no-check")
             print(f"\n=== {Path(script).name}: threads={mode} ===", flush=True)
             proc = subprocess.run(cmd)
             if proc.returncode != 0:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dfm.checks import check_mask_id, check_rate, check_shape, is_tracer
 from dfm.schedules import DiscreteSchedule, KappaScheduler
@@ -39,9 +40,17 @@ def posterior_fn_from_denoiser(fn: Callable[..., Array], *, with_time: bool = Fa
 
     def posterior_fn(x_t, t, positions, state):
         logits = fn(x_t, t) if with_time else fn(x_t)
+        if _is_all_positions(positions, logits.shape[1]):
+            return logits, state                                   # Euler sampler: no gather
         return jnp.take(logits, positions, axis=1), state
 
     return posterior_fn
+
+
+def _is_all_positions(positions, length: int) -> bool:
+    """True for a concrete (numpy) ``positions == arange(length)``, as the Euler sampler passes."""
+    return (isinstance(positions, np.ndarray) and positions.shape == (length,)
+            and bool(np.all(positions == np.arange(length))))
 
 
 def euler_rates(scheduler: KappaScheduler, length: int, num_steps: int) -> Array:
@@ -109,6 +118,8 @@ def _cumsum_last(w: Array) -> Array:
 def _sample_tokens(key, logits, temperature):
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
+    if not is_tracer(temperature) and temperature == 1:
+        return categorical(key, logits)
     return categorical(key, logits / temperature)
 
 
@@ -117,8 +128,9 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, tempera
     """The one scan: rates/times/positions/valid are ``[T, length]``/``[T]``/``[T, m]``/``[T, m]``.
 
     ``positions = valid = None`` means every position may move at every step (the Euler sampler):
-    ``posterior_fn`` gets ``arange(length)`` and the per-step gather/scatter of the moving
-    coordinates is skipped (same law, same random draws).
+    ``posterior_fn`` gets ``arange(length)`` (a numpy array, so that ``posterior_fn_from_denoiser``
+    can skip its gather) and the per-step gather/scatter of the moving coordinates is skipped
+    (same law, same random draws).
     """
     check_shape(x0, (None, None), "x0")
     if not is_tracer(temperature) and not float(temperature) >= 0:
@@ -132,7 +144,7 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, tempera
     dense = positions is None
     num_moves = length if dense else positions.shape[1]
     keys = jax.random.split(key, rates.shape[0])
-    all_positions = jnp.arange(length, dtype=jnp.int32)
+    all_positions = np.arange(length, dtype=np.int32)                  # concrete: see _is_all_positions
 
     def step(carry, xs):
         x, st = carry

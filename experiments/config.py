@@ -178,7 +178,8 @@ class StageConfig:
 
     For [stage2], `steps` is the dense model's step count; the K experts split the same number
     of steps in proportion to their clusters' sequence counts (compute-matched: same batch size,
-    same sequence length, so the same number of training tokens in total).
+    same sequence length, so the same number of training tokens in total), each with the same
+    peak learning rate and the warmup scaled by ``steps_k / steps``.
     """
 
     steps: int = _f(200, lo=1)

@@ -153,11 +153,11 @@ def evaluate(ctx: Context) -> dict:
     else:
         res = _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracle_w,
                                n_tokens, train_s)
-    systems, per_token_expert, weights_doc, temperature = res
+    systems, per_seq, weights_doc, temperature = res
     # S11 terms on the same scored tokens
-    dense_nll = per_token_expert["dense"]  # [n_scored] per-sequence nll sums
+    dense_nll = per_seq["dense"]  # [n_scored] per-sequence nll sums
     seq_labels = test.labels[doc_of[scored]]
-    expert_own = per_token_expert["own"]
+    expert_own = per_seq["own"]
     clusters = []
     for i in range(k):
         m = seq_labels == i
@@ -193,7 +193,7 @@ def evaluate(ctx: Context) -> dict:
         "s11": s11,
         "router_weights_by_true_cluster": {name: by_cluster(wd, test.labels, k) for name, wd in weights_doc.items()},
         "samples": samples,
-        "masked_context_use": per_token_expert.get("context_use"),
+        "masked_context_use": per_seq.get("context_use"),
         "data": summary,
     }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class Context:
     config: ExperimentConfig
     run: RunDir
     progress: bool = True
-    log: callable = print
+    log: Callable[..., None] = print
     _cache: dict = field(default_factory=dict)
 
     def cached(self, key, build):
@@ -341,7 +342,9 @@ def run_evaluate(ctx: Context) -> dict:
 
     if ctx.run.is_done("evaluate") and ctx.run.report_json.is_file():
         ctx.log("[evaluate] already finished, skipped")
-        return read_json(ctx.run.report_json)
+        rep = read_json(ctx.run.report_json)
+        report.print_summary(rep)
+        return rep
     missing = [s for s in stage_names(ctx.config) if not ctx.run.is_done(s)]
     if missing:
         raise StageError(f"cannot evaluate: unfinished stages {', '.join(missing)}; run `dfm run` "
