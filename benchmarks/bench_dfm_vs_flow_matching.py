@@ -345,7 +345,7 @@ def run(args) -> dict:
     import numpy as np
 
     common.configure_threads(args.threads)
-    import jax  # noqa: F401  (after the thread flags)
+    import jax  # noqa: F401  (imported after the thread flags are set)
     import torch
 
     common.configure_torch(args.threads)

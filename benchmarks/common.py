@@ -325,7 +325,10 @@ def copy_hf_into(hf, model) -> None:
         name = ".".join(str(p) for p in path[:-1])
         hf_name = name if name == "lm_head" else "model." + name
         leaf = path[-1]
-        value = sd[hf_name + ".weight"].T if leaf == "kernel" else sd[hf_name + (".bias" if leaf == "bias" else ".weight")]
+        if leaf == "kernel":
+            value = sd[hf_name + ".weight"].T
+        else:
+            value = sd[hf_name + (".bias" if leaf == "bias" else ".weight")]
         var[...] = jnp.asarray(value)
 
 

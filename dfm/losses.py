@@ -68,14 +68,61 @@ def dfm_cross_entropy(logits: Array, x1: Array, x_t: Array, rate: Array, *, mask
     return jnp.sum(jnp.where(weight > 0, weight * nll, 0.0), axis=-1)
 
 
+_T_SAMPLING = ("uniform", "rate", "rate_stratified")
+
+
+def step_proposal(schedule: DiscreteSchedule, t_sampling: str = "uniform") -> Array:
+    """Probabilities ``q [T]`` with which `dfm_loss` draws the step ``t`` (THEORY S5(d)).
+
+    ``"uniform"``: ``q(t) = 1 / T``. ``"rate"`` / ``"rate_stratified"``: ``q(t) proportional to
+    mean_i rate[t, i]`` (steps where no position moves are never drawn; they contribute 0 to the
+    objective). For a masked path with the same kappa at every position the weight of a masked
+    position, ``rate[t] / q(t) = sum_s rate[s]``, is then the same at every step.
+
+    Raises:
+      ValueError: on an unknown ``t_sampling``.
+    """
+    if t_sampling not in _T_SAMPLING:
+        raise ValueError(f"t_sampling: must be one of {_T_SAMPLING}, got {t_sampling!r}")
+    if t_sampling == "uniform":
+        return jnp.full((schedule.num_steps,), 1.0 / schedule.num_steps)
+    mean_rate = jnp.mean(schedule.rates(), axis=-1)
+    return mean_rate / jnp.sum(mean_rate)
+
+
+def _draw_steps(key: Array, q: Array, batch: int, stratified: bool) -> Array:
+    """``t [batch]`` with marginal ``q``; stratified: inverse CDF at ``frac(u + b / batch)`` (one ``u``)."""
+    if stratified:
+        u = jnp.mod(jax.random.uniform(key, (), dtype=q.dtype) + jnp.arange(batch, dtype=q.dtype) / batch, 1.0)
+    else:
+        u = jax.random.uniform(key, (batch,), dtype=q.dtype)
+    cdf = jnp.cumsum(q)
+    t = jnp.searchsorted(cdf / cdf[-1], u, side="right")
+    return jnp.minimum(t, q.shape[0] - 1).astype(jnp.int32)
+
+
 def dfm_loss(key: Array, denoiser: Callable[[Array], Array], x1: Array, schedule: DiscreteSchedule, *,
-             mask_id: int) -> Array:
+             mask_id: int, t_sampling: str = "uniform") -> Array:
     """The discrete-time DFM loss, one random step per sequence (THEORY S5(d,e)).
 
-    Draws ``t ~ U{0..T-1}`` per sequence, ``x_t ~ p_t(. | x_1)`` on the masked path, and returns
-    ``T * dfm_cross_entropy(denoiser(x_t), x1, x_t, rate[t])``: an unbiased estimate of
-    ``sum_t E_{x_t}[dfm_cross_entropy_t]``. (The path posterior of a masked path depends only on
-    ``x_t``, so the denoiser is not given ``t``.)
+    Draws a step ``t ~ q`` per sequence, ``x_t ~ p_t(. | x_1)`` on the masked path, and returns
+    ``dfm_cross_entropy(denoiser(x_t), x1, x_t, rate[t]) / q(t)``: an unbiased estimate of the
+    objective ``sum_t E_{x_t}[dfm_cross_entropy_t]`` for every proposal ``q`` (importance
+    sampling over t). (The path posterior of a masked path depends only on ``x_t``, so the
+    denoiser is not given ``t``.)
+
+    ``t_sampling`` chooses ``q`` (`step_proposal`); all three estimate the same objective:
+
+    - ``"uniform"`` (default): ``t ~ U{0..T-1}``, loss ``T * dfm_cross_entropy_t``. For a linear
+      kappa a masked position weighs ``T / (T - t)``, between 1 and ``T``: the few masked positions
+      of a late step carry weight ``T`` each, a high-variance gradient at small batch sizes.
+    - ``"rate"``: ``q(t)`` proportional to the mean step rate; every masked position then weighs
+      ``sum_s rate[s]`` (about ``log T`` for a linear kappa) whatever the step: late steps (few
+      masked positions, the ones that teach the use of context) are drawn more often instead of
+      being up-weighted. Equal to ``"uniform"`` for the AR schedule.
+    - ``"rate_stratified"``: ``q`` as ``"rate"``, and the batch's steps drawn jointly at the
+      inverse CDF of ``frac(u + b / batch)`` (one ``u ~ U[0, 1)``, b = row): each row's step has
+      marginal ``q`` (so each row is unbiased), and the batch covers the steps evenly.
 
     Args:
       key: jax PRNG key.
@@ -83,16 +130,25 @@ def dfm_loss(key: Array, denoiser: Callable[[Array], Array], x1: Array, schedule
       x1: ``[batch, length]`` int data.
       schedule: ``DiscreteSchedule`` of length ``x1.shape[1]``.
       mask_id: the mask token (``>= vocab``).
+      t_sampling: ``"uniform"``, ``"rate"`` or ``"rate_stratified"``.
 
     Returns:
       ``[batch]`` per-sequence loss in nats.
+
+    Raises:
+      ValueError: on shape mismatch or an unknown ``t_sampling``.
     """
     check_shape(x1, (None, schedule.length), "x1")
+    q = step_proposal(schedule, t_sampling)
     key_t, key_x = jax.random.split(key)
-    t = jax.random.randint(key_t, (x1.shape[0],), 0, schedule.num_steps)
+    rates = schedule.rates()
+    if t_sampling == "uniform":
+        t = jax.random.randint(key_t, (x1.shape[0],), 0, schedule.num_steps)
+        x_t = sample_masked_path(key_x, x1, schedule.kappa[t], mask_id)
+        return schedule.num_steps * dfm_cross_entropy(denoiser(x_t), x1, x_t, rates[t], mask_id=mask_id)
+    t = _draw_steps(key_t, q.astype(rates.dtype), x1.shape[0], t_sampling == "rate_stratified")
     x_t = sample_masked_path(key_x, x1, schedule.kappa[t], mask_id)
-    rate = schedule.rates()[t]
-    return schedule.num_steps * dfm_cross_entropy(denoiser(x_t), x1, x_t, rate, mask_id=mask_id)
+    return dfm_cross_entropy(denoiser(x_t), x1, x_t, rates[t] / q[t][:, None], mask_id=mask_id)
 
 
 def generalized_kl(logits: Array, x1: Array, x_t: Array, kappa: Array, d_kappa: Array, *,

@@ -235,22 +235,7 @@ def load_stage_model(ctx: Context, stage: str):
     if not ctx.run.is_done(stage):
         raise StageError(f"stage {stage!r} has not finished in {ctx.run.root}; run `dfm train` for it first")
     factory = router_factory(ctx) if stage == "router" else model_factory(ctx)
-    return _plain_arrays(load_model(factory, ctx.run.model(stage)))
-
-
-def _plain_arrays(model):
-    """Replace the restored arrays by fresh default-placed copies, in place.
-
-    Arrays restored by orbax carry an explicit sharding, which makes the first jitted train step
-    compile twice (restored, then default placement); plain copies reuse the compiled step.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    state = nnx.state(model)
-    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state))
-    return model
+    return load_model(factory, ctx.run.model(stage))
 
 
 def run_train(ctx: Context, stage: str, *, stop_after: int | None = None) -> dict | None:

@@ -242,3 +242,33 @@ def test_learned_router_ensemble_runs_in_sampler_and_identical_experts_change_no
     x_one = sample_discrete(key, posterior_fn_from_denoiser(experts[0]), schedule, mask_source((5, 6), 4), mask_id=4)
     np.testing.assert_array_equal(x_ens, x_one)
     assert int(x_ens.max()) < 4
+
+
+def test_fixed_top_k_weights_call_only_the_selected_experts():
+    # Centroid routing gives fixed weights: with top-1 only the chosen experts run (issue 8 profile),
+    # and the mixture equals the one that calls every expert.
+    rng = np.random.default_rng(3)
+    num, batch, vocab = 4, 3, 5
+    tables = jnp.asarray(rng.normal(size=(num, batch, 1, vocab)), jnp.float32)
+    calls = []
+
+    def expert(i):
+        def fn(x_t, t, positions, state):
+            calls.append(i)
+            return tables[i], state
+        return fn
+
+    fns = [expert(i) for i in range(num)]
+    weights = jnp.asarray([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1]])
+    x_t = jnp.zeros((batch, 2), jnp.int32)
+    state = EnsembleState((None,) * num)
+    mixed, new_state = ensemble_posterior_fn(fns, weights, top_k=1)(x_t, 0, jnp.zeros(1, jnp.int32), state)
+    assert sorted(calls) == [0, 1]                       # experts 2 and 3 carry no weight after top-1
+    assert new_state.expert_states == (None,) * num
+    expected = jax.nn.log_softmax(tables[jnp.asarray([1, 0, 1]), jnp.arange(batch)], axis=-1)
+    np.testing.assert_allclose(np.asarray(mixed), np.asarray(expected), atol=1e-6)
+    calls.clear()
+    full, _ = ensemble_posterior_fn(fns, weights)(x_t, 0, jnp.zeros(1, jnp.int32), state)
+    assert sorted(calls) == [0, 1, 2, 3]
+    manual = jax.nn.logsumexp(jnp.log(weights.T)[:, :, None, None] + jax.nn.log_softmax(tables, -1), axis=0)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(manual), atol=1e-6)

@@ -19,9 +19,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dfm.decentral.routers import BayesFilterRouter, top_k as top_k_weights
-from dfm.decentral.validation import check_positive_int, check_weights
+from dfm.decentral.validation import check_positive_int, check_weights, is_concrete
 
 Array = jax.Array
 PosteriorFn = Callable[[Array, Any, Array, Any], tuple[Array, Any]]
@@ -181,7 +182,10 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
          schedules it uses the experts' factorized posteriors and is an approximation.
       2. weights `[batch, K]`: the Bayes posterior, `router(x_t, t)` for a callable router
          (e.g. `LearnedRouter`), or a fixed `[batch, K]` array (e.g. `CentroidRouter.weights`).
-      3. call every expert, mix (`mix_log_probs`, or `mix_logits` if `mixing="logit"`), top-k.
+      3. call the experts, mix (`mix_log_probs`, or `mix_logits` if `mixing="logit"`), top-k.
+         With a fixed weight array only the experts that carry weight in some row (after top-k)
+         are called, so top-k decoding costs about k experts; the Bayes filter needs every
+         expert's likelihood of each revealed token, so it always calls all K.
 
     Args:
       expert_posterior_fns: K posterior functions, same vocabulary.
@@ -216,6 +220,7 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
         if top_k > num:
             raise ValueError(f"top_k={top_k} exceeds the number of experts ({num})")
     bayes = isinstance(router, BayesFilterRouter)
+    used = tuple(range(num))  # experts that are called; the others keep their state untouched
     if bayes:
         if router.num_experts != num:
             raise ValueError(f"router has {router.num_experts} experts but there are {num} "
@@ -225,6 +230,19 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
     elif not callable(router):
         fixed = jnp.asarray(router)
         check_weights(fixed, num, "router")
+        if is_concrete(router):
+            # Fixed weights (e.g. centroid routing, THEORY S12/S13): call only the experts that carry
+            # weight for some row after top-k, so top-k decoding costs about k experts, not K. Numpy
+            # here: inside a jit trace even jnp ops on constants give tracers. Ties as lax.top_k.
+            w_np = np.asarray(router)
+            support = w_np > 0
+            if top_k is not None:
+                keep = np.zeros_like(support)
+                np.put_along_axis(keep, np.argsort(-w_np, axis=1, kind="stable")[:, :top_k], True, axis=1)
+                support &= keep
+            used = tuple(int(i) for i in np.flatnonzero(support.any(axis=0)))
+        if top_k is not None:
+            fixed = top_k_weights(fixed, top_k)
         router = lambda x_t, t: fixed  # noqa: E731
     mix = mix_log_probs if mixing == "probability" else mix_logits
 
@@ -238,15 +256,16 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
             weights = router.weights(router_state)
         else:
             weights = router(x_t, t)
-        outs = [fn(x_t, t, positions, s) for fn, s in zip(fns, state.expert_states)]
-        vocabs = [o[0].shape[-1] for o in outs]
-        for i, v in enumerate(vocabs):
-            if v != vocabs[0] or outs[i][0].shape != outs[0][0].shape:
-                raise ValueError(f"expert_posterior_fns[{i}] returned logits of shape {outs[i][0].shape}, "
-                                 f"expert 0 returned {outs[0][0].shape}: vocabularies must match")
-        logits = jnp.stack([o[0] for o in outs])  # [K, batch, m, vocab]
-        mixed = mix(logits, weights.astype(logits.dtype), top_k=top_k)
-        new_states = tuple(o[1] for o in outs)
+        outs = {i: fns[i](x_t, t, positions, state.expert_states[i]) for i in used}
+        first = outs[used[0]][0]
+        for i, (lg, _) in outs.items():
+            if lg.shape != first.shape:
+                raise ValueError(f"expert_posterior_fns[{i}] returned logits of shape {lg.shape}, "
+                                 f"expert {used[0]} returned {first.shape}: vocabularies must match")
+        logits = jnp.stack([outs[i][0] for i in used])  # [K_used, batch, m, vocab]
+        w = weights if len(used) == num else jnp.take(weights, jnp.asarray(used), axis=1)
+        mixed = mix(logits, w.astype(logits.dtype), top_k=top_k if len(used) == num else None)
+        new_states = tuple(outs[i][1] if i in outs else s for i, s in enumerate(state.expert_states))
         if not bayes:
             return mixed, EnsembleState(new_states)
         masked = jnp.take(x_t, positions, axis=1) == mask_id

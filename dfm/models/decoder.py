@@ -25,11 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfm.models.config import DecoderConfig
-from dfm.models.layers import DecoderLayer, RMSNorm, attention_weights_mask, dense_init, rope_cos_sin
+from dfm.models.layers import DecoderLayer, RMSNorm, attention_weights_mask, dense, dense_init, rope_cos_sin
 from dfm.sharding.rules import constrain
 
 Array = jax.Array
-Cache = dict  # {"k": tuple of [batch, max_length, kv_heads, head_dim], "v": same}
+Cache = dict  # {"k": tuple of [batch, kv_heads, max_length, head_dim], "v": same} (HF layout)
 RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")   # [batch, length, hidden]
 LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")     # [batch, length, output_size]
 
@@ -71,13 +71,18 @@ class Decoder(nnx.Module):
         return jnp.take(constrain(table, ("vocab", None)), tokens, axis=0)
 
     def logits(self, hidden: Array) -> Array:
-        """Final norm + output projection: `[batch, length, hidden] -> [batch, length, output_size]` float32."""
+        """Final norm + output projection: `[batch, length, hidden] -> [batch, length, output_size]` float32.
+
+        The projection runs on `[batch * length, hidden]` (`dfm.models.layers.dense`; faster weight
+        gradients on XLA:CPU), reshaped back before the sharding constraint.
+        """
         h = self.norm(hidden)
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...][: self.config.num_outputs].astype(h.dtype)
-            out = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
+            flat = jnp.einsum("nd,vd->nv", h.reshape(-1, h.shape[-1]), table, preferred_element_type=jnp.float32)
+            out = flat.reshape(*h.shape[:-1], -1)
         else:
-            out = self.lm_head(h)
+            out = dense(self.lm_head, h)
         return constrain(out.astype(jnp.float32), LOGITS_AXES)
 
     def hidden_states(self, tokens: Array, *, positions: Array | None = None,
@@ -121,7 +126,8 @@ class Decoder(nnx.Module):
         """Empty KV cache for `batch` sequences of up to `max_length` tokens.
 
         Returns a plain pytree `{"k": (k_0, ..), "v": (v_0, ..)}`, one
-        `[batch, max_length, kv_heads, head_dim]` array (compute dtype) per layer; index = position.
+        `[batch, kv_heads, max_length, head_dim]` array (compute dtype) per layer (HF's cache
+        layout; axis 2 = position), so a decode step reads it without a transpose.
         Raises ValueError for a bidirectional model (a cache needs causal attention).
         """
         if not self.config.causal:
@@ -129,7 +135,7 @@ class Decoder(nnx.Module):
         if batch < 1 or max_length < 1:
             raise ValueError(f"init_cache: batch and max_length must be >= 1, got {batch}, {max_length}")
         c = self.config
-        shape = (batch, max_length, c.kv_heads, c.head_size)
+        shape = (batch, c.kv_heads, max_length, c.head_size)
         zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
         return {"k": zeros, "v": tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))}
 
@@ -137,14 +143,15 @@ class Decoder(nnx.Module):
         """Run `tokens [batch, n]` at positions `start .. start + n - 1`, reading/writing the cache.
 
         Keys at cache index `<= position` are attended to, so the cache must hold positions
-        `0 .. start - 1` already. `start` may be traced. Returns `(logits [batch, n, output_size]
+        `0 .. start - 1` already. `start` may be traced. `cache` as from `init_cache` (arrays
+        `[batch, kv_heads, max_length, head_dim]`). Returns `(logits [batch, n, output_size]
         float32, cache)`. Positions past `max_length` are a ValueError when `start` is concrete.
         """
         if not self.config.causal:
             raise ValueError("extend: the KV cache needs a causal model (config.causal=False)")
         tokens = jnp.asarray(tokens)
         b, n = tokens.shape
-        max_length = cache["k"][0].shape[1]
+        max_length = cache["k"][0].shape[2]
         if not isinstance(start, jax.core.Tracer) and int(start) + n > max_length:
             raise ValueError(f"start: positions up to {int(start) + n - 1} exceed the cache max_length {max_length}")
         start = jnp.asarray(start, jnp.int32)

@@ -50,6 +50,17 @@ def linear(config: DecoderConfig, d_in: int, d_out: int, names: tuple[str, str],
     )
 
 
+def dense(layer: nnx.Linear, x: Array) -> Array:
+    """Apply `layer` to `x [..., d_in]` as one 2-D matmul: `[prod(...), d_in] -> [..., d_out]`.
+
+    Same values as `layer(x)`. Flattening the leading axes first matters for speed: with a 3-D
+    input XLA:CPU builds the weight gradient (a contraction over two axes) through transposing
+    copies of the `[batch * length, d]` activations (~40% of a decoder training step; see
+    benchmarks/README.md, fix A).
+    """
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm, HF `LlamaRMSNorm`: `scale * x / sqrt(mean(x**2) + eps)`.
 
@@ -92,9 +103,13 @@ def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate `x [batch, length, heads, head_dim]` by position: `x cos + rotate_half(x) sin`."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+def apply_rope(x: Array, cos: Array, sin: Array, *, heads_axis: int = 2) -> Array:
+    """Rotate `x` by position: `x cos + rotate_half(x) sin` (HF `apply_rotary_pos_emb`).
+
+    x: `[batch, length, heads, head_dim]` (`heads_axis=2`) or `[batch, heads, length, head_dim]`
+    (`heads_axis=1`); cos, sin: `[batch, length, head_dim]`. Returns x's shape and dtype.
+    """
+    cos, sin = jnp.expand_dims(cos, heads_axis), jnp.expand_dims(sin, heads_axis)
     out = x.astype(jnp.float32) * cos + rotate_half(x.astype(jnp.float32)) * sin
     return out.astype(x.dtype)
 
@@ -119,7 +134,10 @@ class Attention(nnx.Module):
     """Multi-head attention with GQA and RoPE, HF `LlamaAttention` / `Qwen2Attention`.
 
     Query head h reads key/value head `h // (num_heads // num_kv_heads)` (HF `repeat_kv`).
-    Softmax in float32 with scale `head_dim ** -0.5`.
+    Softmax in float32 with scale `head_dim ** -0.5`. Keys / values (and the KV cache) are laid
+    out `[batch, kv_heads, length, head_dim]` like HF's cache, so a cached decode step reads the
+    cache without transposing it (benchmarks/README.md, fix B). Projections run on 2-D inputs
+    (`dense`).
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
@@ -132,30 +150,34 @@ class Attention(nnx.Module):
         self.o_proj = linear(c, c.num_heads * d, c.hidden_size, ("heads", "embed"), rngs=rngs)
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
-        """Keys (rotated) and values `[batch, length, kv_heads, head_dim]` of `x [batch, length, hidden]`."""
+        """Keys (rotated) and values `[batch, kv_heads, length, head_dim]` of `x [batch, length, hidden]`.
+
+        cos, sin: RoPE tables `[batch, length, head_dim]` of the positions of `x`.
+        """
         b, n, _ = x.shape
         c = self.config
-        k = self.k_proj(x).reshape(b, n, c.kv_heads, c.head_size)
-        v = self.v_proj(x).reshape(b, n, c.kv_heads, c.head_size)
-        return apply_rope(k, cos, sin), v
+        k = jnp.swapaxes(dense(self.k_proj, x).reshape(b, n, c.kv_heads, c.head_size), 1, 2)
+        v = jnp.swapaxes(dense(self.v_proj, x).reshape(b, n, c.kv_heads, c.head_size), 1, 2)
+        return apply_rope(k, cos, sin, heads_axis=1), v
 
     def attend(self, x: Array, cos: Array, sin: Array, k: Array, v: Array, mask: Array) -> Array:
-        """Attention of queries from `x [batch, q_len, hidden]` over `k, v [batch, k_len, kv_heads, head_dim]`.
+        """Attention of queries from `x [batch, q_len, hidden]` over `k, v [batch, kv_heads, k_len, head_dim]`.
 
+        cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`.
         mask: `[batch, 1, q_len, k_len]` bool. Returns `[batch, q_len, hidden]`.
         A query row whose mask is all False gets uniform weights (never NaN).
         """
         c = self.config
         b, n, _ = x.shape
         groups = c.num_heads // c.kv_heads
-        q = apply_rope(self.q_proj(x).reshape(b, n, c.num_heads, c.head_size), cos, sin)
+        q = apply_rope(dense(self.q_proj, x).reshape(b, n, c.num_heads, c.head_size), cos, sin)
         q = q.reshape(b, n, c.kv_heads, groups, c.head_size)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * (c.head_size ** -0.5)
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, n, c.num_heads * c.head_size)
-        return self.o_proj(out)
+        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(b, n, c.num_heads * c.head_size)
+        return dense(self.o_proj, out)
 
 
 class MLP(nnx.Module):
@@ -170,10 +192,10 @@ class MLP(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x: `[..., hidden]` -> `[..., hidden]`. The hidden `[batch, length, mlp]` is constrained to
         ("activation_batch", "activation_length", "activation_mlp") under `dfm.sharding.use_rules`."""
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = jax.nn.silu(dense(self.gate_proj, x)) * dense(self.up_proj, x)
         if hidden.ndim == 3:
             hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return self.down_proj(hidden)
+        return dense(self.down_proj, hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -195,18 +217,19 @@ class DecoderLayer(nnx.Module):
           cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`.
           mask: `[batch, 1, q_len, k_len]` bool.
           kv: None (keys = this chunk, `k_len = q_len`) or `(k_cache, v_cache, start)`: caches
-            `[batch, max_length, kv_heads, head_dim]` into which this chunk's keys/values are
-            written at index `start` (scalar int, may be traced); `k_len = max_length`.
+            `[batch, kv_heads, max_length, head_dim]` (HF layout) into which this chunk's
+            keys/values are written at position `start` (scalar int, may be traced);
+            `k_len = max_length`.
         Returns:
           `(x_out [batch, q_len, hidden], (k, v))` where `(k, v)` are the updated caches (or this
-          chunk's keys/values when `kv` is None).
+          chunk's keys/values `[batch, kv_heads, q_len, head_dim]` when `kv` is None).
         """
         h = self.input_layernorm(x)
         k, v = self.self_attn.project_kv(h, cos, sin)
         if kv is not None:
             k_cache, v_cache, start = kv
             zero = jnp.zeros((), jnp.int32)
-            idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+            idx = (zero, zero, jnp.asarray(start, jnp.int32), zero)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
         x = x + self.self_attn.attend(h, cos, sin, k, v, mask)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -89,7 +91,7 @@ def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
         `nnx.eval_shape`), or a zero-argument factory building one (it is only traced with
         `nnx.eval_shape`, so no parameters are initialized).
       directory: the directory given to `save_model`.
-      mesh: None = default placement. A mesh from `dfm.sharding.make_mesh`: every array is
+      mesh: None = default placement (uncommitted arrays, like a freshly initialized model). A mesh from `dfm.sharding.make_mesh`: every array is
         restored directly into its shards on this mesh (orbax target `ShapeDtypeStruct`s with
         the `NamedSharding` its logical axis names give), whatever mesh it was saved from.
       rules: logical-axis rules for `mesh` (default `dfm.sharding.DEFAULT_RULES`).
@@ -116,5 +118,11 @@ def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
         target = nnx.to_pure_dict(abstract_state(state, mesh, rules))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path, target)
+    if mesh is None:
+        # orbax returns arrays committed to an explicit device; jitted functions key their cache
+        # on that placement, so a committed model would make the first train step compile once for
+        # the restored placement and again for the default one after the update. Default-placed
+        # (uncommitted) copies behave like freshly initialized parameters.
+        restored = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), restored)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state, rest)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dfm.sharding.distributed import is_main_process
 from dfm.train.checkpoint import abstract_tree, model_state_dict, open_manager, restore_into, MODEL_STATE
@@ -48,13 +49,22 @@ class TrainResult:
 def _optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
     # One transformation object per optimizer setting: the optimizer's `tx` is static in the
     # jitted step, so reusing the object lets repeated `train` calls (resume, stages, seeds)
-    # reuse the compilation. Fields that do not change the optimizer are normalized away.
-    return _cached_optimizer(config.replace(seed=0, checkpoint_every=1, log_every=1))
+    # reuse the compilation. The learning rate is an argument of each step (`lr_argument`), so
+    # only the fields that shape the update rule itself key the cache: stages that differ in
+    # steps, learning rate, warmup or schedule share one compiled step.
+    return _cached_optimizer(config.b1, config.b2, config.weight_decay, config.grad_clip)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    return make_optimizer(config)
+def _cached_optimizer(b1: float, b2: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+    return make_optimizer(TrainConfig(steps=1, b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip),
+                          lr_argument=True)
+
+
+def _learning_rates(config: TrainConfig) -> np.ndarray:
+    """`learning_rate_schedule(config)(s)` for every step `s`, `[steps]` float32 (host)."""
+    schedule = learning_rate_schedule(config)
+    return np.asarray(jax.jit(jax.vmap(schedule))(np.arange(config.steps, dtype=np.int32)), np.float32)
 
 
 def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
@@ -105,7 +115,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
     t_start = time.perf_counter()
     optimizer = nnx.Optimizer(model, _optimizer_for(config), wrt=nnx.Param)
     step_fn = make_train_step(loss_fn, model, optimizer, mesh=mesh, rules=rules)   # places state on mesh
-    schedule = learning_rate_schedule(config)
+    learning_rates = _learning_rates(config)
     manager = None if checkpoint_dir is None else open_manager(checkpoint_dir)
     start, history, wall_before = 0, [], 0.0
     if manager is not None and manager.latest_step() is not None:
@@ -125,10 +135,11 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
     t_loop = time.perf_counter()
     try:
         for step in range(start, end):
-            loss, metrics, grad_norm = step_fn(batch_fn(step), jax.random.fold_in(base_key, step))
+            loss, metrics, grad_norm = step_fn(batch_fn(step), jax.random.fold_in(base_key, step),
+                                               learning_rate=learning_rates[step])
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
-                row = {"step": done, "loss": float(loss), "lr": float(schedule(step)), "grad_norm": float(grad_norm)}
+                row = {"step": done, "loss": float(loss), "lr": float(learning_rates[step]), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in metrics.items()})
                 row["wall"] = wall_before + time.perf_counter() - t_loop
                 if not math.isfinite(row["loss"]):

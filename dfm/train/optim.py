@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 
 _SCHEDULES = ("cosine", "constant")
@@ -95,8 +96,50 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on `learning_rate_schedule(config)`, preceded by global-norm clipping (if `grad_clip > 0`)."""
+def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
+    """`updates -> -learning_rate * updates`, the rate read from the keyword `learning_rate` of `update`.
+
+    The learning rate is then data (a traced scalar), not a constant of the compiled step, so
+    optimizers that differ only in their schedule share one compilation. Stateless.
+
+    Raises:
+      ValueError: `update` called without `learning_rate`.
+    """
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, learning_rate=None, **extra_args):
+        del params, extra_args
+        if learning_rate is None:
+            raise ValueError("learning_rate: this optimizer needs `update(..., learning_rate=lr)`")
+        lr = jnp.asarray(learning_rate)
+        return jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(config: TrainConfig, *, lr_argument: bool = False) -> optax.GradientTransformation:
+    """AdamW on `learning_rate_schedule(config)`, preceded by global-norm clipping (if `grad_clip > 0`).
+
+    Args:
+      config: `TrainConfig`.
+      lr_argument: False (default): the schedule is part of the transformation (its state counts
+        steps). True: the same AdamW update, but the learning rate of each update is the keyword
+        argument `tx.update(grads, state, params, learning_rate=lr)` (e.g.
+        `nnx.Optimizer.update(model, grads, learning_rate=lr)` with
+        `lr = learning_rate_schedule(config)(step)`); the transformation then depends only on
+        `b1`, `b2`, `weight_decay` and `grad_clip`, so stages differing in steps, learning rate or
+        warmup share one compiled train step (`dfm.train.train` uses this form).
+    """
+    if lr_argument:
+        adam = optax.chain(
+            optax.scale_by_adam(b1=config.b1, b2=config.b2),
+            optax.add_decayed_weights(config.weight_decay, _decay_mask),
+            scale_by_learning_rate_argument())
+        if config.grad_clip > 0:
+            return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
+        return adam
     adamw = optax.adamw(
         learning_rate_schedule(config), b1=config.b1, b2=config.b2,
         weight_decay=config.weight_decay, mask=_decay_mask)

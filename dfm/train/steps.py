@@ -29,16 +29,20 @@ from dfm.sharding.rules import use_rules
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
 
 
-def update(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key):
-    """One AdamW update in place; returns `(loss, metrics, global gradient norm)` (not jitted)."""
+def update(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key, hyper=None):
+    """One AdamW update in place; returns `(loss, metrics, global gradient norm)` (not jitted).
+
+    `hyper`: optional dict of scalar arrays passed as keyword arguments to `optimizer.update`
+    (e.g. `{"learning_rate": lr}` for `make_optimizer(config, lr_argument=True)`).
+    """
     (loss, metrics), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)(model)
-    optimizer.update(model, grads)
+    optimizer.update(model, grads, **(hyper or {}))
     return loss, metrics, optax.tree.norm(grads)
 
 
 @nnx.jit(static_argnums=0, donate_argnums=(1, 2))
-def _train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key):
-    return update(loss_fn, model, optimizer, batch, key)
+def _train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, batch, key, hyper):
+    return update(loss_fn, model, optimizer, batch, key, hyper)
 
 
 def _grads(loss_fn: LossFn, model: nnx.Module, batch, key):
@@ -54,6 +58,11 @@ def _key_parts(key) -> tuple[np.ndarray, Any]:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
     return np.asarray(key), None
+
+
+def _scalars(hyper: dict) -> dict:
+    """Hyper-parameters as float32 arrays (so a Python float and an array share one compilation)."""
+    return {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
 
 
 def _rewrap(data, impl):
@@ -88,7 +97,10 @@ class _OnMesh:
 
 def make_train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer, *,
                     mesh: jax.sharding.Mesh | None = None, rules=None) -> Callable:
-    """`step(batch, key) -> (loss, metrics, grad_norm)`, updating `model` and `optimizer` in place.
+    """`step(batch, key, **hyper) -> (loss, metrics, grad_norm)`, updating `model` and `optimizer` in place.
+
+    `hyper` (optional keyword scalars, e.g. `learning_rate=lr`) are traced arguments passed on to
+    `optimizer.update(model, grads, **hyper)`: changing their values does not recompile.
 
     Args:
       loss_fn: `loss_fn(model, batch, key) -> (loss scalar, metrics dict of scalars)`.
@@ -101,24 +113,24 @@ def make_train_step(loss_fn: LossFn, model: nnx.Module, optimizer: nnx.Optimizer
       batch mesh axes, else ValueError naming `batch`); outputs are replicated arrays.
     """
     if mesh is None:
-        return lambda batch, key: _train_step(loss_fn, model, optimizer, batch, key)
+        return lambda batch, key, **hyper: _train_step(loss_fn, model, optimizer, batch, key, _scalars(hyper))
     on = _OnMesh(mesh, rules, (model, optimizer))
     (g_model, g_opt), (s_model, s_opt) = on.graphdefs, on.state_shardings
 
     def build(batch):
-        def pure(states, batch, key_data, impl):
+        def pure(states, batch, key_data, impl, hyper):
             m, o = nnx.merge(g_model, states[0]), nnx.merge(g_opt, states[1])
-            loss, metrics, grad_norm = update(loss_fn, m, o, batch, _rewrap(key_data, impl))
+            loss, metrics, grad_norm = update(loss_fn, m, o, batch, _rewrap(key_data, impl), hyper)
             return (nnx.state(m), nnx.state(o)), loss, metrics, grad_norm
 
         r = on.replicated
         return jax.jit(pure, static_argnums=3, donate_argnums=0,
-                       in_shardings=((s_model, s_opt), on.batch_shardings(batch), r),
+                       in_shardings=((s_model, s_opt), on.batch_shardings(batch), r, r),
                        out_shardings=((s_model, s_opt), r, r, r))
 
-    def step(batch, key):
+    def step(batch, key, **hyper):
         key_data, impl = _key_parts(key)
-        (new_model, new_opt), loss, metrics, grad_norm = on.call(build, batch, key_data, impl)
+        (new_model, new_opt), loss, metrics, grad_norm = on.call(build, batch, key_data, impl, _scalars(hyper))
         nnx.update(model, new_model)
         nnx.update(optimizer, new_opt)
         return loss, metrics, grad_norm
