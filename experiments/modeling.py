@@ -94,26 +94,36 @@ def ar_loss_fn(bos_id: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _masked_loss_fn(kappa_bytes: bytes, shape: tuple[int, int], mask_id: int):
+def _masked_loss_fn(kappa_bytes: bytes, shape: tuple[int, int], mask_id: int, t_sampling: str):
     from dfm.losses import dfm_loss
     from dfm.schedules import from_kappa
 
     schedule = from_kappa(np.frombuffer(kappa_bytes, dtype=np.float32).reshape(shape))
 
     def loss_fn(model, x1, key):
-        loss = dfm_loss(key, model, x1, schedule, mask_id=mask_id)
+        loss = dfm_loss(key, model, x1, schedule, mask_id=mask_id, t_sampling=t_sampling)
         return jnp.mean(loss) / x1.shape[1], {"tokens": jnp.asarray(x1.size, jnp.float32)}
 
     return loss_fn
 
 
-def masked_loss_fn(schedule, mask_id: int):
+MASKED_T_SAMPLING = "rate_stratified"
+
+
+def masked_loss_fn(schedule, mask_id: int, t_sampling: str = MASKED_T_SAMPLING):
     """``loss_fn(model, x1, key) -> (DFM loss per token, {"tokens"})`` (THEORY S5(d,e)).
 
-    One random step t per sequence (`dfm.losses.dfm_loss`, unbiased for the ELBO sum over t).
+    One random step t per sequence (`dfm.losses.dfm_loss`), an unbiased estimate of the ELBO sum
+    over t. The default draws t with probability proportional to the step rate, stratified over
+    the batch (``t_sampling="rate_stratified"``): every masked position then carries the same
+    weight, and low-masking steps (the ones that teach the use of context) are drawn often. With
+    uniform t (``"uniform"``) a masked position weighs ``T / (T - t)`` (up to T = 32 in the
+    default config) and few positions per batch are scored at low masking: after 700 steps of the
+    default model at batch 16 the denoiser was still at the unigram distribution (CE 5.90 / 5.92
+    nats at 10% / 100% masking), against 5.74 / 5.92 with the default estimator.
     """
     kappa = np.asarray(schedule.kappa, dtype=np.float32)
-    return _masked_loss_fn(kappa.tobytes(), kappa.shape, mask_id)
+    return _masked_loss_fn(kappa.tobytes(), kappa.shape, mask_id, t_sampling)
 
 
 def training_loss_fn(config: ExperimentConfig, vocab: int, bos_id: int):

@@ -169,5 +169,35 @@ def test_save_and_load_model_round_trip(tmp_path):
         np.testing.assert_array_equal(a, c)
     assert not np.array_equal(params(template)[0], params(model)[0])   # the template is left alone
     assert isinstance(from_factory, Decoder) and from_factory.config == CONFIG
+    # default placement, like a fresh model: a committed array would recompile the first train step
+    assert not any(a.committed for a in jax.tree.leaves(nnx.state(from_factory)))
     with pytest.raises(ValueError, match="directory"):
         load_model(new_model, tmp_path / "missing")
+
+
+def test_learning_rate_argument_optimizer_matches_the_scheduled_one():
+    config = TrainConfig(steps=6, learning_rate=0.05, warmup_steps=2, weight_decay=0.1, grad_clip=0.5)
+    scheduled, dynamic = make_optimizer(config), make_optimizer(config, lr_argument=True)
+    schedule = learning_rate_schedule(config)
+    p = {"matrix": jnp.arange(6.0).reshape(2, 3), "vector": jnp.ones(3)}
+    s1, s2, p1, p2 = scheduled.init(p), dynamic.init(p), p, p
+    for step in range(config.steps):
+        g = jax.tree.map(lambda x: jnp.sin(x * (step + 1)), p1)
+        u1, s1 = scheduled.update(g, s1, p1)
+        u2, s2 = dynamic.update(g, s2, p2, learning_rate=schedule(step))
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(p1["matrix"], p["matrix"])
+    with pytest.raises(ValueError, match="learning_rate"):
+        dynamic.update(p, dynamic.init(p), p)
+
+
+def test_stages_with_different_schedules_share_the_optimizer():
+    """The jitted step keys on the optimizer object: steps, LR, warmup, schedule must not change it."""
+    from dfm.train.loop import _optimizer_for
+
+    a = TrainConfig(steps=24, learning_rate=3e-3, warmup_steps=4, weight_decay=0.01, seed=0)
+    b = TrainConfig(steps=7, learning_rate=1e-3, warmup_steps=1, weight_decay=0.01, seed=5, schedule="constant")
+    assert _optimizer_for(a) is _optimizer_for(b)
+    assert _optimizer_for(a) is not _optimizer_for(a.replace(weight_decay=0.0))
