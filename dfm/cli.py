@@ -70,11 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfm: error: config: {exc}", file=sys.stderr)
         return 2
 
+    from dfm.sharding import initialize, is_main_process
     from experiments import stages
     from experiments.rundir import RunDirError
 
     try:
-        ctx = stages.open_context(config, args.out, progress=not args.quiet)
+        initialize()  # multi-host launchers (SLURM, Cloud TPU, Kubernetes); a no-op on one process
+    except ValueError as exc:
+        print(f"dfm: error: distributed launch: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ctx = stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
         if args.command == "partition":
             stages.run_partition(ctx)
         elif args.command == "train":

@@ -226,9 +226,35 @@ class EvalConfig:
     seed: int = _f(0, lo=0)
 
 
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh for training (THEORY-free; see docs/scale_out.md and `dfm.sharding`).
+
+    Sizes of the `data`, `fsdp` and `tensor` axes; -1 fills with the remaining devices. The default
+    1 x 1 x 1 trains unsharded on one device; `data = -1` spreads the batch over every device.
+    Each expert job builds its own mesh: experts never communicate.
+    """
+
+    data: int = _f(1, lo=-1)
+    fsdp: int = _f(1, lo=-1)
+    tensor: int = _f(1, lo=-1)
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value == 0:
+                raise ConfigError(f"mesh.{name}: must be -1 (fill) or >= 1, got 0")
+
+    @property
+    def sharded(self) -> bool:
+        """False for the default single-device layout (then no mesh is built)."""
+        return (self.data, self.fsdp, self.tensor) != (1, 1, 1)
+
+
 _SECTIONS = {
     "data": DataConfig, "partition": PartitionConfig, "model": ModelConfig, "masked": MaskedConfig,
     "base": StageConfig, "stage2": StageConfig, "router": RouterConfig, "eval": EvalConfig,
+    "mesh": MeshSection,
 }
 
 
@@ -253,6 +279,7 @@ class ExperimentConfig:
     stage2: StageConfig = StageConfig()
     router: RouterConfig = RouterConfig()
     eval: EvalConfig = EvalConfig()
+    mesh: MeshSection = MeshSection()
 
     def __post_init__(self):
         _validate(self, "")

@@ -238,6 +238,16 @@ def load_stage_model(ctx: Context, stage: str):
     return load_model(factory, ctx.run.model(stage))
 
 
+def training_mesh(config):
+    """The `[mesh]` section as a `jax.sharding.Mesh`, or None for the default unsharded layout."""
+    if not config.mesh.sharded:
+        return None
+    from dfm.sharding import MeshConfig, make_mesh
+
+    m = config.mesh
+    return make_mesh(MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
+
+
 def run_train(ctx: Context, stage: str, *, stop_after: int | None = None) -> dict | None:
     """Train one stage (skipped if finished; resumed if interrupted).
 
@@ -300,7 +310,7 @@ def run_train(ctx: Context, stage: str, *, stop_after: int | None = None) -> dic
         result = train(model, modeling.training_loss_fn(c, vocab, bos),
                        lambda step: jnp.asarray(data[batches.indices(step)]), tc,
                        checkpoint_dir=ctx.run.checkpoints(stage), desc=stage, stop_after=stop_after,
-                       progress=ctx.progress)
+                       progress=ctx.progress, mesh=training_mesh(c))
     if result.steps_done < tc.steps:
         ctx.log(f"[{stage}] stopped at step {result.steps_done}/{tc.steps}; re-run to resume")
         return None

@@ -89,3 +89,17 @@ def test_invalid_toml_is_a_config_error(tmp_path):
     path.write_text("[data\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(str(path))
+
+
+def test_mesh_section_default_is_unsharded_and_fills_devices_when_asked():
+    import jax
+
+    from experiments.stages import training_mesh
+
+    assert training_mesh(from_dict({})) is None                       # default 1 x 1 x 1: no mesh
+    mesh = training_mesh(from_dict({"mesh": {"data": -1, "tensor": 2}}))
+    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ConfigError, match=r"^mesh\.fsdp: must be -1 \(fill\) or >= 1"):
+        from_dict({"mesh": {"fsdp": 0}})
+    with pytest.raises(ConfigError, match=r"unknown key 'pipeline' in section \[mesh\]"):
+        from_dict({"mesh": {"pipeline": 2}})
