@@ -78,7 +78,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, log=print) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
     })
     atomic_write_json(run.data_summary, summary)
-    log(f"[data] tokens: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
+    log("[data] tokens: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
         + f"; vocab {len(tok)}")
     return summary
 

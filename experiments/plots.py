@@ -1,14 +1,14 @@
 """PNG plots of a run (matplotlib, Agg backend): loss curves, router weights, cluster sizes.
 
-Each figure is saved to a temporary file and moved into place (`os.replace`).
+Each figure is written atomically (`dfm.io.atomic_path`: temporary file, then `os.replace`).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dfm.io import atomic_path
 
 
 def _plt():
@@ -21,15 +21,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _plt().close(fig)
     return path
 

@@ -25,26 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dfm.io import atomic_path, atomic_write_bytes
 from experiments.config import ConfigError, ExperimentConfig, from_dict, to_toml
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used (unwritable, or pinned to another config)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -73,18 +59,9 @@ def read_json(path: Path):
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
-    """`numpy.savez` to a temporary file, then os.replace (the file name must end in .npz)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
+    """`numpy.savez` to `path` atomically."""
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RunDir:

@@ -132,7 +132,6 @@ def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
         wm = c % 2 == 0
         m = (v + 1) ** n if wm else v**n
         num_steps = int(rng.integers(1, 65))
-        s = int(rng.integers(num_steps))
         h = 1.0 / num_steps
         kap = rng.uniform(0, 1, size=n) * (rng.uniform(size=n) < 0.8)
         dk = rng.uniform(0, 3, size=n)

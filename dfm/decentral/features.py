@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
 from dfm.decentral.validation import as_feature_matrix, check_positive_int
+from dfm.io import atomic_write_bytes
 
 
 def _atomic_pickle(obj: Any, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _load_pickle(path: str | os.PathLike, cls: type) -> Any:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from dfm.decentral.balance import balanced_assignment, balanced_sizes_bounds, transport
 from dfm.decentral.validation import as_feature_matrix, check_positive_int
+from dfm.io import atomic_path
 
 _NORM_EPS = 1e-12
 
@@ -112,21 +112,12 @@ class Partition:
     def save(self, path: str | os.PathLike) -> None:
         """Write the partition to ONE `.npz` file, atomically (temp file, then `os.replace`)."""
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         arrays = {"centroids": self.centroids, "sizes": self.sizes,
                   "has_mean": np.array(self.mean is not None),
                   "mean": self.mean if self.mean is not None else np.zeros(0),
                   "config_json": np.array(json.dumps(self.config, sort_keys=True))}
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Partition":

@@ -1,0 +1,43 @@
+"""Atomic file writes: nothing is ever half-written under its final name.
+
+Every file the library and the experiments write (partitions, featurizers, run-directory JSON and
+arrays, plots) goes through `atomic_path`: the content is written to a temporary file in the same
+directory, then moved into place with `os.replace` (atomic on POSIX within one filesystem).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path beside `path`; on normal exit move it to `path`, on error delete it.
+
+    Args:
+      path: the final file name; its directory is created if missing.
+      suffix: ending of the temporary name, for writers that infer the format from it
+        (e.g. ".npz" for `numpy.savez`, ".png" for matplotlib).
+
+    Raises:
+      OSError: the directory cannot be created or written (the message names it).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
