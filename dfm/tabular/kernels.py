@@ -11,7 +11,7 @@ import numpy as np
 
 from dfm.tabular import _validate as V
 from dfm.tabular.paths import rates_between
-from dfm.tabular.posteriors import coordinate_velocity
+from dfm.tabular.posteriors import coordinate_velocity, padded_posterior
 from dfm.tabular.states import enumerate_states, num_symbols, state_index
 
 
@@ -78,16 +78,11 @@ def euler_kernel(coord_post, kappa_t, d_kappa_t, h: float, vocab: int, *, with_m
     is ``delta_{x^i}``, so its velocity vanishes by itself). ``[M, M]``.
     """
     post = np.asarray(coord_post, dtype=np.float64)
-    m, length, v = post.shape
+    length = post.shape[1]
     k = np.broadcast_to(np.asarray(kappa_t, dtype=np.float64), (length,))
     dk = np.broadcast_to(np.asarray(d_kappa_t, dtype=np.float64), (length,))
     step = np.where(k < 1.0, np.minimum(1.0, h * dk / np.where(k < 1.0, 1.0 - k, 1.0)), 0.0)
-    xs = enumerate_states(vocab, length, with_mask=with_mask)
-    s = num_symbols(vocab, with_mask)
-    eye = np.eye(s)[xs]
-    padded = np.zeros((m, length, s))
-    padded[..., :v] = post
-    alive = post.sum(-1, keepdims=True) > 0
+    _, eye, padded, alive = padded_posterior(post, vocab, with_mask)
     factors = eye + np.where(alive, step[None, :, None] * (padded - eye), 0.0)
     return product_kernel(factors, vocab, with_mask)
 

@@ -118,17 +118,23 @@ def joint_velocity(q, kappa, t: int, vocab: int, *, source=None, coupling=None) 
     return kern - np.eye(kern.shape[0])
 
 
+def padded_posterior(post: np.ndarray, vocab: int, with_mask: bool):
+    """``(states [M, L], delta_{x^i} [M, L, S], p_{1|t} zero-padded to S symbols [M, L, S], alive [M, L, 1])``
+    for per-coordinate posteriors ``post [M, L, vocab]``; ``alive`` is False on unreachable rows (all zeros)."""
+    _, length, v = post.shape
+    xs = enumerate_states(vocab, length, with_mask=with_mask)
+    eye = np.eye(num_symbols(vocab, with_mask))[xs]
+    padded = np.zeros_like(eye)
+    padded[..., :v] = post
+    return xs, eye, padded, post.sum(-1, keepdims=True) > 0
+
+
 def coordinate_velocity(coord_post, rate, vocab: int, *, with_mask: bool = True) -> np.ndarray:
     """Marginal per-coordinate velocity ``u^i(y, x) = r_i 1[movable] (p_{1|t}(y | x) - delta_{x^i}(y))``,
     ``[M, L, S]`` (THEORY S4: ``delta_{x1^i}`` replaced by the posterior). Zero on unreachable rows."""
     post = np.asarray(coord_post, dtype=np.float64)
-    m, length, v = post.shape
+    m, length, _ = post.shape
     r = np.broadcast_to(np.asarray(rate, dtype=np.float64), (length,))
-    xs = enumerate_states(vocab, length, with_mask=with_mask)
-    s = num_symbols(vocab, with_mask)
-    eye = np.eye(s)[xs]
-    padded = np.zeros((m, length, s))
-    padded[..., :v] = post
-    alive = post.sum(-1, keepdims=True) > 0
+    xs, eye, padded, alive = padded_posterior(post, vocab, with_mask)
     movable = (xs == vocab)[..., None] if with_mask else np.ones((m, length, 1), dtype=bool)
     return np.where(alive & movable, r[None, :, None] * (padded - eye), 0.0)
