@@ -315,21 +315,10 @@ def hf_llama(config):
 
 
 def copy_hf_into(hf, model) -> None:
-    """Copy HF LLaMA weights into our ``Decoder`` (layout of ``dfm.models.decoder``: kernels are
-    HF weights transposed, norm ``scale`` / ``embedding`` equal)."""
-    import jax.numpy as jnp
-    from flax import nnx
+    """Copy an HF ``LlamaForCausalLM``'s weights into our ``Decoder`` (``dfm.models.hf``)."""
+    from dfm.models.hf import assign_hf_weights
 
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(str(p) for p in path[:-1])
-        hf_name = name if name == "lm_head" else "model." + name
-        leaf = path[-1]
-        if leaf == "kernel":
-            value = sd[hf_name + ".weight"].T
-        else:
-            value = sd[hf_name + (".bias" if leaf == "bias" else ".weight")]
-        var[...] = jnp.asarray(value)
+    assign_hf_weights(model, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
 
 
 def matmul_params(config) -> int:

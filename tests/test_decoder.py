@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dfm.models import Decoder, DecoderConfig, SequenceClassifier, greedy_generate
+from dfm.models.hf import assign_hf_weights, hf_name
 from dfm.models.layers import apply_rope, rope_cos_sin
 
 VOCAB = 50
@@ -278,19 +279,27 @@ def test_logits_match_hf_transformers(family, tokens):
         for p in hf.parameters():
             p.copy_(0.2 * torch.randn_like(p) + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
     hf.eval()
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     model = build(config)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(str(p) for p in path[:-1])
-        hf_name = name if name == "lm_head" else "model." + name
-        leaf = path[-1]
-        if leaf == "kernel":
-            value = sd[hf_name + ".weight"].T
-        elif leaf in ("scale", "embedding"):
-            value = sd[hf_name + ".weight"]
-        else:
-            value = sd[hf_name + ".bias"]
-        var[...] = jnp.asarray(value)
+    assign_hf_weights(model, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
     with torch.no_grad():
         ref = hf(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
     np.testing.assert_allclose(forward(model, tokens), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_hf_weight_names_round_trip_and_missing_tensor_is_named():
+    model = build(tiny(attention_bias=True))
+    flat = {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert hf_name(("layers", 0, "self_attn", "q_proj", "kernel")) == "model.layers.0.self_attn.q_proj.weight"
+    assert hf_name(("layers", 1, "self_attn", "k_proj", "bias")) == "model.layers.1.self_attn.k_proj.bias"
+    assert hf_name(("lm_head", "kernel")) == "lm_head.weight"
+    hf_weights = {hf_name(p): (v.T if p[-1] == "kernel" else v) for p, v in flat.items()}
+    other = build(tiny(attention_bias=True), seed=1)
+    assign_hf_weights(other, hf_weights)
+    for path, var in nnx.to_flat_state(nnx.state(other, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(var[...]), flat[path])
+    del hf_weights["model.norm.weight"]
+    with pytest.raises(ValueError, match=r"missing tensor 'model.norm.weight'"):
+        assign_hf_weights(other, hf_weights)
+    hf_weights["model.norm.weight"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(3,\)"):
+        assign_hf_weights(other, hf_weights)
