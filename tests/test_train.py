@@ -201,3 +201,18 @@ def test_stages_with_different_schedules_share_the_optimizer():
     b = TrainConfig(steps=7, learning_rate=1e-3, warmup_steps=1, weight_decay=0.01, seed=5, schedule="constant")
     assert _optimizer_for(a) is _optimizer_for(b)
     assert _optimizer_for(a) is not _optimizer_for(a.replace(weight_decay=0.0))
+
+
+def test_frozen_prefixes_keep_parameters_bit_identical():
+    model = tiny_decoder(CONFIG)
+    before = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    data = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 9)))
+    cfg = TrainConfig(steps=3, learning_rate=1e-2, weight_decay=0.1, frozen=("embed_tokens", "layers.0.mlp"))
+    train(model, lm_loss, lambda step: data, cfg, progress=False)
+    after = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    frozen = [k for k in before if k.startswith(("embed_tokens.", "layers.0.mlp."))]
+    moved = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert frozen and all(np.array_equal(before[k], after[k]) for k in frozen)
+    assert set(moved) == set(before) - set(frozen)   # everything else was updated
+    with pytest.raises(ValueError, match="frozen"):
+        TrainConfig(steps=1, frozen=["embed_tokens"])

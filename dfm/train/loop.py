@@ -52,12 +52,14 @@ def _optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
     # reuse the compilation. The learning rate is an argument of each step (`lr_argument`), so
     # only the fields that shape the update rule itself key the cache: stages that differ in
     # steps, learning rate, warmup or schedule share one compiled step.
-    return _cached_optimizer(config.b1, config.b2, config.weight_decay, config.grad_clip)
+    return _cached_optimizer(config.b1, config.b2, config.weight_decay, config.grad_clip, config.frozen)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_optimizer(b1: float, b2: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
-    return make_optimizer(TrainConfig(steps=1, b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip),
+def _cached_optimizer(b1: float, b2: float, weight_decay: float, grad_clip: float,
+                      frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    return make_optimizer(TrainConfig(steps=1, b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip,
+                                      frozen=frozen),
                           lr_argument=True)
 
 

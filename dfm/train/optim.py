@@ -28,6 +28,10 @@ class TrainConfig:
       log_every: append a history row every this many steps (and at the last step).
       schedule: "cosine" (decay to `min_lr_ratio * learning_rate` at `steps`) or "constant".
       min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
+      frozen: dotted parameter-path prefixes that get no update (e.g. `("vision_tower",)` or
+        `("language_model", "vision_tower")` for LLaVA's stage-1 alignment, which trains only
+        the projector). Their gradients are zeroed before clipping and their updates (weight
+        decay included) after AdamW, so they stay bit-identical. Default: nothing frozen.
 
     Raises:
       ValueError: naming the field that is out of range.
@@ -45,6 +49,7 @@ class TrainConfig:
     log_every: int = 10
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("steps", "checkpoint_every", "log_every"):
@@ -68,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"schedule: must be one of {_SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if not isinstance(self.frozen, tuple) or not all(isinstance(p, str) and p for p in self.frozen):
+            raise ValueError(f"frozen: must be a tuple of non-empty dotted path prefixes, got {self.frozen!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with `changes` applied (validated again)."""
@@ -94,6 +101,31 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def _decay_mask(params):
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def _path_name(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return ".".join(parts)
+
+
+def frozen_mask(params, frozen: tuple[str, ...]):
+    """Pytree of bools like `params`: True where the dotted path starts with a prefix in `frozen`."""
+    def is_frozen(path, _):
+        name = _path_name(path)
+        return any(name == p or name.startswith(p + ".") for p in frozen)
+    return jax.tree_util.tree_map_with_path(is_frozen, params)
+
+
+def _freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    if not frozen:
+        return tx
+    zero = optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, frozen))
+    return optax.chain(zero, tx, zero)
 
 
 def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
@@ -138,11 +170,11 @@ def make_optimizer(config: TrainConfig, *, lr_argument: bool = False) -> optax.G
             optax.add_decayed_weights(config.weight_decay, _decay_mask),
             scale_by_learning_rate_argument())
         if config.grad_clip > 0:
-            return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
-        return adam
+            adam = optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
+        return _freeze(adam, config.frozen)
     adamw = optax.adamw(
         learning_rate_schedule(config), b1=config.b1, b2=config.b2,
         weight_decay=config.weight_decay, mask=_decay_mask)
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    return _freeze(adamw, config.frozen)
