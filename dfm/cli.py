@@ -9,6 +9,10 @@
     dfm evaluate               score every system on the held-out tokens; report + plots
     dfm run                    all stages in order, in this process
 
+A config with ``task = "mllm"`` (e.g. ``--config mllm-digits``) runs the multimodal job instead
+(`experiments.mllm`): LLaVA-style experts partitioned by image features; there ``--base`` is the
+stage-1 alignment and ``partition`` also runs stage 1 (the partition uses its image features).
+
 Every command takes ``--config NAME|PATH`` (NAME = a file in experiments/configs/, default
 "default"), ``--out DIR`` (default ``runs/<config-name>``, ``runs/<config-name>-masked`` when
 ``--schedule masked`` overrides an AR config) and ``--schedule ar|masked``. Commands are
@@ -32,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
     parser = argparse.ArgumentParser(
-        prog="dfm", description="Dense vs decentralized experts on the Python stdlib documentation.")
+        prog="dfm", description="Dense vs decentralized experts: the Python stdlib docs (text) or, with a task = \"mllm\" config, LLaVA-style experts on images.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("partition", parents=[common], help="data, tokenizer and partitions")
     train = sub.add_parser("train", parents=[common], help="train one stage")
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.config import ConfigError, load_config  # lazy: keeps `dfm --help` fast
 
     try:
+        multimodal = _is_multimodal(args.config)
+        if multimodal:
+            return _main_multimodal(args)
         config = load_config(args.config)
         if args.schedule is not None and args.schedule != config.schedule:
             config = config.replace(schedule=args.schedule, name=f"{config.name}-{args.schedule}")
@@ -100,6 +107,73 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stages.run_all(ctx)
     except (RunDirError, stages.StageError) as exc:
+        print(f"dfm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _is_multimodal(name_or_path: str) -> bool:
+    """True when the config file says ``task = "mllm"`` (the multimodal job)."""
+    import tomllib
+
+    from experiments.config import ConfigError, resolve_path
+    from experiments.mllm.config import is_multimodal
+
+    path = resolve_path(name_or_path)
+    try:
+        return is_multimodal(tomllib.loads(path.read_text(encoding="utf-8")))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _main_multimodal(args) -> int:
+    """The multimodal job (`experiments.mllm.stages`) for a ``task = "mllm"`` config.
+
+    `partition` = data + stage 1 + k-means; `train --base` = stage 1; `--dense`, `--expert K`,
+    `--random-expert K` as for the text job; `--router` and `--schedule` do not apply (exit 2).
+    """
+    from experiments.config import ConfigError, resolve_path
+    from experiments.mllm import config as mconfig
+
+    try:
+        config = mconfig.load(resolve_path(args.config))
+    except ConfigError as exc:
+        print(f"dfm: error: config: {exc}", file=sys.stderr)
+        return 2
+    if args.schedule not in (None, "ar"):
+        print("dfm: error: --schedule: the multimodal job is autoregressive (LLaVA); drop --schedule", file=sys.stderr)
+        return 2
+    if args.command == "train" and args.router:
+        print("dfm: error: --router: the multimodal job routes by image features (no learned router)", file=sys.stderr)
+        return 2
+    from dfm.sharding import is_main_process
+    from experiments.mllm import stages
+    from experiments.mllm.data import DataError
+    from experiments.mllm.formats import FormatError
+    from experiments.rundir import RunDirError
+    from experiments.stages import StageError
+
+    try:
+        ctx = stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
+        if args.command == "partition":
+            stages.data_summary(ctx)
+            stages.run_train(ctx, "stage1")
+            stages.run_partition(ctx)
+        elif args.command == "train":
+            k = args.expert if args.expert is not None else args.random_expert
+            if k is not None and not 0 <= k < config.partition.num_clusters:
+                raise StageError(f"expert index {k} out of range: K={config.partition.num_clusters}")
+            stage = ("stage1" if args.base else "dense" if args.dense else
+                     f"expert-{k}" if args.expert is not None else f"random-{k}")
+            stages.run_train(ctx, stage, stop_after=args.stop_after)
+        elif args.command == "evaluate":
+            stages.run_evaluate(ctx)
+        else:
+            stages.run_all(ctx)
+    except (RunDirError, StageError, DataError, FormatError) as exc:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

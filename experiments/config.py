@@ -390,6 +390,9 @@ def load_config(name_or_path: str = DEFAULT_CONFIG) -> ExperimentConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if raw.get("task") == "mllm":
+        raise ConfigError(f"{path}: a multimodal config (task = \"mllm\"); load it with "
+                          f"experiments.mllm.config.load (the `dfm` CLI does this)")
     try:
         return from_dict(raw, name=path.stem)
     except ConfigError as exc:

@@ -1,0 +1,158 @@
+"""Data stage of the multimodal job: records -> tokenizer, token arrays, image arrays (idempotent).
+
+Records come from the default dataset (`experiments.mllm.dataset.build_default_dataset`, written in
+the LLaVA format under ``<run>/data/default``) or from LLaVA / InternVL files named in `[data]`; the
+same loader (`experiments.mllm.formats`) reads both. The pipeline needs exactly one image per record
+(a record with none or several is an error naming it).
+
+Written to ``<run>/data`` (atomically): ``arrays.npz`` (train `tokens [N, max_length]` int32,
+`loss_mask [N, max_length]` bool, `image [N]` index into `images_train`; `images_<split>
+[n_images, S, S, 3]` uint8), ``questions.json`` (val / test questions: one row per human turn with
+its reference answer(s), question type, pair id and image index), ``summary.json``; and the HF
+tokenizer in ``<run>/tokenizer``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.mllm.text import (TemplateError, build_tokenizer, encode_conversation, image_token_id,
+                                   pad_rows)
+from experiments.rundir import atomic_save_npz, atomic_write_json, read_json
+from experiments.tokenizer import load_tokenizer, save_tokenizer
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """The records cannot be used by the pipeline; the message names the record and file."""
+
+
+def record_files(config, run_root: Path, log=print) -> dict[str, list]:
+    """`{split: [Record, ...]}` for the config's data source (building the default dataset if needed)."""
+    from experiments.mllm import formats
+
+    d = config.data
+    if d.source == "default":
+        from experiments.mllm.dataset import build_default_dataset
+
+        out = Path(run_root) / "data" / "default"
+        info = build_default_dataset(out, seed=config.seed, image_size=d.image_size,
+                                     max_digits=d.max_digits or None, num_shapes=d.num_shapes,
+                                     num_photos=d.num_photos)
+        log(f"[data] default dataset in {out}: {info.get('counts', '')}")
+        return {s: formats.load_llava(out / f"{s}.jsonl", out) for s in SPLITS}
+    paths = {"train": d.train, "val": d.val or d.test, "test": d.test}
+    if d.source == "llava":
+        return {s: formats.load_llava(Path(p), Path(d.image_root or Path(p).parent)) for s, p in paths.items()}
+    out = {}
+    for s, p in paths.items():
+        groups = formats.load_internvl_meta(Path(p))
+        out[s] = [r for name in sorted(groups) for r in groups[name]]
+    return out
+
+
+def _one_image(record, path_hint: str) -> Path:
+    if len(record.images) != 1:
+        raise DataError(f"{path_hint}: record {record.id!r} has {len(record.images)} images; the multimodal "
+                        f"job needs exactly one image per record")
+    return Path(record.images[0])
+
+
+def _load_images(paths: list[Path], size: int) -> np.ndarray:
+    from experiments.mllm.images import load_image
+
+    if not paths:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([np.round(load_image(p, size) * 255.0).astype(np.uint8) for p in paths])
+
+
+def _question_rows(records, split: str, image_index: dict) -> list[dict]:
+    rows = []
+    for r in records:
+        img = image_index[str(_one_image(r, split))]
+        for j in range(0, len(r.turns) - 1, 2):
+            answer = r.turns[j + 1].text.strip()
+            answers = list(r.extra.get("answers") or [answer])
+            rows.append({
+                "id": r.id if len(r.turns) <= 2 else f"{r.id}#{j // 2}",
+                "record": r.id, "image": img, "question": r.turns[j].text.strip(), "answer": answer,
+                "answers": answers, "question_type": str(r.extra.get("question_type", "all")),
+                "pair_id": r.extra.get("pair_id"), "source": r.extra.get("source", "")})
+    return rows
+
+
+def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> dict:
+    """Build (once) the tokenizer and arrays of the run; returns the summary dict.
+
+    Raises:
+      DataError / formats.FormatError / TemplateError: unusable records (naming record and file).
+    """
+    run_root = Path(run_root)
+    data_dir = run_root / "data"
+    summary_path = data_dir / "summary.json"
+    if summary_path.is_file():
+        return read_json(summary_path)
+    t0 = time.perf_counter()
+    records = record_files(config, run_root, log)
+    if not records["train"]:
+        raise DataError("data: no train records")
+    tokenizer = build_tokenizer([t.text for r in records["train"] for t in r.turns], config.data.vocab_size)
+    save_tokenizer(tokenizer, run_root / "tokenizer")
+    arrays, images = {}, {}
+    for split in SPLITS:
+        paths = sorted({str(_one_image(r, split)) for r in records[split]})
+        images[split] = {p: i for i, p in enumerate(paths)}
+        arrays[f"images_{split}"] = _load_images([Path(p) for p in paths], config.data.image_size)
+    ids, masks, img = [], [], []
+    for r in records["train"]:
+        try:
+            seq, mask = encode_conversation(tokenizer, r.turns, config.data.max_length, num_image_tokens, r.id)
+        except TemplateError as exc:
+            raise DataError(f"train: {exc}") from None
+        ids.append(seq)
+        masks.append(mask)
+        img.append(images["train"][str(_one_image(r, "train"))])
+    L = config.data.max_length
+    arrays["tokens"] = pad_rows(ids, L, tokenizer.pad_token_id)
+    arrays["loss_mask"] = pad_rows(masks, L, False, bool)
+    arrays["image"] = np.asarray(img, np.int64)
+    atomic_save_npz(data_dir / "arrays.npz", **arrays)
+    atomic_write_json(data_dir / "train_sources.json",
+                      [str(r.extra.get("source") or r.extra.get("question_type") or "all") for r in records["train"]])
+    questions = {s: _question_rows(records[s], s, images[s]) for s in ("val", "test")}
+    atomic_write_json(data_dir / "questions.json", questions)
+    types = sorted({q["question_type"] for q in questions["test"]})
+    summary = {
+        "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+        "pad_id": tokenizer.pad_token_id, "image_token_id": image_token_id(tokenizer),
+        "num_image_tokens": num_image_tokens,
+        "records": {s: len(records[s]) for s in SPLITS},
+        "images": {s: int(arrays[f"images_{s}"].shape[0]) for s in SPLITS},
+        "train_sequences": len(ids), "train_answer_tokens": int(arrays["loss_mask"].sum()),
+        "questions": {s: len(questions[s]) for s in ("val", "test")},
+        "test_question_types": {t: sum(q["question_type"] == t for q in questions["test"]) for t in types},
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    atomic_write_json(summary_path, summary)
+    log(f"[data] {summary['records']} records, {summary['train_sequences']} train sequences, "
+        f"vocab {summary['vocab_size']}, {num_image_tokens} image tokens per image")
+    return summary
+
+
+def load_arrays(run_root: Path) -> dict[str, np.ndarray]:
+    """The arrays written by `prepare_data`."""
+    with np.load(Path(run_root) / "data" / "arrays.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_questions(run_root: Path) -> dict[str, list[dict]]:
+    """`{"val": rows, "test": rows}` written by `prepare_data`."""
+    return read_json(Path(run_root) / "data" / "questions.json")
+
+
+def tokenizer_of(run_root: Path):
+    """The run's tokenizer (`AutoTokenizer` from ``<run>/tokenizer``)."""
+    return load_tokenizer(Path(run_root) / "tokenizer")

@@ -1,0 +1,205 @@
+"""Models of the multimodal job: construction, the LLaVA loss, teacher-forced scoring, and greedy
+generation from a mixture of experts (fixed router weights or the Bayes filter, THEORY S8/S9/S12).
+
+Mixture decoding: at every step the next-token distribution of a system is
+`p(y) = sum_k rho_k p_k(y | image, prompt, generated)` (THEORY S8 for AR, S5), with `rho` fixed
+per question (centroid routers; top-1 = the partition function, exact by S12) or the Bayes filter
+`rho_k ∝ w_k p_k(question text | image) prod p_k(generated tokens)`, updated after every token
+(S9). The greedy answer is `argmax_y p(y)`; experts with zero weight in a batch are not run.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from scipy.special import logsumexp
+
+from dfm.models import DecoderConfig
+
+# CLIP's pixel statistics (OPENAI_CLIP_MEAN / STD), used for both towers of this job.
+_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
+_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def num_image_tokens(config) -> int:
+    """Text positions one image occupies: patches (class token dropped) after pixel shuffle."""
+    side = config.data.image_size // config.vision.patch_size
+    if config.projector.kind == "internvl":
+        side = int(round(side * config.projector.downsample_ratio))
+    return side * side
+
+
+def model_config(config, vocab_size: int, image_token_id: int):
+    """`dfm.models.multimodal.MultimodalConfig` of the run (vision tower, projector, decoder)."""
+    from dfm.models.multimodal import MultimodalConfig
+    from dfm.models.vision import VisionConfig
+
+    v, t, p = config.vision, config.text, config.projector
+    vision = VisionConfig(image_size=config.data.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                          intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
+                          arch=v.arch)
+    text = DecoderConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or None)
+    mc = MultimodalConfig(vision=vision, text=text, image_token_id=image_token_id,
+                          vision_feature_layer=p.vision_feature_layer, projector=p.kind,
+                          downsample_ratio=p.downsample_ratio)
+    if mc.num_image_tokens != num_image_tokens(config):
+        raise ValueError(f"projector: model has {mc.num_image_tokens} image tokens, data laid out for "
+                         f"{num_image_tokens(config)}")
+    return mc
+
+
+def new_model(mconfig, seed: int):
+    """A freshly initialized `MultimodalModel` (parameters from `nnx.Rngs(seed)`)."""
+    from dfm.models.multimodal import MultimodalModel
+
+    return MultimodalModel(mconfig, rngs=nnx.Rngs(seed))
+
+
+def frozen_prefixes(train: str) -> tuple[str, ...]:
+    """`TrainConfig.frozen` for a stage's `train` setting ("all", "projector", ...)."""
+    keep = {"all": {"vision_tower", "multi_modal_projector", "language_model"},
+            "projector": {"multi_modal_projector"},
+            "projector+tower": {"multi_modal_projector", "vision_tower"},
+            "projector+llm": {"multi_modal_projector", "language_model"}}[train]
+    return tuple(sorted({"vision_tower", "multi_modal_projector", "language_model"} - keep))
+
+
+def pixels(images_uint8: np.ndarray) -> np.ndarray:
+    """`[n, S, S, 3]` uint8 -> float32 normalized with CLIP's mean / std (NHWC)."""
+    return (np.asarray(images_uint8, np.float32) / 255.0 - _MEAN) / _STD
+
+
+def llava_loss(model, batch, key):
+    """Mean cross-entropy of the answer tokens (LLaVA's masked LM loss).
+
+    batch: `{"tokens": [B, L] int32, "mask": [B, L] bool (True = target), "pixels": [B, S, S, 3]}`.
+    Returns `(loss, {"tokens": number of targets})`.
+    """
+    del key
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1], batch["pixels"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    m = batch["mask"][:, 1:].astype(jnp.float32)
+    n = m.sum()
+    return (ce * m).sum() / jnp.maximum(n, 1.0), {"tokens": n}
+
+
+@nnx.jit
+def _target_log_probs(model, tokens, px):
+    logits = model(tokens[:, :-1], px)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def sequence_log_probs(model, seqs: np.ndarray, px: np.ndarray, batch_size: int) -> np.ndarray:
+    """Log-probabilities `[n, L-1]` float64 of tokens 1.. of `seqs [n, L]` given the images `px [n, ...]`.
+
+    Rows are padded to `batch_size` so every batch has one shape (one compilation).
+    """
+    n = len(seqs)
+    out = np.zeros((n, seqs.shape[1] - 1))
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(n, s + batch_size))
+        pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        lp = _target_log_probs(model, jnp.asarray(seqs[pad]), jnp.asarray(px[pad]))
+        out[idx] = np.asarray(lp, np.float64)[: len(idx)]
+    return out
+
+
+@nnx.jit
+def pooled_features(model, px):
+    """Pooled image features `[n, vision_hidden]` of the model's (frozen) tower."""
+    return model.pooled_image_features(px)
+
+
+def image_features(model, px: np.ndarray, batch_size: int) -> np.ndarray:
+    """`pooled_features` over all images in batches, float64 `[n, vision_hidden]`."""
+    parts = [np.asarray(pooled_features(model, jnp.asarray(px[s:s + batch_size])), np.float64)
+             for s in range(0, len(px), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+
+@functools.partial(nnx.jit, static_argnums=(3,))
+def _prefill(model, tokens, px, max_length):
+    cache = model.init_cache(tokens.shape[0], max_length)
+    logits, cache = model.prefill(tokens, px, cache)
+    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
+
+
+@nnx.jit
+def _decode(model, token, position, cache):
+    logits, cache = model.decode_step(token, position, cache)
+    return jax.nn.log_softmax(logits, axis=-1), cache
+
+
+def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, *,
+                     weights: np.ndarray | None = None, log_prior: np.ndarray | None = None) -> np.ndarray:
+    """Greedy decoding from the mixture `sum_k rho_k p_k` of `models` (one batch of equal-length prompts).
+
+    Args:
+      models: K `MultimodalModel`s (K = 1: plain greedy decoding).
+      prompts: `[B, P]` int32 prompt ids (image tokens expanded); px: `[B, S, S, 3]` pixels.
+      weights: `[B, K]` fixed router weights (rows sum to 1), or None for the Bayes filter.
+      log_prior: `[B, K]` Bayes filter: `log w_k + log p_k(question | image)` (any per-row shift).
+    Returns:
+      `[B, max_new_tokens]` int32 generated ids (continuing after EOS; cut with `decode_answer`).
+    """
+    b, p = prompts.shape
+    k = len(models)
+    bayes = weights is None
+    if bayes:
+        if log_prior is None:
+            raise ValueError("log_prior: needed when weights is None (Bayes filter)")
+        state = np.asarray(log_prior, np.float64).copy()
+        active = list(range(k))
+    else:
+        weights = np.asarray(weights, np.float64)
+        active = [j for j in range(k) if weights[:, j].max() > 0]
+    tokens, px = jnp.asarray(prompts), jnp.asarray(px)
+    caches, lps = {}, {}
+    for j in active:
+        lps[j], caches[j] = _prefill(models[j], tokens, px, p + max_new_tokens)
+    out = np.zeros((b, max_new_tokens), np.int32)
+    for step in range(max_new_tokens):
+        stack = np.stack([np.asarray(lps[j], np.float64) for j in active])       # [k', B, V]
+        if bayes:
+            logw = state - logsumexp(state, axis=1, keepdims=True)
+        else:
+            with np.errstate(divide="ignore"):
+                logw = np.log(weights[:, active])
+        mix = logsumexp(logw.T[:, :, None] + stack, axis=0)                     # [B, V]
+        nxt = np.argmax(mix, axis=-1).astype(np.int32)
+        out[:, step] = nxt
+        if bayes:
+            state = state + stack[:, np.arange(b), nxt].T
+        if step + 1 < max_new_tokens:
+            for j in active:
+                lps[j], caches[j] = _decode(models[j], jnp.asarray(nxt), jnp.asarray(p + step, jnp.int32), caches[j])
+    return out
+
+
+def mix_answer_nll(lp_answer: np.ndarray, weights: np.ndarray | None = None,
+                   log_prior: np.ndarray | None = None) -> np.ndarray:
+    """Per-token NLL of the reference answers under a mixture (teacher forcing), float64.
+
+    Args:
+      lp_answer: `[K, n, A]` expert log-probs of the answer tokens (0 where padded).
+      weights: `[n, K]` fixed weights; or None with `log_prior [n, K]` for the Bayes filter
+        (weights of token a = posterior given the question and answer tokens < a, THEORY S9).
+    Returns:
+      `[n, A]` negative log-probabilities (padded positions are whatever the padding gives;
+      mask them).
+    """
+    if weights is not None:
+        with np.errstate(divide="ignore"):
+            logw = np.log(np.asarray(weights, np.float64)).T[:, :, None]
+        return -logsumexp(logw + lp_answer, axis=0)
+    prefix = np.cumsum(lp_answer, axis=2) - lp_answer                   # exclusive sums [K, n, A]
+    state = np.asarray(log_prior, np.float64).T[:, :, None] + prefix
+    logw = state - logsumexp(state, axis=0, keepdims=True)
+    return -logsumexp(logw + lp_answer, axis=0)

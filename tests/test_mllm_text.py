@@ -1,0 +1,89 @@
+"""Multimodal job: conversation template, image-token expansion, answer mixtures, question selection."""
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from experiments.mllm.evaluate import select_questions
+from experiments.mllm.formats import Turn
+from experiments.mllm.modeling import frozen_prefixes, mix_answer_nll
+from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, decode_answer, encode_answer,
+                                   encode_conversation, encode_prompt, image_token_id)
+
+TEXTS = ["<image>\nWhat digit is shown?", "7", "Is the digit even or odd?", "odd", "How many shapes are there?", "3"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TEXTS * 20, 300)
+
+
+def test_image_token_is_one_special_token_after_the_bpe(tok):
+    img = image_token_id(tok)
+    assert img == len(tok) - 1
+    assert tok(f"a {IMAGE_TOKEN} b", add_special_tokens=False)["input_ids"].count(img) == 1
+
+
+def test_conversation_layout_masks_everything_but_the_answers(tok):
+    turns = [Turn("human", TEXTS[0]), Turn("gpt", "7"), Turn("human", TEXTS[2]), Turn("gpt", "odd")]
+    ids, mask = encode_conversation(tok, turns, 200, num_image_tokens=4)
+    img = image_token_id(tok)
+    assert ids[0] == tok.bos_token_id and not mask[0]
+    assert (ids == img).sum() == 4 and not mask[ids == img].any()
+    # the trained tokens are exactly " 7<eos>" and " odd<eos>"
+    answer_ids = ids[mask].tolist()
+    assert answer_ids == encode_answer(tok, "7").tolist() + encode_answer(tok, "odd").tolist()
+    assert tok.decode(ids, skip_special_tokens=False).count("ASSISTANT:") == 2
+    # the prompt of turn 1 is the conversation's prefix up to the first answer
+    prompt = encode_prompt(tok, TEXTS[0], 4)
+    assert ids[: len(prompt)].tolist() == prompt.tolist()
+
+
+def test_long_conversations_are_cut_at_a_turn_boundary(tok):
+    turns = [Turn("human", TEXTS[0]), Turn("gpt", "7"), Turn("human", TEXTS[2]), Turn("gpt", "odd")]
+    full, _ = encode_conversation(tok, turns, 200, 4)
+    one, mask = encode_conversation(tok, turns, len(full) - 1, 4)
+    first, _ = encode_conversation(tok, turns[:2], 200, 4)
+    assert one.tolist() == first.tolist() and mask.sum() == len(encode_answer(tok, "7"))
+    with pytest.raises(TemplateError, match="record 'r9'.*max_length=5"):
+        encode_conversation(tok, turns, 5, 4, record_id="r9")
+
+
+def test_decode_answer_stops_at_eos(tok):
+    gen = np.concatenate([encode_answer(tok, "odd"), encode_answer(tok, "7")])
+    assert decode_answer(tok, gen) == "odd"
+
+
+def test_fixed_weight_answer_nll_is_the_mixture_of_token_probabilities():
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.uniform(0.05, 1.0, (3, 4, 5)))
+    w = rng.dirichlet(np.ones(3), 4)
+    got = mix_answer_nll(lp, w)
+    want = -np.log(np.einsum("nk,knt->nt", w, np.exp(lp)))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_bayes_answer_nll_telescopes_to_the_mixture_of_sequence_likelihoods():
+    # THEORY S9: the product of the filtered per-token mixtures is the mixture of whole-sequence
+    # likelihoods with the posterior given the question, sum_k w_k q_k(answer | question).
+    rng = np.random.default_rng(1)
+    lp = np.log(rng.uniform(0.05, 1.0, (3, 4, 6)))
+    log_prior = np.log(rng.dirichlet(np.ones(3), 4)) + rng.normal(size=(4, 3))  # w_k * p_k(question)
+    total = mix_answer_nll(lp, None, log_prior).sum(axis=1)
+    post = log_prior - logsumexp(log_prior, axis=1, keepdims=True)
+    want = -logsumexp(post.T + lp.sum(axis=2), axis=0)
+    np.testing.assert_allclose(total, want, rtol=1e-12)
+
+
+def test_frozen_prefixes_of_each_stage_setting():
+    assert frozen_prefixes("all") == ()
+    assert frozen_prefixes("projector") == ("language_model", "vision_tower")
+    assert frozen_prefixes("projector+llm") == ("vision_tower",)
+
+
+def test_select_questions_round_robin_keeps_mme_pairs():
+    rows = [{"id": f"d{i}", "question_type": "digit", "pair_id": None} for i in range(5)]
+    rows += [{"id": f"m{i}", "question_type": "mme", "pair_id": f"p{i // 2}"} for i in range(6)]
+    got = select_questions(rows, 5)
+    ids = [r["id"] for r in got]
+    assert ids == ["d0", "m0", "m1", "d1", "m2", "m3"][: len(ids)] and len(ids) in (5, 6)
+    assert select_questions(rows, 0) == rows
