@@ -7,7 +7,7 @@ same loader (`experiments.mllm.formats`) reads both. The pipeline needs exactly 
 
 Written to ``<run>/data`` (atomically): ``arrays.npz`` (train `tokens [N, max_length]` int32,
 `loss_mask [N, max_length]` bool, `image [N]` index into `images_train`; `images_<split>
-[n_images, S, S, 3]` uint8), ``questions.json`` (val / test questions: one row per human turn with
+[n_images, S, S, 3]` uint8), ``questions.json`` (val / test questions: the first turn of each record with
 its reference answer(s), question type, pair id and image index), ``summary.json``; and the HF
 tokenizer in ``<run>/tokenizer``.
 """
@@ -42,7 +42,7 @@ def record_files(config, run_root: Path, log=print) -> dict[str, list]:
         info = build_default_dataset(out, seed=config.seed, image_size=d.image_size,
                                      max_digits=d.max_digits or None, num_shapes=d.num_shapes,
                                      num_photos=d.num_photos)
-        log(f"[data] default dataset in {out}: {info.get('counts', '')}")
+        log(f"[data] default dataset in {out}: records {info['records']}, questions {info['questions']}")
         return {s: formats.load_llava(out / f"{s}.jsonl", out) for s in SPLITS}
     paths = {"train": d.train, "val": d.val or d.test, "test": d.test}
     if d.source == "llava":
@@ -70,17 +70,16 @@ def _load_images(paths: list[Path], size: int) -> np.ndarray:
 
 
 def _question_rows(records, split: str, image_index: dict) -> list[dict]:
+    """One question per record: its first human turn (which holds the `<image>`) and the answer."""
     rows = []
     for r in records:
         img = image_index[str(_one_image(r, split))]
-        for j in range(0, len(r.turns) - 1, 2):
-            answer = r.turns[j + 1].text.strip()
-            answers = list(r.extra.get("answers") or [answer])
-            rows.append({
-                "id": r.id if len(r.turns) <= 2 else f"{r.id}#{j // 2}",
-                "record": r.id, "image": img, "question": r.turns[j].text.strip(), "answer": answer,
-                "answers": answers, "question_type": str(r.extra.get("question_type", "all")),
-                "pair_id": r.extra.get("pair_id"), "source": r.extra.get("source", "")})
+        answer = r.turns[1].text.strip()
+        rows.append({
+            "id": r.id, "image": img, "question": r.turns[0].text.strip(), "answer": answer,
+            "answers": list(r.extra.get("answers") or [answer]),
+            "question_type": str(r.extra.get("question_type", "all")),
+            "pair_id": r.extra.get("pair_id"), "source": str(r.extra.get("source", ""))})
     return rows
 
 
