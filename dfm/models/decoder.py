@@ -85,23 +85,24 @@ class Decoder(nnx.Module):
             out = dense(self.lm_head, h)
         return constrain(out.astype(jnp.float32), LOGITS_AXES)
 
-    def hidden_states(self, tokens: Array, *, positions: Array | None = None,
-                      attention_mask: Array | None = None, extra_embedding: Array | None = None) -> Array:
+    def hidden_states(self, tokens: Array | None, *, positions: Array | None = None,
+                      attention_mask: Array | None = None, extra_embedding: Array | None = None,
+                      inputs_embeds: Array | None = None) -> Array:
         """Final-layer hidden states before the last norm, `[batch, length, hidden]`.
 
         extra_embedding: optional `[batch, 1 or length, hidden]` added to the token embeddings
         (e.g. a time embedding in `SequenceClassifier`).
+        inputs_embeds: optional `[batch, length, hidden]` used instead of `self.embed(tokens)`
+        (HF `inputs_embeds`, e.g. token embeddings with image features scattered in by
+        `dfm.models.MultimodalModel`); `tokens` may then be None (if given it is only checked).
         """
-        tokens = jnp.asarray(tokens)
-        _check_tokens(tokens, self.config.vocab_size, "tokens")
-        b, n = tokens.shape
+        x, b, n = self._input_embeddings(tokens, inputs_embeds)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         elif jnp.shape(positions) != (b, n):
             raise ValueError(f"positions: expected shape {(b, n)}, got {jnp.shape(positions)}")
         if attention_mask is not None and jnp.shape(attention_mask) != (b, n):
             raise ValueError(f"attention_mask: expected shape {(b, n)}, got {jnp.shape(attention_mask)}")
-        x = self.embed(tokens)
         if extra_embedding is not None:
             x = x + extra_embedding.astype(x.dtype)
         x = constrain(x, RESIDUAL_AXES)
@@ -112,14 +113,35 @@ class Decoder(nnx.Module):
             x = constrain(x, RESIDUAL_AXES)
         return x
 
-    def __call__(self, tokens: Array, *, positions: Array | None = None,
-                 attention_mask: Array | None = None) -> Array:
+    def __call__(self, tokens: Array | None, *, positions: Array | None = None,
+                 attention_mask: Array | None = None, inputs_embeds: Array | None = None) -> Array:
         """Logits `[batch, length, output_size]` float32 of `tokens [batch, length]` (see class doc).
 
+        `inputs_embeds [batch, length, hidden]`, when given, replaces the token embeddings (then
+        `tokens` may be None; see `hidden_states`).
         Raises ValueError (concrete inputs) for tokens that are not a 2-D integer array with ids in
-        `[0, vocab_size)`, or `positions` / `attention_mask` not of shape `[batch, length]`.
+        `[0, vocab_size)`, `inputs_embeds` not `[batch, length, hidden]`, or `positions` /
+        `attention_mask` not of shape `[batch, length]`.
         """
-        return self.logits(self.hidden_states(tokens, positions=positions, attention_mask=attention_mask))
+        return self.logits(self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                              inputs_embeds=inputs_embeds))
+
+    def _input_embeddings(self, tokens: Array | None, inputs_embeds: Array | None) -> tuple[Array, int, int]:
+        """`(embeddings [batch, length, hidden] compute dtype, batch, length)` of `tokens` or `inputs_embeds`."""
+        if inputs_embeds is None:
+            if tokens is None:
+                raise ValueError("tokens: required when inputs_embeds is not given")
+            tokens = jnp.asarray(tokens)
+            _check_tokens(tokens, self.config.vocab_size, "tokens")
+            return self.embed(tokens), tokens.shape[0], tokens.shape[1]
+        x = jnp.asarray(inputs_embeds)
+        if x.ndim != 3 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds: expected shape [batch, length, {self.config.hidden_size}], "
+                             f"got {tuple(x.shape)}")
+        if tokens is not None and tuple(jnp.shape(tokens)) != tuple(x.shape[:2]):
+            raise ValueError(f"tokens: shape {tuple(jnp.shape(tokens))} does not match inputs_embeds "
+                             f"{tuple(x.shape)} (expected [batch, length] = {tuple(x.shape[:2])})")
+        return x.astype(self.config.compute_dtype), x.shape[0], x.shape[1]
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch: int, max_length: int) -> Cache:
@@ -139,18 +161,24 @@ class Decoder(nnx.Module):
         zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
         return {"k": zeros, "v": tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))}
 
-    def extend(self, tokens: Array, start, cache: Cache) -> tuple[Array, Cache]:
+    def extend(self, tokens: Array | None, start, cache: Cache, *,
+               inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
         """Run `tokens [batch, n]` at positions `start .. start + n - 1`, reading/writing the cache.
 
         Keys at cache index `<= position` are attended to, so the cache must hold positions
         `0 .. start - 1` already. `start` may be traced. `cache` as from `init_cache` (arrays
-        `[batch, kv_heads, max_length, head_dim]`). Returns `(logits [batch, n, output_size]
-        float32, cache)`. Positions past `max_length` are a ValueError when `start` is concrete.
+        `[batch, kv_heads, max_length, head_dim]`). `inputs_embeds [batch, n, hidden]`, when given,
+        replaces the token embeddings (`tokens` may then be None). Returns `(logits [batch, n,
+        output_size] float32, cache)`. Positions past `max_length` are a ValueError when `start`
+        is concrete.
         """
         if not self.config.causal:
             raise ValueError("extend: the KV cache needs a causal model (config.causal=False)")
-        tokens = jnp.asarray(tokens)
-        b, n = tokens.shape
+        if inputs_embeds is None:
+            tokens = jnp.asarray(tokens)
+            x, b, n = self.embed(tokens), tokens.shape[0], tokens.shape[1]
+        else:
+            x, b, n = self._input_embeddings(tokens, inputs_embeds)
         max_length = cache["k"][0].shape[2]
         if not isinstance(start, jax.core.Tracer) and int(start) + n > max_length:
             raise ValueError(f"start: positions up to {int(start) + n - 1} exceed the cache max_length {max_length}")
@@ -159,7 +187,6 @@ class Decoder(nnx.Module):
         k_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (b, max_length))
         cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
         mask = attention_weights_mask(positions, k_positions, causal=True)
-        x = self.embed(tokens)
         new_k, new_v = [], []
         for layer, k_cache, v_cache in zip(self.layers, cache["k"], cache["v"]):
             x, (k, v) = layer(x, cos, sin, mask, kv=(k_cache, v_cache, start))
@@ -167,12 +194,14 @@ class Decoder(nnx.Module):
             new_v.append(v)
         return self.logits(x), {"k": tuple(new_k), "v": tuple(new_v)}
 
-    def prefill(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
+    def prefill(self, tokens: Array | None, cache: Cache, *,
+                inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
         """Fill the cache with a prompt `tokens [batch, P]` at positions `0..P-1`.
 
-        Returns `(logits [batch, P, output_size] float32, cache)`; equals `model(tokens)`.
+        Returns `(logits [batch, P, output_size] float32, cache)`; equals `model(tokens)`
+        (`model(tokens, inputs_embeds=inputs_embeds)` when `inputs_embeds [batch, P, hidden]` is given).
         """
-        return self.extend(tokens, 0, cache)
+        return self.extend(tokens, 0, cache, inputs_embeds=inputs_embeds)
 
     def decode_step(self, tokens: Array, position, cache: Cache) -> tuple[Array, Cache]:
         """One cached AR step: `tokens [batch]` at `position` (int scalar, may be traced).

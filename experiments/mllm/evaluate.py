@@ -84,6 +84,8 @@ def _generate(models, qs: QuestionSet, cfg, progress, desc, weights=None, log_pr
     """Greedy answers of one system for every question (prompts bucketed by length)."""
     preds = [""] * len(qs.rows)
     tok = cfg["tokenizer"]
+    if weights is None and log_prior is None:   # one model: weight 1
+        weights = np.ones((len(qs.rows), len(models)))
     buckets = defaultdict(list)
     for i, p in enumerate(qs.prompt_len):
         buckets[int(p)].append(i)
