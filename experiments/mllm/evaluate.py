@@ -145,7 +145,8 @@ def evaluate(ctx: Context) -> dict:
     train_labels = np.asarray(assignments["train"])[a["image"]]
     priors = np.bincount(train_labels, minlength=k) / len(train_labels)
     oracle_w = np.eye(k)[np.asarray(assignments["test"])[test.image]]
-    weights = {"centroid-top1": np.asarray(top1.weights(f_test), np.float64),
+    # top-1 keeps one expert with weight exactly 1 (float32 renormalization would leave 1 - 6e-8)
+    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.weights(f_test)).argmax(axis=1)],
                f"centroid-top{c.eval.top_k}": np.asarray(topk.weights(f_test), np.float64),
                "oracle": oracle_w}
     log_prior = np.log(priors)[None] + np.stack([lp_q[e] for e in experts], axis=1)

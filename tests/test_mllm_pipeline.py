@@ -1,0 +1,135 @@
+"""The multimodal job end to end (`dfm run --config mllm-tiny`), its CLI errors, and mixture decoding."""
+import json
+import tomllib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfm.cli import main
+from experiments.config import ConfigError, load_config, resolve_path
+from experiments.mllm import config as mconfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mllm") / "run"
+    assert main(["run", "--config", "mllm-tiny", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_tiny_run_writes_the_report_with_every_system(run_dir):
+    rep = json.loads((run_dir / "report.json").read_text())
+    names = [s["name"] for s in rep["systems"]]
+    assert names == ["stage1", "dense", "ensemble/centroid-top1", "ensemble/centroid-top2", "ensemble/oracle",
+                     "ensemble/bayes", "random-ensemble/bayes"]
+    n = rep["num_test_questions"]
+    available = json.loads((run_dir / "data" / "summary.json").read_text())["questions"]["test"]
+    assert n == min(available, 24) or (available > 24 and n == 25)   # max_test = 24, MME pairs kept whole
+    for s in rep["systems"]:
+        assert np.isfinite(s["answer_nll"]) and s["answer_nll"] > 0
+        assert s["scores"]["all"]["n"] == n
+        assert 0.0 <= s["scores"]["all"]["exact_match"] <= 1.0 and 0.0 <= s["scores"]["all"]["vqa_accuracy"] <= 1.0
+        assert len(rep["predictions"][s["name"]]) == n
+    # S12: the oracle (test image's cluster) is the nearest centroid, i.e. top-1: same answers and NLL
+    by = {s["name"]: s for s in rep["systems"]}
+    assert rep["predictions"]["ensemble/oracle"] == rep["predictions"]["ensemble/centroid-top1"]
+    assert by["ensemble/oracle"]["answer_nll"] == pytest.approx(by["ensemble/centroid-top1"]["answer_nll"], rel=1e-12)
+    # compute matching: the experts' steps add up to the dense model's
+    steps = [rep["stages"][f"expert-{k}"]["steps"] for k in range(2)]
+    assert sum(steps) == rep["stages"]["dense"]["steps"] == 8
+    assert rep["stages"]["expert-0"]["frozen"] == ["vision_tower"]
+    md = (run_dir / "report.md").read_text()
+    assert "| ensemble/bayes |" in md and "EM digit" in md
+    for png in ("loss_curves", "routing", "partition", "examples"):
+        assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+def test_experts_share_the_frozen_stage1_tower(run_dir):
+    from dfm.train import load_model
+    from experiments.mllm.config import load
+    from experiments.mllm import modeling
+
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    cfg = load(resolve_path("mllm-tiny"))
+    factory = lambda: modeling.new_model(  # noqa: E731
+        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0)
+    base, expert = load_model(factory, run_dir / "models" / "stage1"), load_model(factory, run_dir / "models" / "expert-1")
+    tower = lambda m: nnx.to_flat_state(nnx.state(m.vision_tower, nnx.Param))  # noqa: E731
+    for (p, a), (_, b) in zip(tower(base), tower(expert)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+    moved = [np.abs(np.asarray(a[...]) - np.asarray(b[...])).max() for (_, a), (_, b) in
+             zip(nnx.to_flat_state(nnx.state(base.language_model, nnx.Param)),
+                 nnx.to_flat_state(nnx.state(expert.language_model, nnx.Param)))]
+    assert max(moved) > 0
+
+
+def test_rerun_is_idempotent(run_dir, capsys):
+    before = (run_dir / "report.json").read_text()
+    assert main(["run", "--config", "mllm-tiny", "--out", str(run_dir), "--quiet"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (run_dir / "report.json").read_text() == before
+
+
+def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding(run_dir):
+    from dfm.models.multimodal import greedy_generate
+    from dfm.train import load_model
+    from experiments.mllm import modeling
+    from experiments.mllm.config import load
+
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    cfg = load(resolve_path("mllm-tiny"))
+    factory = lambda: modeling.new_model(  # noqa: E731
+        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0)
+    experts = [load_model(factory, run_dir / "models" / f"expert-{k}") for k in range(2)]
+    arrays = np.load(run_dir / "data" / "arrays.npz")
+    px = modeling.pixels(arrays["images_test"][:3])
+    nit = summary["num_image_tokens"]
+    prompt = np.asarray([summary["bos_id"]] + [summary["image_token_id"]] * nit + [5, 6, 7], np.int32)
+    prompts = np.stack([prompt] * 3)
+    w = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    got = modeling.mixture_generate(experts, prompts, px, 4, weights=w)
+    for i in range(3):
+        want = np.asarray(greedy_generate(experts[int(w[i, 1])], jnp.asarray(prompts[i:i + 1]),
+                                          jnp.asarray(px[i:i + 1]), 4))[0, len(prompt):]
+        np.testing.assert_array_equal(got[i], want)
+    # a Bayes filter whose prior puts (numerically) all mass on expert 1 decodes as expert 1
+    lp = np.log(np.asarray([[1e-300, 1.0]] * 3))
+    np.testing.assert_array_equal(modeling.mixture_generate(experts, prompts, px, 4, log_prior=lp),
+                                  modeling.mixture_generate(experts, prompts, px, 4, weights=np.eye(2)[[1, 1, 1]]))
+
+
+def test_multimodal_configs_parse_and_errors_name_the_field(tmp_path):
+    for name in ("mllm-digits", "mllm-tiny"):
+        cfg = mconfig.load(resolve_path(name))
+        assert cfg.task == "mllm" and cfg.stage2.train == "projector+llm"
+        again = mconfig.from_dict(tomllib.loads(mconfig.to_toml(cfg)), name)
+        assert again == cfg
+    with pytest.raises(ConfigError, match="multimodal config"):
+        load_config("mllm-tiny")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "mllm"\n[stage1]\nsteps = 0\n')
+    with pytest.raises(ConfigError, match="stage1.steps: must be >= 1, got 0"):
+        mconfig.load(bad)
+    bad.write_text('task = "mllm"\n[vision]\npatch = 4\n')
+    with pytest.raises(ConfigError, match="unknown key 'patch' in section \\[vision\\]"):
+        mconfig.load(bad)
+    bad.write_text('task = "mllm"\n[stage2]\ntrain = "all"\n')
+    with pytest.raises(ConfigError, match="stage2.train: the tower must stay frozen"):
+        mconfig.load(bad)
+    bad.write_text('task = "mllm"\n[data]\nimage_size = 30\n')
+    with pytest.raises(ConfigError, match="vision.patch_size: must divide data.image_size"):
+        mconfig.load(bad)
+
+
+def test_cli_errors_for_the_multimodal_job(tmp_path, capsys):
+    assert main(["run", "--config", "mllm-tiny", "--schedule", "masked", "--out", str(tmp_path / "x")]) == 2
+    assert "--schedule" in capsys.readouterr().err
+    assert main(["train", "--router", "--config", "mllm-tiny", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--expert", "5", "--config", "mllm-tiny", "--out", str(tmp_path / "y"), "--quiet"]) == 1
+    assert "out of range" in capsys.readouterr().err
+    assert main(["evaluate", "--config", "mllm-tiny", "--out", str(tmp_path / "z"), "--quiet"]) == 1
+    assert "unfinished stages" in capsys.readouterr().err
