@@ -1,0 +1,22 @@
+"""HF checkpoints: import / export of Llama, Qwen2, CLIP vision, LLaVA and InternVL, and expert directories.
+
+- `load_pretrained(path, *, dtype=None)`: a local HF model directory -> our NNX model (no torch).
+- `save_pretrained(model, path)`: our model -> an HF directory that transformers loads.
+- `SafetensorsCheckpoint`: lazy numpy reads of single-file or sharded safetensors checkpoints.
+- `load_tokenizer`, `tokenizer_fingerprint`, image-placeholder expansion (`dfm.hf.tokenizers`).
+- `save_decentralized` / `load_decentralized`: K expert directories + partition + router settings.
+- `python -m dfm.hf.parity`: the table of max |logits difference| against transformers.
+See docs/checkpoints.md.
+"""
+from dfm.hf.configs import SUPPORTED_MODEL_TYPES, UnsupportedModelError, read_config
+from dfm.hf.experts import DecentralizedModel, load_decentralized, save_decentralized
+from dfm.hf.export import save_pretrained
+from dfm.hf.load import assign_weights, load_pretrained
+from dfm.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from dfm.hf.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+__all__ = [
+    "CheckpointError", "DecentralizedModel", "SUPPORTED_MODEL_TYPES", "SafetensorsCheckpoint",
+    "UnsupportedModelError", "assign_weights", "load_decentralized", "load_pretrained", "load_tokenizer",
+    "read_config", "save_decentralized", "save_pretrained", "tokenizer_fingerprint",
+]

@@ -1,0 +1,288 @@
+"""A decentralized model on disk: K expert HF directories + the partition + router settings.
+
+Layout (docs/checkpoints.md):
+
+    <root>/
+      decentral.json        format, expert directories, partition / featurizer / tokenizer files,
+                            router settings, priors w_k, mask id
+      partition.npz         dfm.decentral.Partition.save (centroids, mean, sizes, config)
+      featurizer.pkl        optional: TextFeaturizer / PrecomputedFeaturizer.save
+      tokenizer/            optional: the tokenizer all experts share (AutoTokenizer directory); an
+                            expert directory may also hold its own tokenizer files
+      experts/expert_00/    config.json + model.safetensors (an HF directory, `dfm.hf.save_pretrained`)
+      experts/expert_01/    ...
+
+`decentral.json`:
+
+    {"format": "dfm-decentralized", "version": 1,
+     "experts": ["experts/expert_00", ...], "partition": "partition.npz",
+     "featurizer": "featurizer.pkl" | null, "tokenizer": "tokenizer" | null,
+     "priors": [w_0, ...], "mask_id": null | int,
+     "router": {"type": "centroid", "temperature": T, "top_k": k | null, "threshold": t | null}
+             | {"type": "bayes"} | {"type": "uniform"}}
+
+Router types: "centroid" = `CentroidRouter` (THEORY S12, S13; features -> weights), "bayes" =
+`BayesFilterRouter.from_priors(priors)` (THEORY S9, the exact router of AR experts), "uniform" =
+equal weights. The priors default to the partition's cluster sizes over their sum (the share of
+the training data each expert saw).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dfm.decentral import (BayesFilterRouter, CentroidRouter, ExpertSpec, Partition,
+                           check_compatible_experts, uniform_weights)
+from dfm.hf.export import default_permissions, swap_into_place, save_pretrained
+from dfm.hf.load import load_pretrained
+from dfm.hf.safetensors_io import CheckpointError
+
+MANIFEST = "decentral.json"
+FORMAT = "dfm-decentralized"
+VERSION = 1
+ROUTER_TYPES = ("centroid", "bayes", "uniform")
+
+
+@dataclasses.dataclass
+class DecentralizedModel:
+    """K experts ready for `dfm.decentral.ensemble_posterior_fn` / `mix_log_probs`.
+
+    Attributes:
+      experts: the K loaded models (`Decoder`s, or `MultimodalModel`s).
+      specs: one `ExpertSpec` each (vocabulary = logits width, mask id, tokenizer fingerprint).
+      partition: the `Partition` the experts were trained on (K clusters).
+      priors: `[K]` float64 w_k, summing to 1.
+      router: `CentroidRouter`, `BayesFilterRouter`, or None for uniform weights.
+      router_settings: the `router` object of `decentral.json`.
+      featurizer: the fitted featurizer, or None.
+      tokenizer_path: the shared tokenizer directory, or None.
+      mask_id: the mask token id of masked experts, or None.
+    """
+
+    experts: list
+    specs: list[ExpertSpec]
+    partition: Partition
+    priors: np.ndarray
+    router: CentroidRouter | BayesFilterRouter | None
+    router_settings: dict
+    featurizer: Any = None
+    tokenizer_path: Path | None = None
+    mask_id: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def weights(self, features: Any = None, *, batch: int | None = None):
+        """Fixed router weights `[batch, K]`: centroid routing of `features [batch, D]`, or uniform.
+
+        Raises ValueError for the Bayes filter (its weights depend on the tokens: use `router` with
+        `ensemble_posterior_fn`), or when neither `features` nor `batch` is given.
+        """
+        if isinstance(self.router, BayesFilterRouter):
+            raise ValueError("router: the Bayes filter has no fixed weights (pass it to ensemble_posterior_fn)")
+        if self.router is not None:
+            if features is None:
+                raise ValueError("features: the centroid router needs conditioning features [batch, D]")
+            return self.router.weights(features)
+        if batch is None:
+            batch = np.shape(features)[0] if features is not None else None
+        if batch is None:
+            raise ValueError("batch: give the batch size (or features) for uniform weights")
+        return uniform_weights(batch, self.num_experts)
+
+
+def _output_vocab(model: Any) -> tuple[int, bool]:
+    config = getattr(getattr(model, "language_model", model), "config")
+    return config.num_outputs, config.causal
+
+
+def _router_settings(router: Any) -> dict:
+    if router is None or router == "uniform":
+        return {"type": "uniform"}
+    if isinstance(router, CentroidRouter):
+        return {"type": "centroid", "temperature": float(router.temperature), "top_k": router.top_k,
+                "threshold": router.threshold}
+    if isinstance(router, BayesFilterRouter) or router == "bayes":
+        return {"type": "bayes"}
+    if isinstance(router, dict) and router.get("type") in ROUTER_TYPES:
+        return dict(router)
+    raise ValueError(f"router: expected a CentroidRouter, BayesFilterRouter, 'bayes', 'uniform' or a "
+                     f"settings dict with type in {ROUTER_TYPES}, got {router!r}")
+
+
+def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partition: Partition, *,
+                       router: Any = "uniform", priors: Any = None, featurizer: Any = None,
+                       tokenizer: Any = None, mask_id: int | None = None, dtype: str | None = None,
+                       overwrite: bool = False) -> Path:
+    """Write K experts, the partition and the router settings as the directory `root` (module doc).
+
+    Args:
+      experts: K models (`Decoder` / `MultimodalModel`), expert k trained on cluster k.
+      partition: the fitted `Partition` (K clusters).
+      router: `CentroidRouter` (its temperature / top_k / threshold are saved), `BayesFilterRouter`
+        or "bayes" (the priors are saved), "uniform", or a settings dict.
+      priors: `[K]` w_k; default the partition's sizes (for a `BayesFilterRouter`: its priors).
+      featurizer: optional fitted featurizer with `save(path)` (pickle).
+      tokenizer: optional shared tokenizer (object with `save_pretrained`, or a directory).
+      mask_id: mask token of masked experts; default `vocab` (= the logits width) for
+        bidirectional experts, None for causal ones.
+      dtype: store the experts' parameters in this dtype (None: as they are).
+      overwrite: replace an existing non-empty `root`.
+
+    Raises:
+      ValueError: K differs from the partition's clusters, experts of different output sizes or
+        kinds, bad priors or router. FileExistsError: `root` not empty and not `overwrite`.
+    """
+    root = Path(root)
+    experts = list(experts)
+    k = partition.num_clusters
+    if len(experts) != k:
+        raise ValueError(f"experts: {len(experts)} experts for a partition of {k} clusters")
+    vocabs = {_output_vocab(m) for m in experts}
+    if len(vocabs) != 1:
+        raise ValueError(f"experts: differing (output vocabulary, causal) across experts: {sorted(vocabs)}")
+    vocab, causal = vocabs.pop()
+    if mask_id is None and not causal:
+        mask_id = vocab
+    settings = _router_settings(router)
+    if priors is None and isinstance(router, BayesFilterRouter):
+        priors = np.exp(np.asarray(router.log_priors, np.float64))
+    priors = _check_priors(partition.sizes if priors is None else priors, k, "priors")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
+        raise FileExistsError(f"{root}: exists and is not empty (pass overwrite=True to replace it)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp"))
+    try:
+        names = [f"experts/expert_{i:02d}" for i in range(k)]
+        for name, model in zip(names, experts):
+            save_pretrained(model, tmp / name, dtype=dtype)
+        partition.save(tmp / "partition.npz")
+        if featurizer is not None:
+            featurizer.save(tmp / "featurizer.pkl")
+        if tokenizer is not None:
+            (tmp / "tokenizer").mkdir()
+            if isinstance(tokenizer, (str, os.PathLike)):
+                shutil.copytree(tokenizer, tmp / "tokenizer", dirs_exist_ok=True)
+            else:
+                tokenizer.save_pretrained(os.fspath(tmp / "tokenizer"))
+        manifest = {"format": FORMAT, "version": VERSION, "experts": names, "partition": "partition.npz",
+                    "featurizer": "featurizer.pkl" if featurizer is not None else None,
+                    "tokenizer": "tokenizer" if tokenizer is not None else None,
+                    "priors": [float(p) for p in priors], "mask_id": mask_id, "router": settings}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        default_permissions(tmp)
+        swap_into_place(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return root
+
+
+def _check_priors(priors: Any, k: int, name: str) -> np.ndarray:
+    p = np.asarray(priors, dtype=np.float64)
+    if p.shape != (k,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"{name}: expected {k} non-negative finite weights with a positive sum, got {priors!r}")
+    return p / p.sum()
+
+
+def _read_manifest(root: Path) -> tuple[dict, Path]:
+    file = root / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file (not a decentralized model directory)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: 'format' must be {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{file}: unsupported version {manifest.get('version')!r} (this reader: {VERSION})")
+    for field in ("experts", "partition", "router"):
+        if field not in manifest:
+            raise CheckpointError(f"{file}: missing field {field!r}")
+    if not isinstance(manifest["experts"], list) or not manifest["experts"]:
+        raise CheckpointError(f"{file}: 'experts' must be a non-empty list of directories")
+    return manifest, file
+
+
+def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None) -> DecentralizedModel:
+    """Load a directory written by `save_decentralized` (or by hand, following the module doc).
+
+    Args:
+      root: the decentralized model directory.
+      dtype: computation / parameter dtype of the experts (None: as stored; `load_pretrained`).
+
+    Returns:
+      `DecentralizedModel` with experts, specs, partition, priors, router, featurizer.
+
+    Raises:
+      CheckpointError: missing / invalid `decentral.json` (naming it and the field), an expert
+        count that differs from the partition's clusters, a bad router type, priors or file, or
+        any expert's checkpoint error (naming that expert's file and key).
+      ValueError: experts whose vocabularies, mask ids or tokenizers differ
+        (`check_compatible_experts`).
+    """
+    from dfm.decentral.features import PrecomputedFeaturizer, TextFeaturizer
+    from dfm.hf.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+    root = Path(root)
+    manifest, file = _read_manifest(root)
+    partition_file = root / str(manifest["partition"])
+    if not partition_file.is_file():
+        raise CheckpointError(f"{file}: partition file {partition_file} does not exist")
+    partition = Partition.load(partition_file)
+    k = len(manifest["experts"])
+    if partition.num_clusters != k:
+        raise CheckpointError(f"{file}: {k} experts but {partition_file.name} has {partition.num_clusters} clusters")
+    try:
+        priors = _check_priors(manifest.get("priors", partition.sizes), k, "priors")
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    tokenizer_path = root / manifest["tokenizer"] if manifest.get("tokenizer") else None
+    shared = tokenizer_fingerprint(load_tokenizer(tokenizer_path)) if tokenizer_path else None
+    expert_dirs = [root / str(name) for name in manifest["experts"]]
+    experts = [load_pretrained(d, dtype=dtype) for d in expert_dirs]
+    mask_id = manifest.get("mask_id")
+
+    def fingerprint(directory: Path) -> str | None:   # an expert's own tokenizer files, else the shared one
+        own = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        return tokenizer_fingerprint(load_tokenizer(directory)) if own else shared
+
+    specs = [ExpertSpec(vocab_size=_output_vocab(m)[0], mask_id=mask_id, tokenizer_fingerprint=fingerprint(d))
+             for m, d in zip(experts, expert_dirs)]
+    check_compatible_experts(specs)
+    settings = manifest["router"]
+    kind = settings.get("type") if isinstance(settings, dict) else None
+    if kind == "centroid":
+        router = CentroidRouter(partition, temperature=float(settings.get("temperature", 1.0)),
+                                top_k=settings.get("top_k"), threshold=settings.get("threshold"))
+    elif kind == "bayes":
+        router = BayesFilterRouter.from_priors(priors)
+    elif kind == "uniform":
+        router = None
+    else:
+        raise CheckpointError(f"{file}: router type {kind!r} is not one of {ROUTER_TYPES}")
+    featurizer = None
+    if manifest.get("featurizer"):
+        path = root / manifest["featurizer"]
+        if not path.is_file():
+            raise CheckpointError(f"{file}: featurizer file {path} does not exist")
+        for cls in (TextFeaturizer, PrecomputedFeaturizer):
+            try:
+                featurizer = cls.load(path)
+                break
+            except ValueError:
+                continue
+        if featurizer is None:
+            raise CheckpointError(f"{path}: neither a TextFeaturizer nor a PrecomputedFeaturizer")
+    return DecentralizedModel(experts=experts, specs=specs, partition=partition, priors=priors,
+                              router=router, router_settings=dict(settings), featurizer=featurizer,
+                              tokenizer_path=tokenizer_path, mask_id=mask_id)
