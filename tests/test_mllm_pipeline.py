@@ -153,3 +153,54 @@ def test_internvl_variant_builds_and_trains_one_step():
     loss, aux = modeling.llava_loss(model, batch, jax.random.key(0))
     assert float(aux["tokens"]) == 6.0          # targets 5, 6, 7 per row (mask shifted by one)
     assert abs(float(loss) - np.log(40)) < 0.5  # near-uniform predictions at init
+
+
+def _inputs(run_dir):
+    from experiments.mllm import modeling
+
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    arrays = np.load(run_dir / "data" / "arrays.npz")
+    px = modeling.pixels(arrays["images_test"][:2])
+    tokens = np.asarray([[summary["bos_id"]] + [summary["image_token_id"]] * summary["num_image_tokens"] + [5, 9, 7]] * 2,
+                        np.int32)
+    return summary, tokens, px
+
+
+def _run_model(run_dir, stage):
+    from dfm.train import load_model
+    from experiments.mllm import modeling
+    from experiments.mllm.config import load
+
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    cfg = load(resolve_path("mllm-tiny"))
+    return load_model(lambda: modeling.new_model(
+        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0), run_dir / "models" / stage)
+
+
+def test_exported_decentralized_directory_rebuilds_the_ensemble(run_dir):
+    from dfm.hf import load_decentralized
+
+    dec = load_decentralized(run_dir / "decentralized")
+    _, tokens, px = _inputs(run_dir)
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert dec.router.top_k == 2 and dec.router.temperature == pytest.approx(rep["temperature"])
+    for k, expert in enumerate(dec.experts):
+        ours = _run_model(run_dir, f"expert-{k}")
+        np.testing.assert_allclose(np.asarray(expert(jnp.asarray(tokens), jnp.asarray(px))),
+                                   np.asarray(ours(jnp.asarray(tokens), jnp.asarray(px))), atol=1e-6)
+
+
+@pytest.mark.peer
+def test_exported_dense_model_loads_in_transformers_with_the_same_logits(run_dir):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    _, tokens, px = _inputs(run_dir)
+    hf = LlavaForConditionalGeneration.from_pretrained(run_dir / "hf" / "dense").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    pixel_values=torch.tensor(px.transpose(0, 3, 1, 2))).logits.numpy()
+    ours = np.asarray(_run_model(run_dir, "dense")(jnp.asarray(tokens), jnp.asarray(px)))
+    assert np.abs(theirs - ours).max() < 1e-4
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf" / "dense")
+    assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_index

@@ -11,6 +11,8 @@
                sum_k steps_k = stage2.steps, steps_k proportional to the cluster's conversations
     random-k   the same on the random partition
     evaluate   `experiments.mllm.evaluate`, then the report, plots and example grid
+    export     HF directories of stage 1 and the dense model, and the decentralized directory (K
+               expert HF directories + partition + router; `dfm.hf.load_decentralized`)
 
 A finished stage leaves ``stages/<stage>.json``; an interrupted training stage resumes from its
 orbax checkpoint (`dfm.train.train`). Every expert reads only stage 1, its own cluster's data and
@@ -231,6 +233,40 @@ def run_evaluate(ctx: Context) -> dict:
     return rep
 
 
+def run_export(ctx: Context) -> dict:
+    """Write the trained models as HF directories (`dfm.hf`, docs/checkpoints.md).
+
+    ``<run>/hf/dense`` and ``<run>/hf/stage1``: LLaVA directories (`LlavaForConditionalGeneration`
+    loads them; our tokenizer inside). ``<run>/decentralized``: the K experts, the partition and the
+    top-k centroid router with the temperature fitted at evaluation (`dfm.hf.load_decentralized`
+    rebuilds the ensemble). Needs the evaluation (for the temperature); skipped when done.
+    """
+    if ctx.run.is_done("export"):
+        return ctx.run.stage_info("export")
+    if not ctx.run.is_done("evaluate"):
+        raise StageError("export needs the evaluation (its fitted router temperature): run `dfm evaluate`")
+    from dfm.decentral import CentroidRouter, Partition
+    from dfm.hf import save_decentralized, save_pretrained
+
+    t0 = time.perf_counter()
+    c, tok_dir = ctx.config, ctx.run.root / "tokenizer"
+    out = {}
+    for stage in ("stage1", "dense"):
+        out[stage] = str(save_pretrained(load_stage_model(ctx, stage), ctx.run.root / "hf" / stage,
+                                         tokenizer=tok_dir, overwrite=True))
+    partition = Partition.load(ctx.run.partition / "partition.npz")
+    temperature = read_json(ctx.run.report_json)["temperature"]
+    router = CentroidRouter(partition, temperature=temperature, top_k=c.eval.top_k)
+    priors = np.bincount(train_labels(ctx), minlength=c.partition.num_clusters)
+    experts = [load_stage_model(ctx, f"expert-{k}") for k in range(c.partition.num_clusters)]
+    out["decentralized"] = str(save_decentralized(ctx.run.root / "decentralized", experts, partition, router=router,
+                                                  priors=priors / priors.sum(), tokenizer=tok_dir, overwrite=True))
+    info = out | {"wall_time_s": time.perf_counter() - t0}
+    ctx.run.mark_done("export", info)
+    ctx.log(f"[export] HF directories: {out['dense']}, {out['decentralized']}")
+    return info
+
+
 def run_all(ctx: Context) -> dict:
     """Every stage in order in this process (finished stages are skipped)."""
     t0 = time.perf_counter()
@@ -240,5 +276,6 @@ def run_all(ctx: Context) -> dict:
     for stage in stage_names(ctx.config)[1:]:
         run_train(ctx, stage)
     rep = run_evaluate(ctx)
+    run_export(ctx)
     ctx.log(f"[run] done in {time.perf_counter() - t0:.1f} s; report: {ctx.run.report_md}")
     return rep
