@@ -53,7 +53,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    """``tokenizer.save_pretrained`` into a temporary sibling, then an atomic rename to `directory`."""
+    """``tokenizer.save_pretrained`` into a temporary sibling, then an atomic rename to `directory`
+    (an existing `directory` is replaced)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -61,7 +62,16 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
 
         shutil.rmtree(tmp)
     tokenizer.save_pretrained(str(tmp))
-    os.replace(tmp, directory)
+    if directory.exists():   # e.g. left by an interrupted data stage: replace it
+        import shutil
+
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
 
 
 def load_tokenizer(directory: Path):

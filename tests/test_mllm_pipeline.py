@@ -120,6 +120,14 @@ def test_multimodal_configs_parse_and_errors_name_the_field(tmp_path):
     bad.write_text('task = "mllm"\n[stage2]\ntrain = "all"\n')
     with pytest.raises(ConfigError, match="stage2.train: the tower must stay frozen"):
         mconfig.load(bad)
+    for text, match in [('[projector]\nkind = "internvl"\ndownsample_ratio = 0.5\n', "projector.kind"),
+                        ('[projector]\ndownsample_ratio = 0.5\n', "projector.downsample_ratio: LLaVA"),
+                        ('[projector]\nvision_feature_layer = -5\n', "projector.vision_feature_layer"),
+                        ('[stage2]\nsteps = 2\n', "stage2.steps: must be >= partition.num_clusters"),
+                        ('[data]\nsource = "llava"\ntrain = "a.jsonl"\ntest = "b.jsonl"\n', "data.val")]:
+        bad.write_text('task = "mllm"\n' + text)
+        with pytest.raises(ConfigError, match=match):
+            mconfig.load(bad)
     bad.write_text('task = "mllm"\n[data]\nimage_size = 30\n')
     with pytest.raises(ConfigError, match="vision.patch_size: must divide data.image_size"):
         mconfig.load(bad)
@@ -204,3 +212,46 @@ def test_exported_dense_model_loads_in_transformers_with_the_same_logits(run_dir
     assert np.abs(theirs - ours).max() < 1e-4
     tok = AutoTokenizer.from_pretrained(run_dir / "hf" / "dense")
     assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_index
+
+
+def _llava_files(root, first_turn_image=True):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2), ("test", 2)):
+        lines = []
+        for i in range(n):
+            name = f"{split}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / name)
+            q1, q2 = ("<image>\nWhat is it?", "And now?") if first_turn_image or split != "train" or i else \
+                ("What is it?", "<image>\nAnd now?")
+            lines.append(json.dumps({"id": f"{split}-{i}", "image": name, "conversations": [
+                {"from": "human", "value": q1}, {"from": "gpt", "value": "a cat"},
+                {"from": "human", "value": q2}, {"from": "gpt", "value": "a dog"}]}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_llava_source_data_stage_and_placeholder_errors(tmp_path):
+    from experiments.mllm import stages
+    from experiments.mllm.data import DataError
+
+    data = tmp_path / "llava"
+    _llava_files(data, first_turn_image=False)
+    raw = tomllib.loads(resolve_path("mllm-tiny").read_text())
+    raw["data"] = {"source": "llava", "train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"),
+                   "test": str(data / "test.jsonl"), "image_root": str(data), "image_size": 16, "vocab_size": 300}
+    cfg = mconfig.from_dict(raw, "llava-small")
+    ctx = stages.open_context(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    with pytest.raises(DataError, match="record 'train-0'.*first human turn"):
+        stages.data_summary(ctx)
+    _llava_files(data, first_turn_image=True)
+    (tmp_path / "run" / "tokenizer").mkdir()                     # debris of an interrupted stage
+    (tmp_path / "run" / "tokenizer" / "stale.txt").write_text("x")
+    ctx = stages.open_context(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    summary = stages.data_summary(ctx)
+    assert summary["records"] == {"train": 6, "val": 2, "test": 2}
+    assert not (tmp_path / "run" / "tokenizer" / "stale.txt").exists()
+    arrays = stages.arrays(ctx)
+    # both turns trained on: " a cat<eos>" and " a dog<eos>"; the image expanded to 4 tokens, once
+    assert (arrays["tokens"] == summary["image_token_id"]).sum(axis=1).tolist() == [4] * 6

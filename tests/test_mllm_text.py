@@ -87,3 +87,28 @@ def test_select_questions_round_robin_keeps_mme_pairs():
     ids = [r["id"] for r in got]
     assert ids == ["d0", "m0", "m1", "d1", "m2", "m3"][: len(ids)] and len(ids) in (5, 6)
     assert select_questions(rows, 0) == rows
+
+
+def test_question_set_gathers_question_and_answer_targets(tok):
+    from experiments.mllm.evaluate import QuestionSet
+
+    rows = [{"id": "a", "question": "<image>\nWhat digit is shown?", "answer": "7", "image": 0},
+            {"id": "b", "question": "<image>\nHow many shapes are there?", "answer": "odd", "image": 0}]
+    img = image_token_id(tok)
+    qs = QuestionSet(rows, tok, np.zeros((1, 4, 4, 3), np.uint8), num_image_tokens=2, image_id=img)
+    n, width = qs.seqs.shape
+    lp = np.tile(np.arange(width - 1, dtype=float), (n, 1)) + 1000 * np.arange(n)[:, None]   # value = target index
+    q, a = qs.split_log_probs(lp)
+    for i, r in enumerate(rows):
+        p = encode_prompt(tok, r["question"], 2)
+        ans = encode_answer(tok, r["answer"])
+        assert qs.seqs[i, : len(p) + len(ans)].tolist() == p.tolist() + ans.tolist()
+        # answer token j is target index len(p) - 1 + j (predicted from the position before it)
+        want_a = [1000 * i + len(p) - 1 + j for j in range(len(ans))]
+        assert a[i, : len(ans)].tolist() == want_a and not a[i, len(ans):].any()
+        # question targets: prompt tokens 1..P-1 except the image tokens (indices 0..P-2 in lp)
+        want_q = sum(1000 * i + t for t in range(len(p) - 1) if p[t + 1] != img)
+        assert q[i] == want_q
+    with pytest.raises(ValueError, match="question 'c'.*0 image tokens"):
+        QuestionSet([{"id": "c", "question": "no image", "answer": "x", "image": 0}], tok,
+                    np.zeros((1, 4, 4, 3), np.uint8), 2, img)

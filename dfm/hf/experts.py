@@ -153,6 +153,12 @@ def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partitio
     if mask_id is None and not causal:
         mask_id = vocab
     settings = _router_settings(router)
+    if isinstance(router, CentroidRouter) and not (
+            np.array_equal(np.asarray(router.partition.centroids), np.asarray(partition.centroids))
+            and (router.partition.mean is None) == (partition.mean is None)
+            and (partition.mean is None or np.array_equal(router.partition.mean, partition.mean))):
+        raise ValueError("router: its partition differs from `partition` (the saved router is rebuilt on "
+                         "`partition`, so it would change)")
     if priors is None and isinstance(router, BayesFilterRouter):
         priors = np.exp(np.asarray(router.log_priors, np.float64))
     priors = _check_priors(partition.sizes if priors is None else priors, k, "priors")

@@ -62,6 +62,7 @@ class SafetensorsCheckpoint:
         self._key_file: dict[str, Path] = {}
         if path.is_file():
             self.index_file = None
+            self._single = path
             self._add_file(path, None)
         elif path.is_dir():
             index, single = path / INDEX_FILE, path / SINGLE_FILE
@@ -70,6 +71,7 @@ class SafetensorsCheckpoint:
                 self._read_index(index)
             elif single.is_file():
                 self.index_file = None
+                self._single = single
                 self._add_file(single, None)
             else:
                 raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} in this directory")
@@ -128,7 +130,7 @@ class SafetensorsCheckpoint:
     @property
     def source(self) -> Path:
         """The file that names the keys: the index of a sharded checkpoint, else the single file."""
-        return self.index_file if self.index_file is not None else next(iter(self._handles))
+        return self.index_file if self.index_file is not None else self._single
 
     def file_of(self, key: str) -> Path:
         """The safetensors file holding `key`. Raises CheckpointError (file + key) when absent."""

@@ -156,6 +156,10 @@ def multimodal_config_to_hf(config: MultimodalConfig, *, torch_dtype: str | None
     """HF `LlavaConfig` / `InternVLConfig` dict of `config` (via transformers' config classes)."""
     import transformers
 
+    want = {"llava": "clip", "internvl": "internvit"}[config.projector]
+    if config.vision.arch != want:
+        raise ValueError(f"config: a {config.projector!r} checkpoint needs a {want!r} tower (the HF class "
+                         f"pairs them), got vision.arch={config.vision.arch!r}")
     text = decoder_config_to_hf(config.text, torch_dtype=torch_dtype)
     vision = vision_config_to_hf(config.vision)
     for sub in (text, vision):

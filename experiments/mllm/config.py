@@ -186,8 +186,28 @@ class MultimodalExperimentConfig:
             if not isinstance(getattr(self, section), cls):
                 raise ConfigError(f"{section}: expected a [{section}] table")
             _validate(getattr(self, section), section)
-        if self.data.source != "default" and not (self.data.train and self.data.test):
-            raise ConfigError(f"data.train: source {self.data.source!r} needs data.train and data.test paths")
+        if self.data.source != "default" and not (self.data.train and self.data.val and self.data.test):
+            raise ConfigError(f"data.val: source {self.data.source!r} needs data.train, data.val and data.test "
+                              "paths (val fits the router temperature; it must not be the test set)")
+        p, v = self.projector, self.vision
+        if (p.kind, v.arch) not in (("llava", "clip"), ("internvl", "internvit")):
+            raise ConfigError(f"projector.kind: {p.kind!r} goes with vision.arch "
+                              f"{'clip' if p.kind == 'llava' else 'internvit'!r} (the HF classes pair them), "
+                              f"got vision.arch={v.arch!r}")
+        side = self.data.image_size // v.patch_size if self.data.image_size % v.patch_size == 0 else 0
+        if p.kind == "llava" and p.downsample_ratio != 1.0:
+            raise ConfigError(f"projector.downsample_ratio: LLaVA does not pixel-shuffle; must be 1.0, "
+                              f"got {p.downsample_ratio}")
+        if p.kind == "internvl" and side and (abs(1 / p.downsample_ratio - round(1 / p.downsample_ratio)) > 1e-9
+                                              or side % round(1 / p.downsample_ratio)):
+            raise ConfigError(f"projector.downsample_ratio: 1/ratio must be an integer dividing the patch grid "
+                              f"side {side}, got {p.downsample_ratio}")
+        if not -(v.num_layers + 1) <= p.vision_feature_layer <= v.num_layers:
+            raise ConfigError(f"projector.vision_feature_layer: must index the tower's {v.num_layers + 1} hidden "
+                              f"states, in [{-(v.num_layers + 1)}, {v.num_layers}], got {p.vision_feature_layer}")
+        if self.stage2.steps < self.partition.num_clusters:
+            raise ConfigError(f"stage2.steps: must be >= partition.num_clusters ({self.partition.num_clusters}) "
+                              f"so every expert trains, got {self.stage2.steps}")
         if self.data.image_size % self.vision.patch_size:
             raise ConfigError(f"vision.patch_size: must divide data.image_size ({self.data.image_size}), "
                               f"got {self.vision.patch_size}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.mllm.text import (TemplateError, build_tokenizer, encode_conversation, image_token_id,
+from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, encode_conversation, image_token_id,
                                    pad_rows)
 from experiments.rundir import atomic_save_npz, atomic_write_json, read_json
 from experiments.tokenizer import load_tokenizer, save_tokenizer
@@ -98,8 +98,15 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
     records = record_files(config, run_root, log)
     if not records["train"]:
         raise DataError("data: no train records")
+    for split in ("val", "test"):
+        if not records[split]:
+            raise DataError(f"data: no {split} records (the {split} split must not be empty)")
+    for split in SPLITS:
+        for r in records[split]:
+            if IMAGE_TOKEN not in r.turns[0].text:
+                raise DataError(f"{split}: record {r.id!r}: the <image> placeholder must be in the first human turn")
     tokenizer = build_tokenizer([t.text for r in records["train"] for t in r.turns], config.data.vocab_size)
-    save_tokenizer(tokenizer, run_root / "tokenizer")
+    img_id = image_token_id(tokenizer)
     arrays, images = {}, {}
     for split in SPLITS:
         paths = sorted({str(_one_image(r, split)) for r in records[split]})
@@ -111,6 +118,9 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
             seq, mask = encode_conversation(tokenizer, r.turns, config.data.max_length, num_image_tokens, r.id)
         except TemplateError as exc:
             raise DataError(f"train: {exc}") from None
+        if int((seq == img_id).sum()) != num_image_tokens:   # the scatter would shift images across rows
+            raise DataError(f"train: record {r.id!r}: {int((seq == img_id).sum())} image tokens after layout, "
+                            f"expected {num_image_tokens} (exactly one <image>, in the first turn)")
         ids.append(seq)
         masks.append(mask)
         img.append(images["train"][str(_one_image(r, "train"))])
@@ -123,10 +133,11 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
                       [str(r.extra.get("source") or r.extra.get("question_type") or "all") for r in records["train"]])
     questions = {s: _question_rows(records[s], s, images[s]) for s in ("val", "test")}
     atomic_write_json(data_dir / "questions.json", questions)
+    save_tokenizer(tokenizer, run_root / "tokenizer")   # last before the summary: a failed run leaves none
     types = sorted({q["question_type"] for q in questions["test"]})
     summary = {
         "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
-        "pad_id": tokenizer.pad_token_id, "image_token_id": image_token_id(tokenizer),
+        "pad_id": tokenizer.pad_token_id, "image_token_id": img_id,
         "num_image_tokens": num_image_tokens,
         "records": {s: len(records[s]) for s in SPLITS},
         "images": {s: int(arrays[f"images_{s}"].shape[0]) for s in SPLITS},

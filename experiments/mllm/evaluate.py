@@ -3,7 +3,8 @@
 Systems: `stage1` (alignment only), `dense` (stage 2 on all data), and the ensemble of the K
 experts under each router: centroid top-1 (the partition function: exact by THEORY S12), centroid
 top-k with its temperature fitted on val (softmax over the top-k cosines, S13), the Bayes filter
-(S9: `rho_k ∝ w_k p_k(question | image)`, updated by every answer token), and the oracle (the test
+(S9 for experts of p(answer | image, question): `rho_k` starts at the prior w_k and is updated by
+every answer token), and the oracle (the test
 image's cluster, i.e. its nearest centroid — it coincides with top-1 here, S12); plus the
 random-partition control (Bayes filter over the random experts).
 
@@ -18,6 +19,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+from scipy.special import logsumexp
 from tqdm import tqdm
 
 from experiments.mllm import modeling
@@ -48,19 +50,33 @@ def select_questions(rows: list[dict], limit: int) -> list[dict]:
 
 
 class QuestionSet:
-    """Token layout of one split's questions: prompts, answers and the teacher-forced sequences."""
+    """Token layout of one split's questions: prompts, answers and the teacher-forced sequences.
+
+    Images stay uint8 (`images [n_images, S, S, 3]`, `image [n]` index per question) and are
+    normalized per batch (`pixels`), so memory does not grow with the number of questions.
+
+    Raises:
+      ValueError: no rows, or a prompt whose image tokens are not exactly `num_image_tokens`
+        (naming the question id): the image features would land on the wrong rows.
+    """
 
     def __init__(self, rows, tokenizer, images_uint8, num_image_tokens: int, image_id: int):
+        if not rows:
+            raise ValueError("rows: no questions to evaluate")
         self.rows = rows
         self.prompts = [encode_prompt(tokenizer, r["question"], num_image_tokens) for r in rows]
+        for r, p in zip(rows, self.prompts):
+            if int((p == image_id).sum()) != num_image_tokens:
+                raise ValueError(f"question {r['id']!r}: its prompt has {int((p == image_id).sum())} image tokens, "
+                                 f"expected {num_image_tokens} (one <image> in the first turn)")
         self.answers = [encode_answer(tokenizer, r["answer"]) for r in rows]
         self.prompt_len = np.asarray([len(p) for p in self.prompts])
         self.answer_len = np.asarray([len(a) for a in self.answers])
-        length = int((self.prompt_len + self.answer_len).max()) if rows else 1
+        length = int((self.prompt_len + self.answer_len).max())
         self.seqs = pad_rows([np.concatenate([p, a]) for p, a in zip(self.prompts, self.answers)], length,
                              tokenizer.pad_token_id)
+        self.images = images_uint8
         self.image = np.asarray([r["image"] for r in rows], np.int64)
-        self.px = modeling.pixels(images_uint8)[self.image] if rows else np.zeros((0,))
         # targets j+1 of the teacher-forced rows: question text (not BOS, not image tokens) / answer
         tgt = self.seqs[:, 1:]
         pos = np.arange(tgt.shape[1])[None]
@@ -68,6 +84,14 @@ class QuestionSet:
         self.answer_index = self.prompt_len[:, None] - 1 + np.arange(self.answer_len.max())[None]
         self.answer_mask = np.arange(self.answer_len.max())[None] < self.answer_len[:, None]
         self.answer_index = np.minimum(self.answer_index, tgt.shape[1] - 1)
+
+    def pixels(self, rows: np.ndarray) -> np.ndarray:
+        """Normalized pixels `[len(rows), S, S, 3]` of the questions `rows`."""
+        return modeling.pixels(self.images[self.image[rows]])
+
+    def log_probs(self, model, batch_size: int) -> np.ndarray:
+        """`modeling.sequence_log_probs` of the teacher-forced rows, `[n, L-1]`."""
+        return modeling.sequence_log_probs(model, self.seqs, self.pixels, batch_size)
 
     def split_log_probs(self, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(question log-lik [n], answer token log-probs [n, A] (0 where padded))` from `[n, L-1]`."""
@@ -96,7 +120,7 @@ def _generate(models, qs: QuestionSet, cfg, progress, desc, weights=None, log_pr
             idx = idx_all[s:s + bs]
             prompts = np.stack([qs.prompts[i] for i in idx])
             gen = modeling.mixture_generate(
-                models, prompts, qs.px[idx], cfg["max_new_tokens"],
+                models, prompts, qs.pixels(idx), cfg["max_new_tokens"],
                 weights=None if weights is None else weights[idx],
                 log_prior=None if log_prior is None else log_prior[idx])
             for i, g in zip(idx, gen):
@@ -129,9 +153,8 @@ def evaluate(ctx: Context) -> dict:
     t0 = time.perf_counter()
     lp_q, lp_a = {}, {}
     for n in tqdm(names, desc="score", disable=not ctx.progress, leave=False):
-        lp_q[n], lp_a[n] = test.split_log_probs(modeling.sequence_log_probs(models[n], test.seqs, test.px, bs))
-    val_ll = np.stack([val.split_log_probs(modeling.sequence_log_probs(models[e], val.seqs, val.px, bs))[1].sum(1)
-                       for e in experts], axis=1) if val_rows else None
+        lp_q[n], lp_a[n] = test.split_log_probs(test.log_probs(models[n], bs))
+    val_ll = np.stack([val.split_log_probs(val.log_probs(models[e], bs))[1].sum(1) for e in experts], axis=1)
     score_s = time.perf_counter() - t0
 
     feats = np.load(ctx.run.partition / "features.npz")
@@ -139,17 +162,20 @@ def evaluate(ctx: Context) -> dict:
     partition = Partition.load(ctx.run.partition / "partition.npz")
     f_test = feats["test"][test.image]
     top1 = CentroidRouter(partition, temperature=1.0, top_k=1)
-    topk = CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k)
-    if val_rows:
-        topk = topk.fit_temperature(feats["val"][val.image], val_ll)
+    topk = CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k).fit_temperature(
+        feats["val"][val.image], val_ll)
     train_labels = np.asarray(assignments["train"])[a["image"]]
     priors = np.bincount(train_labels, minlength=k) / len(train_labels)
     oracle_w = np.eye(k)[np.asarray(assignments["test"])[test.image]]
     # top-1 keeps one expert with weight exactly 1 (float32 renormalization would leave 1 - 6e-8)
-    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.weights(f_test)).argmax(axis=1)],
-               f"centroid-top{c.eval.top_k}": np.asarray(topk.weights(f_test), np.float64),
-               "oracle": oracle_w}
-    log_prior = np.log(priors)[None] + np.stack([lp_q[e] for e in experts], axis=1)
+    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.weights(f_test)).argmax(axis=1)]}
+    if c.eval.top_k > 1:
+        weights[f"centroid-top{c.eval.top_k}"] = np.asarray(topk.weights(f_test), np.float64)
+    weights["oracle"] = oracle_w
+    # Bayes filter over the answer tokens from the prior w_k (THEORY S9 for experts of
+    # p(answer | image, question)): the question tokens are not trained on (LLaVA's loss), so
+    # their likelihoods are no evidence, and no expert models the image itself.
+    log_prior = np.repeat(np.log(priors)[None], len(test_rows), axis=0)
     stack_a = np.stack([lp_a[e] for e in experts])
 
     systems = []
@@ -163,7 +189,7 @@ def evaluate(ctx: Context) -> dict:
     if randoms:
         rl = np.asarray(assignments["random"])[a["image"]]
         rprior = np.bincount(rl, minlength=k) / len(rl)
-        rlog = np.log(rprior)[None] + np.stack([lp_q[e] for e in randoms], axis=1)
+        rlog = np.repeat(np.log(rprior)[None], len(test_rows), axis=0)
         plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", [models[e] for e in randoms],
                      None, rlog))
     bar = tqdm(total=len(plan) * len(test_rows), desc="generate", disable=not ctx.progress, leave=False)
@@ -192,7 +218,7 @@ def evaluate(ctx: Context) -> dict:
         "systems": systems, "num_test_questions": len(test_rows), "num_val_questions": len(val_rows),
         "temperature": float(topk.temperature), "priors": priors.tolist(), "score_s": score_s,
         "weights": {n: w.tolist() for n, w in weights.items()},
-        "bayes_weights_at_answer": np.exp(log_prior - np.logaddexp.reduce(log_prior, axis=1, keepdims=True)).tolist(),
+        "bayes_weights_after_answer": _posterior(log_prior, stack_a.sum(axis=2).T).tolist(),
         "test_clusters": np.asarray(assignments["test"])[test.image].tolist(),
         "test_rows": [{k2: r[k2] for k2 in ("id", "image", "question", "answer", "question_type", "source")}
                       for r in test_rows],
@@ -202,6 +228,12 @@ def evaluate(ctx: Context) -> dict:
         "stages": {n: ctx.run.stage_info(n) for n in stage_names(c)},
         "partition": ctx.run.stage_info("partition"), "data": summary,
     }
+
+
+def _posterior(log_prior: np.ndarray, loglik: np.ndarray) -> np.ndarray:
+    """`rho_k ∝ exp(log_prior_k + loglik_k)` per row, `[n, K]`."""
+    z = log_prior + loglik
+    return np.exp(z - logsumexp(z, axis=1, keepdims=True))
 
 
 def _composition(ctx: Context, train_labels: np.ndarray) -> dict:

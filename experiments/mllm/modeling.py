@@ -4,8 +4,7 @@ generation from a mixture of experts (fixed router weights or the Bayes filter, 
 Mixture decoding: at every step the next-token distribution of a system is
 `p(y) = sum_k rho_k p_k(y | image, prompt, generated)` (THEORY S8 for AR, S5), with `rho` fixed
 per question (centroid routers; top-1 = the partition function, exact by S12) or the Bayes filter
-`rho_k ∝ w_k p_k(question text | image) prod p_k(generated tokens)`, updated after every token
-(S9). The greedy answer is `argmax_y p(y)`; experts with zero weight in a batch are not run.
+`rho_k ∝ w_k prod p_k(generated tokens | image, question)`, updated after every token (S9). The greedy answer is `argmax_y p(y)`; experts with zero weight in a batch are not run.
 """
 from __future__ import annotations
 
@@ -96,31 +95,38 @@ def _target_log_probs(model, tokens, px):
     return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def sequence_log_probs(model, seqs: np.ndarray, px: np.ndarray, batch_size: int) -> np.ndarray:
-    """Log-probabilities `[n, L-1]` float64 of tokens 1.. of `seqs [n, L]` given the images `px [n, ...]`.
+def sequence_log_probs(model, seqs: np.ndarray, pixels_of, batch_size: int) -> np.ndarray:
+    """Log-probabilities `[n, L-1]` float64 of tokens 1.. of `seqs [n, L]` given their images.
 
-    Rows are padded to `batch_size` so every batch has one shape (one compilation).
+    `pixels_of(rows) -> [len(rows), S, S, 3]` gives the normalized images of rows `rows`. Rows are
+    padded to `batch_size` so every batch has one shape (one compilation).
     """
     n = len(seqs)
     out = np.zeros((n, seqs.shape[1] - 1))
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-        lp = _target_log_probs(model, jnp.asarray(seqs[pad]), jnp.asarray(px[pad]))
+        lp = _target_log_probs(model, jnp.asarray(seqs[pad]), jnp.asarray(pixels_of(pad)))
         out[idx] = np.asarray(lp, np.float64)[: len(idx)]
     return out
 
 
 @nnx.jit
 def pooled_features(model, px):
-    """Pooled image features `[n, vision_hidden]` of the model's (frozen) tower."""
-    return model.pooled_image_features(px)
+    """Routing / partition features `[n, vision_hidden]`: the mean over patches of the tower's layer
+    `vision_feature_layer` (class token dropped) — the features the projector reads.
+
+    (CLIP's own pooled output, `post_layernorm` of the last layer's class token, would come from
+    layers that LLaVA's feature layer -2 never trains when the tower is trained from scratch.)
+    """
+    hidden = model.vision_tower.hidden_states(px)[model.config.vision_feature_layer]
+    return hidden[:, 1:].mean(axis=1)
 
 
-def image_features(model, px: np.ndarray, batch_size: int) -> np.ndarray:
-    """`pooled_features` over all images in batches, float64 `[n, vision_hidden]`."""
-    parts = [np.asarray(pooled_features(model, jnp.asarray(px[s:s + batch_size])), np.float64)
-             for s in range(0, len(px), batch_size)]
+def image_features(model, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
+    """`pooled_features` of uint8 images `[n, S, S, 3]` (normalized per batch), float64 `[n, vision_hidden]`."""
+    parts = [np.asarray(pooled_features(model, jnp.asarray(pixels(images_uint8[s:s + batch_size]))), np.float64)
+             for s in range(0, len(images_uint8), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
@@ -145,7 +151,8 @@ def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_
       models: K `MultimodalModel`s (K = 1: plain greedy decoding).
       prompts: `[B, P]` int32 prompt ids (image tokens expanded); px: `[B, S, S, 3]` pixels.
       weights: `[B, K]` fixed router weights (rows sum to 1), or None for the Bayes filter.
-      log_prior: `[B, K]` Bayes filter: `log w_k + log p_k(question | image)` (any per-row shift).
+      log_prior: `[B, K]` Bayes filter: the log-weights before the first generated token (e.g.
+        `log w_k`; any per-row shift).
     Returns:
       `[B, max_new_tokens]` int32 generated ids (continuing after EOS; cut with `decode_answer`).
     """

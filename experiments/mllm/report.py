@@ -27,7 +27,7 @@ def routing_by_source(results: dict) -> tuple[list[str], dict]:
     src = np.asarray([r["source"] or "?" for r in results["test_rows"]])
     out = {}
     named = dict(results["weights"])
-    named["bayes (question)"] = results["bayes_weights_at_answer"]
+    named["bayes (after the answer)"] = results["bayes_weights_after_answer"]
     for name, w in named.items():
         w = np.asarray(w, float)
         out[name] = [w[src == s].mean(axis=0).tolist() if (src == s).any() else [float("nan")] * w.shape[1]

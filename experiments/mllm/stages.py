@@ -3,7 +3,8 @@
     data       records (default dataset or LLaVA / InternVL files), tokenizer, token and image arrays
     stage1     alignment on all train conversations: tower + projector + LM from scratch
                (`[stage1] train`; "projector" is LLaVA's choice with pretrained parts)
-    partition  pooled features of the stage-1 tower (frozen from here on) for every image; spherical
+    partition  features of the stage-1 tower (frozen from here on) for every image (patch mean of
+               the layer the projector reads, `modeling.pooled_features`); spherical
                balanced k-means on the train images (the paper's partition); a random partition of
                the same sizes (control); val / test images assigned to the nearest centroid
     dense      stage 2 (instruction tuning) on all train conversations, from stage 1
@@ -126,7 +127,7 @@ def run_partition(ctx: Context) -> dict:
     t0 = time.perf_counter()
     c, a = ctx.config, arrays(ctx)
     model = load_stage_model(ctx, "stage1")
-    feats = {s: modeling.image_features(model, modeling.pixels(a[f"images_{s}"]), c.eval.batch_size)
+    feats = {s: modeling.image_features(model, a[f"images_{s}"], c.eval.batch_size)
              for s in ("train", "val", "test")}
     partition, labels = balanced_kmeans(feats["train"], c.partition.num_clusters, rng=c.partition.seed)
     random_labels = np.random.default_rng(c.partition.seed).permutation(labels)
