@@ -64,22 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = parser.parse_args(argv)
 
-    from experiments.config import ConfigError, load_config  # lazy: keeps `dfm --help` fast
+    from experiments.config import ConfigError  # lazy: keeps `dfm --help` fast
 
     try:
-        multimodal = _is_multimodal(args.config)
-        if multimodal:
-            return _main_multimodal(args)
-        config = load_config(args.config)
-        if args.schedule is not None and args.schedule != config.schedule:
-            config = config.replace(schedule=args.schedule, name=f"{config.name}-{args.schedule}")
+        job = _multimodal_job(args) if _is_multimodal(args.config) else _text_job(args)
     except ConfigError as exc:
         print(f"dfm: error: config: {exc}", file=sys.stderr)
         return 2
+    except _UsageError as exc:
+        print(f"dfm: error: {exc}", file=sys.stderr)
+        return 2
 
-    from dfm.sharding import initialize, is_main_process
-    from experiments import stages
+    from dfm.sharding import initialize
+    from experiments.mllm.data import DataError
+    from experiments.mllm.formats import FormatError
     from experiments.rundir import RunDirError
+    from experiments.stages import StageError
 
     try:
         initialize()  # multi-host launchers (SLURM, Cloud TPU, Kubernetes); a no-op on one process
@@ -87,32 +87,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfm: error: distributed launch: {exc}", file=sys.stderr)
         return 2
     try:
-        ctx = stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
-        if args.command == "partition":
-            stages.run_partition(ctx)
-        elif args.command == "train":
-            if args.base:
-                stages.run_train(ctx, "base", stop_after=args.stop_after)
-            elif args.dense:
-                stages.run_train(ctx, "dense", stop_after=args.stop_after)
-            elif args.expert is not None:
-                stages.run_train(ctx, stages.expert_stage(ctx, args.expert), stop_after=args.stop_after)
-            elif args.random_expert is not None:
-                stages.run_train(ctx, stages.expert_stage(ctx, args.random_expert, random=True),
-                                 stop_after=args.stop_after)
-            else:
-                stages.run_train(ctx, "router", stop_after=args.stop_after)
-        elif args.command == "evaluate":
-            stages.run_evaluate(ctx)
-        else:
-            stages.run_all(ctx)
-    except (RunDirError, stages.StageError) as exc:
+        job()
+    except (RunDirError, StageError, DataError, FormatError) as exc:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+class _UsageError(ValueError):
+    """A flag that does not apply to the chosen job (exit status 2)."""
+
+
+def _context(stages, config, args):
+    from dfm.sharding import is_main_process
+
+    return stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
+
+
+def _text_job(args):
+    """The text job (`experiments.stages`): returns the command as a zero-argument callable."""
+    from experiments import stages
+    from experiments.config import load_config
+
+    config = load_config(args.config)
+    if args.schedule is not None and args.schedule != config.schedule:
+        config = config.replace(schedule=args.schedule, name=f"{config.name}-{args.schedule}")
+
+    def job():
+        ctx = _context(stages, config, args)
+        if args.command == "partition":
+            stages.run_partition(ctx)
+        elif args.command == "train":
+            if args.base:
+                stage = "base"
+            elif args.dense:
+                stage = "dense"
+            elif args.expert is not None:
+                stage = stages.expert_stage(ctx, args.expert)
+            elif args.random_expert is not None:
+                stage = stages.expert_stage(ctx, args.random_expert, random=True)
+            else:
+                stage = "router"
+            stages.run_train(ctx, stage, stop_after=args.stop_after)
+        elif args.command == "evaluate":
+            stages.run_evaluate(ctx)
+        else:
+            stages.run_all(ctx)
+    return job
 
 
 def _is_multimodal(name_or_path: str) -> bool:
@@ -129,35 +153,25 @@ def _is_multimodal(name_or_path: str) -> bool:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _main_multimodal(args) -> int:
+def _multimodal_job(args):
     """The multimodal job (`experiments.mllm.stages`) for a ``task = "mllm"`` config.
 
     `partition` = data + stage 1 + k-means; `train --base` = stage 1; `--dense`, `--expert K`,
-    `--random-expert K` as for the text job; `--router` and `--schedule` do not apply (exit 2).
+    `--random-expert K` as for the text job; `--router` and `--schedule` do not apply (_UsageError).
     """
-    from experiments.config import ConfigError, resolve_path
+    from experiments.config import resolve_path
     from experiments.mllm import config as mconfig
-
-    try:
-        config = mconfig.load(resolve_path(args.config))
-    except ConfigError as exc:
-        print(f"dfm: error: config: {exc}", file=sys.stderr)
-        return 2
-    if args.schedule not in (None, "ar"):
-        print("dfm: error: --schedule: the multimodal job is autoregressive (LLaVA); drop --schedule", file=sys.stderr)
-        return 2
-    if args.command == "train" and args.router:
-        print("dfm: error: --router: the multimodal job routes by image features (no learned router)", file=sys.stderr)
-        return 2
-    from dfm.sharding import is_main_process
     from experiments.mllm import stages
-    from experiments.mllm.data import DataError
-    from experiments.mllm.formats import FormatError
-    from experiments.rundir import RunDirError
     from experiments.stages import StageError
 
-    try:
-        ctx = stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
+    config = mconfig.load(resolve_path(args.config))
+    if args.schedule not in (None, "ar"):
+        raise _UsageError("--schedule: the multimodal job is autoregressive (LLaVA); drop --schedule")
+    if args.command == "train" and args.router:
+        raise _UsageError("--router: the multimodal job routes by image features (no learned router)")
+
+    def job():
+        ctx = _context(stages, config, args)
         if args.command == "partition":
             stages.data_summary(ctx)
             stages.run_train(ctx, "stage1")
@@ -173,13 +187,7 @@ def _main_multimodal(args) -> int:
             stages.run_evaluate(ctx)
         else:
             stages.run_all(ctx)
-    except (RunDirError, StageError, DataError, FormatError) as exc:
-        print(f"dfm: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return job
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -331,25 +331,35 @@ def run_train(ctx: Context, stage: str, *, stop_after: int | None = None) -> dic
     return info
 
 
-def run_evaluate(ctx: Context) -> dict:
-    """Evaluate every system, write report.json / report.md / plots (skipped if done)."""
-    from experiments import evaluate, report
+def evaluate_and_report(ctx: Context, training_stages: list[str], evaluate_fn, report) -> dict:
+    """The evaluate stage of a job: `evaluate_fn(ctx)`, then `report.write_report` and
+    `report.print_summary` (skipped, summary printed, when done).
 
+    Raises:
+      StageError: one of `training_stages` has not finished.
+    """
     if ctx.run.is_done("evaluate") and ctx.run.report_json.is_file():
         ctx.log("[evaluate] already finished, skipped")
         rep = read_json(ctx.run.report_json)
         report.print_summary(rep)
         return rep
-    missing = [s for s in stage_names(ctx.config) if not ctx.run.is_done(s)]
+    missing = [s for s in training_stages if not ctx.run.is_done(s)]
     if missing:
         raise StageError(f"cannot evaluate: unfinished stages {', '.join(missing)}; run `dfm run` "
                          f"or `dfm train` for them")
     t0 = time.perf_counter()
-    results = evaluate.evaluate(ctx)
+    results = evaluate_fn(ctx)
     rep = report.write_report(ctx, results)
     ctx.run.mark_done("evaluate", {"wall_time_s": time.perf_counter() - t0})
     report.print_summary(rep)
     return rep
+
+
+def run_evaluate(ctx: Context) -> dict:
+    """Evaluate every system, write report.json / report.md / plots (skipped if done)."""
+    from experiments import evaluate, report
+
+    return evaluate_and_report(ctx, stage_names(ctx.config), evaluate.evaluate, report)
 
 
 def run_all(ctx: Context) -> dict:

@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.config import ConfigError, _f, _toml_value, _validate
+from experiments.config import ConfigError, StageConfig, _f, _toml_value, _validate
 
 TASK = "mllm"
 SOURCES = ("default", "llava", "internvl")
@@ -122,22 +122,17 @@ class PartitionSection:
 
 
 @dataclass(frozen=True)
-class StageSection:
-    """One training stage (AdamW, warmup + cosine; see `dfm.train.TrainConfig`).
+class StageSection(StageConfig):
+    """One training stage: `experiments.config.StageConfig` (steps, batch size, AdamW, checkpoints)
+    plus which parameters it updates.
 
     Attributes:
-      train: which parameters are updated: "all", "projector" (LLaVA stage 1 with pretrained
-        models), "projector+tower", or "projector+llm" (LLaVA stage 2: the tower stays frozen).
-        The multimodal job trains from scratch, so its stage 1 uses "all"; stage 2 must keep the
-        tower frozen ("projector+llm") so the routing features are the same for every expert.
+      train: "all", "projector" (LLaVA stage 1 with pretrained parts), "projector+tower", or
+        "projector+llm" (LLaVA stage 2: the tower stays frozen). The multimodal job trains from
+        scratch, so its stage 1 uses "all"; stage 2 must keep the tower frozen ("projector+llm")
+        so the routing features are the same for every expert.
     """
 
-    steps: int = _f(600, lo=1)
-    batch_size: int = _f(32, lo=1)
-    learning_rate: float = _f(2e-3, lo=0.0, lo_open=True)
-    warmup_steps: int = _f(30, lo=0)
-    weight_decay: float = _f(0.01, lo=0.0)
-    checkpoint_every: int = _f(200, lo=1)
     train: str = _f("all", choices=TRAINABLE)
 
 
@@ -177,7 +172,7 @@ class MultimodalExperimentConfig:
     projector: ProjectorSection = ProjectorSection()
     partition: PartitionSection = PartitionSection()
     stage1: StageSection = StageSection()
-    stage2: StageSection = StageSection(steps=600, train="projector+llm")
+    stage2: StageSection = StageSection(train="projector+llm")
     eval: EvalSection = EvalSection()
 
     def __post_init__(self):

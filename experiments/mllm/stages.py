@@ -30,7 +30,7 @@ import numpy as np
 from experiments.mllm import modeling
 from experiments.mllm.config import MultimodalExperimentConfig, to_toml
 from experiments.rundir import RunDir, RunDirError, atomic_write_json, atomic_write_text, read_json
-from experiments.stages import Context, StageError
+from experiments.stages import Context, StageError, evaluate_and_report
 
 
 def open_context(config: MultimodalExperimentConfig, out=None, *, progress: bool = True, log=print) -> Context:
@@ -218,20 +218,7 @@ def run_evaluate(ctx: Context) -> dict:
     """Evaluate every system; write report.json / report.md, plots and the example grid."""
     from experiments.mllm import evaluate, report
 
-    if ctx.run.is_done("evaluate") and ctx.run.report_json.is_file():
-        ctx.log("[evaluate] already finished, skipped")
-        rep = read_json(ctx.run.report_json)
-        report.print_summary(rep)
-        return rep
-    missing = [s for s in stage_names(ctx.config) if not ctx.run.is_done(s)]
-    if missing:
-        raise StageError(f"cannot evaluate: unfinished stages {', '.join(missing)}; run `dfm run`")
-    t0 = time.perf_counter()
-    results = evaluate.evaluate(ctx)
-    rep = report.write_report(ctx, results)
-    ctx.run.mark_done("evaluate", {"wall_time_s": time.perf_counter() - t0})
-    report.print_summary(rep)
-    return rep
+    return evaluate_and_report(ctx, stage_names(ctx.config), evaluate.evaluate, report)
 
 
 def run_export(ctx: Context) -> dict:
