@@ -151,9 +151,9 @@ def evaluate(ctx: Context) -> dict:
     bs = c.eval.batch_size
 
     t0 = time.perf_counter()
-    lp_q, lp_a = {}, {}
+    lp_a = {}   # answer-token log-probs [n, A] of every model
     for n in tqdm(names, desc="score", disable=not ctx.progress, leave=False):
-        lp_q[n], lp_a[n] = test.split_log_probs(test.log_probs(models[n], bs))
+        lp_a[n] = test.split_log_probs(test.log_probs(models[n], bs))[1]
     val_ll = np.stack([val.split_log_probs(val.log_probs(models[e], bs))[1].sum(1) for e in experts], axis=1)
     score_s = time.perf_counter() - t0
 
@@ -213,7 +213,6 @@ def evaluate(ctx: Context) -> dict:
                         "answer_ppl": float(np.exp(nll)), "scores": scores,
                         "generate_s": time.perf_counter() - t1})
     bar.close()
-    own = -(stack_a[np.asarray(assignments["test"])[test.image], np.arange(len(test_rows))] * test.answer_mask).sum()
     return {
         "systems": systems, "num_test_questions": len(test_rows), "num_val_questions": len(val_rows),
         "temperature": float(topk.temperature), "priors": priors.tolist(), "score_s": score_s,
@@ -224,7 +223,6 @@ def evaluate(ctx: Context) -> dict:
                       for r in test_rows],
         "predictions": preds,
         "train_clusters_by_source": _composition(ctx, train_labels),
-        "own_cluster_nll": float(own / test.answer_mask.sum()),
         "stages": {n: ctx.run.stage_info(n) for n in stage_names(c)},
         "partition": ctx.run.stage_info("partition"), "data": summary,
     }

@@ -49,7 +49,6 @@ def build_report(ctx: Context, results: dict) -> dict:
         "train_clusters_by_source": results["train_clusters_by_source"],
         "partition": results["partition"], "data": results["data"],
         "stages": {n: {k: v for k, v in info.items() if k != "history"} for n, info in results["stages"].items()},
-        "own_cluster_nll": results["own_cluster_nll"],
     }
 
 
@@ -77,8 +76,11 @@ def markdown(rep: dict) -> str:
             _pct(mme.get("acc")) if mme else "—", _pct(mme.get("acc_plus")) if mme else "—",
             f"{s['answer_nll']:.4f}", f"{100 * s['delta_exact_match_vs_dense']:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The oracle (the test image's cluster) is the nearest centroid, so it equals centroid top-1 "
+              "(THEORY S12). The Bayes filter (S9) starts at the priors w_k and is updated by each answer "
+              "token: the experts model the answer given image and question, not the image.", ""]
     part = rep["partition"]
-    lines += ["", "## Partition", "",
+    lines += ["## Partition", "",
               f"Images per cluster {part['images_per_cluster']}, train conversations per cluster "
               f"{part['conversations_per_cluster']}, test images per cluster {part['test_images_per_cluster']}.", ""]
     comp = rep["train_clusters_by_source"]
