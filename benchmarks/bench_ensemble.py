@@ -42,7 +42,7 @@ def run(args) -> dict:
 
     from dfm import autoregressive, paths, samplers, schedules
     from dfm.decentral.ensemble import ensemble_init_state, ensemble_posterior_fn
-    from dfm.decentral.routers import BayesFilterRouter
+    from dfm.decentral.routers import BayesFilterRouter, FixedRouter
     from dfm.models import Decoder
 
     info = common.thread_info(args.threads)
@@ -84,14 +84,14 @@ def run(args) -> dict:
     bayes = BayesFilterRouter.from_priors(np.full(K, 1.0 / K))
     cases = [("one expert", [0], None, None, 1)]
     for k in (1, 2):
-        cases.append((f"top-{k} (fixed router)", range(K), fixed_w, k, k))
-    cases.append((f"full mixing (fixed router, {K})", range(K), fixed_w, None, K))
+        cases.append((f"top-{k} (fixed router)", range(K), FixedRouter(fixed_w), k, k))
+    cases.append((f"full mixing (fixed router, {K})", range(K), FixedRouter(fixed_w), None, K))
     cases.append((f"Bayes filter (full, {K})", range(K), bayes, None, K))
     if batch == 1:
         for k in (1, 2):
             sel = order[0, :k]
             w = fixed_w[:, sel] / jnp.sum(fixed_w[:, sel], axis=1, keepdims=True)
-            cases.append((f"top-{k} (only the selected experts run)", sel, w, None, k))
+            cases.append((f"top-{k} (only the selected experts run)", sel, FixedRouter(w), None, k))
 
     fns, compile_s, outs = {}, {}, {}
     for name, ids, router, top_k, _ in cases:

@@ -68,3 +68,40 @@ def causal_posterior_fn(step_fn: Callable[[Array, Array, Any], tuple[Array, Any]
         return logits[:, None, :], state
 
     return posterior_fn
+
+
+def prompted_posterior_fn(step_fn: Callable[[Array, Array, Any], tuple[Array, Any]], prompt_length: int):
+    """A cached ``PosteriorFn`` that continues a prompt already in the cache (AR schedule).
+
+    Generating ``length`` tokens after a prompt of ``P`` tokens (e.g. a conversation with image
+    tokens, prefilled by ``MultimodalModel.prefill``) is the AR schedule over the ``length`` new
+    positions: the state is ``(cache, first_logits [batch, vocab])`` where ``first_logits`` are the
+    prefill's logits at the last prompt token (predicting new token 0). At step ``t`` it returns
+    ``first_logits`` for ``t = 0``, else feeds ``x_t[:, t - 1]`` (revealed at the previous step) at
+    absolute position ``P + t - 1`` through ``step_fn`` (``lax.cond``: one branch runs).
+
+    Args:
+      step_fn: ``(tokens [batch], position, cache) -> (logits [batch, vocab], cache)``, e.g.
+        ``Decoder.decode_step`` / ``MultimodalModel.decode_step``.
+      prompt_length: P, the number of prompt tokens in the cache.
+
+    Returns:
+      ``posterior_fn(x_t [batch, length], t, positions [1], state) -> (logits [batch, 1, vocab], state)``.
+    """
+
+    def posterior_fn(x_t, t, positions, state):
+        cache, first = state
+        position = positions[0]
+
+        def first_step(cache):
+            return first.astype(jnp.float32), cache
+
+        def next_step(cache):
+            token = jnp.take(x_t, jnp.maximum(position - 1, 0), axis=1)
+            logits, cache = step_fn(token, prompt_length + position - 1, cache)
+            return logits.astype(jnp.float32), cache
+
+        logits, cache = jax.lax.cond(position == 0, first_step, next_step, cache)
+        return logits[:, None, :], (cache, first)
+
+    return posterior_fn

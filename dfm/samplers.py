@@ -1,9 +1,11 @@
 """``jax.lax.scan`` samplers for factorized DFM: discrete time (THEORY S4-S6) and Euler (S7).
 
 One internal scan over a rate table ``rate [T, length]`` serves both samplers. At step ``s`` each
-coordinate ``i`` that may move (mask source: ``x^i = mask_id``; uniform source: any) jumps with
-probability ``rate[s, i]`` to a draw from the posterior ``p_{1|t}(. | x)``; this is exactly the kernel
-``delta_{x^i} + u^i`` with ``u^i = rate (p_{1|t} - delta_{x^i})`` of ``posterior_to_velocity``.
+coordinate ``i`` that may move draws its next value from ``transition_probabilities``: the kernel
+``delta_{x^i} + u^i`` with ``u^i = rate (p_{1|t} - delta_{x^i})`` computed by
+``dfm.velocities.posterior_to_velocity`` (zero on revealed coordinates with a mask source). So the
+sampler's jump rule and the velocity of THEORY S4 / S7 are one implementation, and
+``proofs_check`` checks the sampler's own kernel against the enumeration.
 
 The model is a *posterior function* (``PosteriorFn``)::
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from dfm.checks import check_mask_id, check_rate, check_shape, is_tracer
 from dfm.schedules import DiscreteSchedule, KappaScheduler
+from dfm.velocities import posterior_to_velocity
 
 Array = jax.Array
 PosteriorFn = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
@@ -115,15 +118,43 @@ def _cumsum_last(w: Array) -> Array:
     return jnp.matmul(w, upper, precision=jax.lax.Precision.HIGHEST)
 
 
-def _sample_tokens(key, logits, temperature):
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1)
+def posterior_probabilities(logits: Array, temperature: float = 1.0) -> Array:
+    """The posterior the sampler draws from: ``softmax(logits / temperature)``, or the one-hot of the
+    argmax for ``temperature = 0`` (greedy), ``[..., vocab]``."""
+    if not is_tracer(temperature) and temperature == 0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
     if not is_tracer(temperature) and temperature == 1:
-        return categorical(key, logits)
-    return categorical(key, logits / temperature)
+        return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits / temperature, axis=-1)
 
 
-def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature, mask_id, state,
+def transition_probabilities(logits: Array, x: Array, rate: Array, *, temperature: float = 1.0,
+                             mask_id: int | None = None) -> Array:
+    """One step of the factorized sampler per coordinate: ``K^i = delta_{x^i} + u^i`` (THEORY S4, S7).
+
+    ``u^i = rate^i (p_{1|t} - delta_{x^i})`` from ``dfm.velocities.posterior_to_velocity`` with the
+    posterior ``posterior_probabilities(logits, temperature)``; with a mask source it is zero on
+    revealed coordinates (``x^i != mask_id``), which therefore stay.
+
+    Args:
+      logits: ``[batch, m, vocab]`` the posterior's logits at the moving coordinates.
+      x: ``[batch, m]`` int their current values (``mask_id`` or a token).
+      rate: ``[m]`` or ``[batch, m]`` jump probabilities in [0, 1].
+      temperature: ``>= 0``; mask_id: the mask token (``>= vocab``) or None (uniform source).
+
+    Returns:
+      ``[batch, m, num_states]`` probabilities (``num_states = mask_id + 1`` or ``vocab``).
+
+    Raises:
+      ValueError: as ``posterior_to_velocity`` (e.g. ``mask_id`` inside the vocabulary), on
+        concrete inputs.
+    """
+    probs = posterior_probabilities(logits, temperature)
+    u = posterior_to_velocity(probs, x, rate, mask_id=mask_id)
+    return jax.nn.one_hot(x, u.shape[-1], dtype=u.dtype) + u
+
+
+def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, *, temperature, mask_id, state,
                   return_intermediates):
     """The one scan: rates/times/positions/valid are ``[T, length]``/``[T]``/``[T, m]``/``[T, m]``.
 
@@ -158,14 +189,11 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, tempera
             raise ValueError(
                 f"posterior_fn: returned logits of shape {tuple(logits.shape)}, expected "
                 f"[batch={batch}, positions={num_moves}, vocab]")
-        k_jump, k_tok = jax.random.split(k)
         x_pos = x if dense else jnp.take(x, pos, axis=1)               # [batch, m]
         r = rate_row if dense else jnp.take(rate_row, pos)             # [m]
-        jump = jax.random.uniform(k_jump, x_pos.shape, dtype=rate_row.dtype) < r[None, :]
-        if mask_id is not None:
-            jump = jump & (x_pos == mask_id)
-        y = _sample_tokens(k_tok, logits, temperature).astype(x.dtype)
-        new = jnp.where(jump, y, x_pos)
+        kernel = transition_probabilities(logits, x_pos, r.astype(logits.dtype), temperature=temperature,
+                                          mask_id=mask_id)
+        new = categorical(k, jnp.log(kernel)).astype(x.dtype)
         if dense:
             x = new
         else:
@@ -185,9 +213,9 @@ def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSch
                     return_intermediates: bool = False):
     """Discrete-time factorized sampler ``X_{t+1} ~ prod_i (delta + u_t^i)(. | X_t)`` (THEORY S4-S6).
 
-    At step ``t = 0..T-1`` the coordinates ``schedule.moving_positions(t)`` that may still move jump
-    with probability ``rate[t, i]`` to a draw from ``softmax(logits / temperature)``; ``temperature = 0``
-    takes the argmax. Under ``autoregressive(length)`` this is next-token sampling, exact for the
+    At step ``t = 0..T-1`` the coordinates ``schedule.moving_positions(t)`` draw their next value from
+    ``transition_probabilities``: a still-masked coordinate jumps with probability ``rate[t, i]`` to a
+    draw from ``softmax(logits / temperature)`` (``temperature = 0``: the argmax). Under ``autoregressive(length)`` this is next-token sampling, exact for the
     exact posterior (THEORY S5(c)).
 
     Args:
@@ -213,8 +241,8 @@ def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSch
         positions, valid = schedule.moving_table()
         rates = schedule.rates()
     times = jnp.arange(schedule.num_steps, dtype=jnp.int32)
-    return _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature,
-                         mask_id, state, return_intermediates)
+    return _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature=temperature,
+                         mask_id=mask_id, state=state, return_intermediates=return_intermediates)
 
 
 def sample_euler(key: Array, posterior_fn: PosteriorFn, scheduler: KappaScheduler, x0: Array,
@@ -229,5 +257,5 @@ def sample_euler(key: Array, posterior_fn: PosteriorFn, scheduler: KappaSchedule
     length = x0.shape[1]
     rates = euler_rates(scheduler, length, num_steps)
     times = jnp.arange(num_steps, dtype=rates.dtype) / num_steps
-    return _scan_sampler(key, posterior_fn, rates, times, None, None, x0, temperature, mask_id,
-                         state, return_intermediates)
+    return _scan_sampler(key, posterior_fn, rates, times, None, None, x0, temperature=temperature,
+                         mask_id=mask_id, state=state, return_intermediates=return_intermediates)

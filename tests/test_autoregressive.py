@@ -72,3 +72,25 @@ def test_cached_sampler_threads_state():
                                   schedules.autoregressive(LENGTH), paths.mask_source((3, LENGTH), MASK),
                                   mask_id=MASK, state=jnp.int32(0))
     np.testing.assert_array_equal(np.asarray(x1), np.tile(np.arange(LENGTH) % VOCAB, (3, 1)))
+
+
+def test_prompted_posterior_fn_continues_a_prefilled_prompt_as_greedy_decoding():
+    """Greedy AR sampling after a prefilled prompt (`prompted_posterior_fn`) equals the decoder's
+    own greedy continuation (`greedy_generate`: prefill, then argmax decode steps)."""
+    from flax import nnx
+
+    from dfm.models import Decoder, DecoderConfig
+    from dfm.models.decoder import greedy_generate
+
+    vocab, new = 11, 5
+    model = Decoder(DecoderConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=2,
+                                  num_heads=2), rngs=nnx.Rngs(0))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (3, 4)), jnp.int32)
+    cache = model.init_cache(3, 4 + new)
+    logits, cache = model.prefill(prompt, cache)
+    fn = ar.prompted_posterior_fn(model.decode_step, 4)
+    out = samplers.sample_discrete(jax.random.PRNGKey(0), fn, schedules.autoregressive(new),
+                                   paths.mask_source((3, new), vocab), temperature=0.0, mask_id=vocab,
+                                   state=(cache, jax.nn.log_softmax(logits[:, -1])))
+    want = np.asarray(greedy_generate(model, prompt, new))[:, 4:]
+    np.testing.assert_array_equal(np.asarray(out), want)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from dfm.decentral import (BayesFilterRouter, EnsembleState, ExpertSpec, check_compatible_experts,
-                           ensemble_init_state, ensemble_posterior_fn, mix_log_probs, mix_logits,
-                           mix_probabilities, oracle_weights, top_k)
-from dfm.decentral.ensemble import _bayes_evidence
+from dfm.decentral import (BayesFilterRouter, CallableRouter, EnsembleState, ExpertSpec, FixedRouter,
+                           check_compatible_experts, ensemble_init_state, ensemble_posterior_fn, mix_log_probs,
+                           mix_logits, mix_probabilities, oracle_weights, top_k)
+from dfm.decentral.ensemble import _revealed_evidence
 from dfm.paths import mask_source
 from dfm.samplers import sample_discrete
 from dfm.schedules import autoregressive
@@ -148,12 +148,19 @@ def test_bayes_ensemble_posterior_is_exact_mixture():
             total += np.asarray(logp[:, 0][jnp.arange(x1.shape[0]), x1[:, t]])
         q = np.einsum("k,k...->...", priors, joints).reshape(-1)
         np.testing.assert_allclose(total, np.log(q), atol=1e-12)
-        # a uniform-weight ensemble is NOT the mixture (the router matters)
-        fn_u = ensemble_posterior_fn([_table_fn(tb) for tb in tables], lambda x, t: jnp.full((x.shape[0], 3), 1 / 3))
-        st_u = ensemble_init_state(None, [None] * 3, batch=x1.shape[0], num_moving=1, vocab=V)
-        lp1, _ = fn_u(jnp.where(jnp.arange(L)[None] < 1, x1, V), 1, jnp.array([1], jnp.int32), st_u)
+        # a uniform-weight ensemble is the uniform mixture of the experts' conditionals, not q
+        uniform = CallableRouter(lambda x, t: jnp.full((x.shape[0], 3), 1 / 3), 3)
+        fn_u = ensemble_posterior_fn([_table_fn(tb) for tb in tables], uniform)
+        st_u = ensemble_init_state(uniform, [None] * 3, batch=x1.shape[0], num_moving=1, vocab=V)
         assert isinstance(st_u, EnsembleState) and st_u.router_state is None
-        assert np.isfinite(np.asarray(lp1)).all()
+        x_1 = jnp.where(jnp.arange(L)[None] < 1, x1, V)
+        lp1, _ = fn_u(x_1, 1, jnp.array([1], jnp.int32), st_u)
+        idx = np.dot(np.asarray(x_1), (V + 1) ** np.arange(L - 1, -1, -1))
+        expected = np.log(tables[:, idx].mean(axis=0))                  # [batch, V]
+        np.testing.assert_allclose(np.asarray(lp1[:, 0]), expected, atol=1e-12)
+        exact, _ = fn(x_1, 1, jnp.array([1], jnp.int32), ensemble_init_state(
+            router, [None] * 3, batch=x1.shape[0], num_moving=1, vocab=V, dtype=jnp.float64))
+        assert np.abs(np.asarray(lp1) - np.asarray(exact)).max() > 1e-3
 
 
 def test_bayes_ensemble_samples_the_mixture_inside_scan():
@@ -172,9 +179,10 @@ def test_bayes_ensemble_samples_the_mixture_inside_scan():
     tv = 0.5 * np.abs(emp - q).sum()
     assert tv < 0.04, tv  # sampling noise alone gives about 0.015 here
     # with uniform (wrong) fixed weights the law is measurably different from q on this seed
-    fn_u = ensemble_posterior_fn([_table_fn(tb) for tb in tables], jnp.full((n, 3), 1 / 3), top_k=None)
+    uniform = FixedRouter(jnp.full((n, 3), 1 / 3))
+    fn_u = ensemble_posterior_fn([_table_fn(tb) for tb in tables], uniform, top_k=None)
     x_u = np.asarray(sample_discrete(jax.random.PRNGKey(0), fn_u, autoregressive(L), mask_source((n, L), V),
-                                     mask_id=V, state=ensemble_init_state(None, [None] * 3, batch=n,
+                                     mask_id=V, state=ensemble_init_state(uniform, [None] * 3, batch=n,
                                                                           num_moving=1, vocab=V)))
     emp_u = np.bincount(np.ravel_multi_index(x_u.T, (V,) * L), minlength=V**L) / n
     assert 0.5 * np.abs(emp_u - q).sum() > tv + 0.02
@@ -184,9 +192,9 @@ def test_bayes_evidence_counts_padded_positions_once():
     lp = jnp.log(jnp.array([[[[0.2, 0.8]]], [[[0.6, 0.4]]]]))  # [K=2, batch=1, m=1, V=2]
     state = EnsembleState((None, None), jnp.zeros((1, 2)), jnp.array([1, 1], jnp.int32),
                           jnp.array([[True, True]]), jnp.concatenate([lp, lp], axis=2))
-    ev = _bayes_evidence(state, jnp.array([[0, 1, 2]]), mask_id=2)
+    ev = _revealed_evidence(state, jnp.array([[0, 1, 2]]), mask_id=2)
     np.testing.assert_allclose(ev, jnp.log(jnp.array([[0.8], [0.4]])), atol=1e-6)
-    ev_masked = _bayes_evidence(state, jnp.array([[0, 2, 2]]), mask_id=2)  # not revealed yet
+    ev_masked = _revealed_evidence(state, jnp.array([[0, 2, 2]]), mask_id=2)  # not revealed yet
     np.testing.assert_allclose(ev_masked, 0.0)
 
 
@@ -198,24 +206,29 @@ def test_ensemble_posterior_fn_bad_inputs():
     with pytest.raises(ValueError, match="mask_id is required"):
         ensemble_posterior_fn(fns, BayesFilterRouter.from_priors([0.3, 0.3, 0.4]))
     with pytest.raises(ValueError, match=r"experts\[1\].vocab_size=4 differs"):
-        ensemble_posterior_fn(fns, lambda x, t: None, experts=[ExpertSpec(3, 3), ExpertSpec(4, 3), ExpertSpec(3, 3)])
-    with pytest.raises(ValueError, match="router has width 2 but there are 3 experts"):
-        ensemble_posterior_fn(fns, jnp.full((4, 2), 0.5))
+        ensemble_posterior_fn(fns, CallableRouter(lambda x, t: None, 3),
+                              experts=[ExpertSpec(3, 3), ExpertSpec(4, 3), ExpertSpec(3, 3)])
+    with pytest.raises(ValueError, match="router has 2 experts but there are 3"):
+        ensemble_posterior_fn(fns, FixedRouter(jnp.full((4, 2), 0.5)))
+    with pytest.raises(ValueError, match="router: expected a router with init / weights / update"):
+        ensemble_posterior_fn(fns, jnp.full((4, 3), 1 / 3))
     with pytest.raises(ValueError, match="expert_posterior_fns is empty"):
-        ensemble_posterior_fn([], jnp.ones((1, 1)))
+        ensemble_posterior_fn([], FixedRouter(jnp.ones((1, 1))))
     with pytest.raises(ValueError, match="top_k=4 exceeds"):
-        ensemble_posterior_fn(fns, jnp.full((1, 3), 1 / 3), top_k=4)
+        ensemble_posterior_fn(fns, FixedRouter(jnp.full((1, 3), 1 / 3)), top_k=4)
 
     def other_vocab(x_t, t, positions, state):
         return jnp.zeros((x_t.shape[0], 1, V + 1)), state
 
-    fn = ensemble_posterior_fn(fns[:2] + [other_vocab], jnp.full((2, 3), 1 / 3))
+    fixed = FixedRouter(jnp.full((2, 3), 1 / 3))
+    fn = ensemble_posterior_fn(fns[:2] + [other_vocab], fixed)
     with pytest.raises(ValueError, match=r"expert_posterior_fns\[2\] returned logits of shape"):
-        fn(jnp.full((2, L), V), 0, jnp.array([0]), ensemble_init_state(None, [None] * 3, batch=2,
+        fn(jnp.full((2, L), V), 0, jnp.array([0]), ensemble_init_state(fixed, [None] * 3, batch=2,
                                                                       num_moving=1, vocab=V))
-    fn_w = ensemble_posterior_fn(fns, lambda x, t: jnp.full((x.shape[0], 2), 0.5))
+    wrong = CallableRouter(lambda x, t: jnp.full((x.shape[0], 2), 0.5), 3)
+    fn_w = ensemble_posterior_fn(fns, wrong)
     with pytest.raises(ValueError, match="weights has width 2 but there are 3 experts"):
-        fn_w(jnp.full((2, L), V), 0, jnp.array([0]), ensemble_init_state(None, [None] * 3, batch=2,
+        fn_w(jnp.full((2, L), V), 0, jnp.array([0]), ensemble_init_state(wrong, [None] * 3, batch=2,
                                                                         num_moving=1, vocab=V))
 
 
@@ -235,7 +248,7 @@ def test_learned_router_ensemble_runs_in_sampler_and_identical_experts_change_no
     router = LearnedRouter(DecoderConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_layers=1,
                                          num_heads=2), 3, num_steps=6, rngs=nnx.Rngs(5))
     schedule = discretize(LinearScheduler(), 6, 6)
-    fn = ensemble_posterior_fn([posterior_fn_from_denoiser(e) for e in experts], router.weights, mask_id=4)
+    fn = ensemble_posterior_fn([posterior_fn_from_denoiser(e) for e in experts], router, mask_id=4)
     state = ensemble_init_state(router, [None] * 3, batch=5, num_moving=6, vocab=4)
     key = jax.random.PRNGKey(3)
     x_ens = jax.jit(lambda k: sample_discrete(k, fn, schedule, mask_source((5, 6), 4), mask_id=4, state=state))(key)
@@ -262,13 +275,13 @@ def test_fixed_top_k_weights_call_only_the_selected_experts():
     weights = jnp.asarray([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1]])
     x_t = jnp.zeros((batch, 2), jnp.int32)
     state = EnsembleState((None,) * num)
-    mixed, new_state = ensemble_posterior_fn(fns, weights, top_k=1)(x_t, 0, jnp.zeros(1, jnp.int32), state)
+    mixed, new_state = ensemble_posterior_fn(fns, FixedRouter(weights), top_k=1)(x_t, 0, jnp.zeros(1, jnp.int32), state)
     assert sorted(calls) == [0, 1]                       # experts 2 and 3 carry no weight after top-1
     assert new_state.expert_states == (None,) * num
     expected = jax.nn.log_softmax(tables[jnp.asarray([1, 0, 1]), jnp.arange(batch)], axis=-1)
     np.testing.assert_allclose(np.asarray(mixed), np.asarray(expected), atol=1e-6)
     calls.clear()
-    full, _ = ensemble_posterior_fn(fns, weights)(x_t, 0, jnp.zeros(1, jnp.int32), state)
+    full, _ = ensemble_posterior_fn(fns, FixedRouter(weights))(x_t, 0, jnp.zeros(1, jnp.int32), state)
     assert sorted(calls) == [0, 1, 2, 3]
     manual = jax.nn.logsumexp(jnp.log(weights.T)[:, :, None, None] + jax.nn.log_softmax(tables, -1), axis=0)
     np.testing.assert_allclose(np.asarray(full), np.asarray(manual), atol=1e-6)

@@ -25,7 +25,7 @@ def params(model) -> dict:
 @pytest.mark.parametrize("family, tie, sharded", [("llama", False, True), ("qwen2", True, False)])
 def test_import_roundtrip_and_greedy_match_transformers(tmp_path, family, tie, sharded):
     pytest.importorskip("torch")
-    from dfm.hf.parity import text_parity
+    from dfm.hf.parity_tools import text_parity
 
     result = text_parity(family, tmp_path, tie=tie, sharded=sharded)
     if sharded:
@@ -43,7 +43,7 @@ def test_import_roundtrip_and_greedy_match_transformers(tmp_path, family, tie, s
 @pytest.mark.peer
 def test_bf16_checkpoint_loads_as_bf16_or_cast_to_float32(tmp_path):
     torch = pytest.importorskip("torch")
-    from dfm.hf.parity import hf_logits, tiny_text_model
+    from dfm.hf.parity_tools import hf_logits, tiny_text_model
 
     hf = tiny_text_model("qwen2", seed=3)
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.peer
 
 from dfm.hf import SafetensorsCheckpoint, load_pretrained  # noqa: E402
-from dfm.hf.parity import hf_logits  # noqa: E402
+from dfm.hf.parity_tools import hf_logits  # noqa: E402
 from dfm.hf.safetensors_io import write_safetensors  # noqa: E402
 from dfm.hf.tokenizers import (expand_internvl_prompt, expand_llava_prompt, internvl_num_image_tokens,  # noqa: E402
                                llava_num_image_tokens)

@@ -258,3 +258,41 @@ def test_posterior_fn_wrong_shape_raises():
     with pytest.raises(ValueError, match="posterior_fn"):
         samplers.sample_discrete(jax.random.key(0), fn, schedules.autoregressive(3), paths.mask_source((2, 3), 2),
                                  mask_id=2)
+
+
+def test_transition_probabilities_is_delta_plus_velocity():
+    """The sampler's per-coordinate kernel (THEORY S4): a masked coordinate jumps with probability
+    rate to a draw from the posterior, a revealed one stays; the uniform source jumps anywhere."""
+    rng = np.random.default_rng(0)
+    vocab = 4
+    logits = rng.normal(size=(2, 3, vocab))
+    x = np.array([[vocab, 1, vocab], [2, vocab, 0]])
+    rate = np.array([0.25, 0.5, 1.0])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    with jax.enable_x64(True):
+        k = np.asarray(samplers.transition_probabilities(jnp.asarray(logits), jnp.asarray(x), jnp.asarray(rate),
+                                                         mask_id=vocab))
+        k_greedy = np.asarray(samplers.transition_probabilities(jnp.asarray(logits), jnp.asarray(x),
+                                                                jnp.asarray(rate), temperature=0.0, mask_id=vocab))
+        k_u = np.asarray(samplers.transition_probabilities(jnp.asarray(logits), jnp.asarray(x % vocab),
+                                                           jnp.asarray(rate)))
+    for b, i in itertools.product(range(2), range(3)):
+        want = np.zeros(vocab + 1)
+        if x[b, i] == vocab:
+            want[:vocab] = rate[i] * p[b, i]
+            want[vocab] = 1.0 - rate[i]
+        else:
+            want[x[b, i]] = 1.0
+        np.testing.assert_allclose(k[b, i], want, atol=1e-12)
+        greedy = np.zeros(vocab + 1)
+        if x[b, i] == vocab:
+            greedy[np.argmax(logits[b, i])] = rate[i]
+            greedy[vocab] = 1.0 - rate[i]
+        else:
+            greedy[x[b, i]] = 1.0
+        np.testing.assert_allclose(k_greedy[b, i], greedy, atol=1e-12)
+        uniform = rate[i] * p[b, i] + (1.0 - rate[i]) * np.eye(vocab)[x[b, i] % vocab]
+        np.testing.assert_allclose(k_u[b, i], uniform, atol=1e-12)
+    with pytest.raises(ValueError, match="mask_id"):
+        samplers.transition_probabilities(jnp.asarray(logits), jnp.asarray(x % vocab), jnp.asarray(rate), mask_id=2)

@@ -253,7 +253,7 @@ def test_masked_ensemble_elbo_matches_dense(toy):
         exact_post, exact_rho, chain_post = exact_posteriors(toy["pis"], toy["trans"], np.asarray(x_t))
         exact_rho_j = jnp.asarray(exact_rho, jnp.float32)
         expert_logits = jnp.stack([m(x_t) for m in experts])
-        learned_w = router.weights(x_t, jnp.full((x1.shape[0],), t))
+        learned_w = router.weights(None, x_t, jnp.full((x1.shape[0],), t))
         router_tv.append(0.5 * np.abs(np.asarray(learned_w) - exact_rho).sum(1).mean())
         candidates = {
             "exact posterior": jnp.asarray(np.log(np.maximum(exact_post, 1e-30)), jnp.float32),

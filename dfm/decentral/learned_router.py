@@ -3,8 +3,8 @@
 The exact router `rho_t(k | x) ∝ w_k p_t^k(x)` (THEORY S8) is the minimizer of the
 classification loss `E_{k ~ w, x_1 ~ q_k, t, x_t ~ p_t(.|x_1)} [-log r(k | x_t)]` (THEORY S10), so
 a classifier trained with cross-entropy on noised states and cluster labels estimates it.
-`LearnedRouter` is a `dfm.models.SequenceClassifier` on `(x_t, t)`; `router_loss` is that
-objective for one batch (t ~ U{0..T-1}, x_t ~ masked path, `dfm.paths.sample_masked_path`);
+`LearnedRouter` is a `dfm.models.SequenceClassifier` on `(x_t, t)`; `router_objective` is that
+objective, `router_loss` evaluates it on one batch (t ~ U{0..T-1}, x_t ~ masked path, `dfm.paths.sample_masked_path`);
 `train_learned_router` runs it with the project's one training loop `dfm.train.train`.
 Sampling `k ~ w, x_1 ~ q_k` is sampling `(x_1, label)` pairs uniformly from the pooled data.
 
@@ -27,12 +27,13 @@ from dfm.models.config import DecoderConfig
 from dfm.paths import sample_masked_path
 from dfm.schedules import DiscreteSchedule
 from dfm.train import TrainConfig, TrainResult, train
+from dfm.decentral.routers import StatelessRouter
 from dfm.decentral.validation import check_positive_int
 
 Array = jax.Array
 
 
-class LearnedRouter(nnx.Module):
+class LearnedRouter(StatelessRouter, nnx.Module):
     """Classifier router `r(k | x_t, t)` over K experts (THEORY S10).
 
     Args:
@@ -44,10 +45,9 @@ class LearnedRouter(nnx.Module):
       use_time: feed t to the classifier (False: weights depend on x_t only).
       rngs: `nnx.Rngs`.
 
-    Call / `logits(x_t, t)`: `[batch, K]` float32 logits; `weights(x_t, t)`: `[batch, K]`
-    softmax (rows sum to 1), the router interface; `x_t [batch, length]` int, `t [batch]` or a
-    scalar (broadcast). The bound `weights` is a `(x_t, t) -> [batch, K]` router for
-    `dfm.decentral.ensemble.ensemble_posterior_fn`.
+    Call / `logits(x_t, t)`: `[batch, K]` float32 logits; `x_t [batch, length]` int, `t [batch]`
+    or a scalar (broadcast). As a `dfm.decentral.Router` it is stateless (`init` -> None) and
+    `weights(state, x_t, t)` is the softmax of the logits (rows sum to 1).
 
     Raises:
       ValueError: num_experts < 1, num_steps < 1.
@@ -81,14 +81,40 @@ class LearnedRouter(nnx.Module):
         """`[batch, K]` log router weights."""
         return jax.nn.log_softmax(self.logits(x_t, t), axis=-1)
 
-    def weights(self, x_t: Array, t: Any = None) -> Array:
-        """`[batch, K]` router weights (rows sum to 1)."""
+    def weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:
+        """`[batch, K]` router weights (rows sum to 1); `state` is not used.
+
+        Raises:
+          ValueError: `x_t` is None (the classifier reads the noised state).
+        """
+        del state
+        if x_t is None:
+            raise ValueError("x_t: the learned router classifies the noised state x_t; it does not "
+                             "apply to teacher-forced scoring")
         return jax.nn.softmax(self.logits(x_t, t), axis=-1)
+
+
+def router_objective(logits: Array, labels: Array, sample_weight: Array | None = None) -> Array:
+    """The router's classification loss `E[-log r(k | x_t)]` (THEORY S10), a scalar in nats.
+
+    Its minimizer over routers is the exact router `rho_t(k | x)` of THEORY S8, where it equals
+    `H(K | X_t)`; any other router is worse by `E_x KL(rho || r)`.
+
+    Args:
+      logits: `[batch, K]` router logits (`r = softmax(logits)`).
+      labels: `[batch]` int cluster labels in [0, K).
+      sample_weight: `[batch]` non-negative weights of the rows (None: the plain mean), e.g. the
+        joint probabilities `P(X_t = x, K = k)` of enumerated pairs.
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if sample_weight is None:
+        return jnp.mean(ce)
+    return jnp.sum(sample_weight * ce) / jnp.sum(sample_weight)
 
 
 def router_loss(router: LearnedRouter, batch: tuple[Array, Array], key: Array, *,
                 schedule: DiscreteSchedule, mask_id: int) -> tuple[Array, dict]:
-    """Cross-entropy of the router on noised states (THEORY S10), averaged over the batch.
+    """`router_objective` of the router on one batch of noised states (THEORY S10).
 
     Args:
       router: `LearnedRouter`.
@@ -104,7 +130,7 @@ def router_loss(router: LearnedRouter, batch: tuple[Array, Array], key: Array, *
     t = jax.random.randint(key_t, (x1.shape[0],), 0, schedule.num_steps)
     x_t = sample_masked_path(key_x, x1, schedule.kappa[t], mask_id)
     logits = router(x_t, t)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    loss = router_objective(logits, labels)
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     return loss, {"accuracy": accuracy}
 

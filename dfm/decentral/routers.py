@@ -1,27 +1,93 @@
 """Routers: weights over experts, `[batch, K]`, rows summing to 1 (THEORY S8-S10, S12, S13).
 
-One interface: every router exposes `weights(...) -> [batch, K]`.
+One interface (`Router`), the router `rho_t(k | c, x_t)` of THEORY S8 as a small state machine:
+
+    state = router.init(batch, context)          # context: conditioning input c (e.g. features) or None
+    w = router.weights(state, x_t, t)            # [batch, K], rows sum to 1
+    state = router.update(state, token_log_probs)  # evidence [K, batch]: each expert's log-prob of
+                                                   # the tokens revealed since the last call
+
+`router.uses_evidence` says whether `update` reads its evidence (only the Bayes filter does), so a
+caller may skip computing it. Every consumer (`dfm.decentral.ensemble_posterior_fn` in the
+samplers, `dfm.decentral.mixture_token_log_probs` for teacher-forced scoring) calls these three
+methods and nothing else.
 - `BayesFilterRouter` (THEORY S9): the exact AR router, the posterior over clusters given the
   prefix, from the experts' own likelihoods and the priors `w_k`; online (`init`/`update`/
   `weights`, usable in `lax.scan`) or batch (`posterior`).
-- `CentroidRouter` (the paper's inference; THEORY S12, S13): softmax of cosine similarity to the
-  partition centroids over a temperature, top-k renormalized, optional threshold.
+- `CentroidRouter` (the paper's inference; THEORY S12, S13): softmax of cosine similarity of the
+  context features to the partition centroids over a temperature, top-k renormalized, optional
+  threshold; the weights are fixed at `init` from the context.
+- `FixedRouter`: given weights `[batch, K]` (oracle labels, uniform, precomputed centroid weights).
+- `CallableRouter`: weights from a function `(x_t, t) -> [batch, K]` (e.g. an exact table).
 - `LearnedRouter` (THEORY S10) lives in `dfm.decentral.learned_router`.
-Helpers: `top_k`, `apply_threshold`, `uniform_weights`, `oracle_weights`.
+Helpers: `top_k`, `apply_threshold`, `centroid_weights`, `uniform_weights`, `oracle_weights`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dfm.decentral.partition import Partition
-from dfm.decentral.validation import check_positive_int, is_concrete
+from dfm.decentral.validation import check_positive_int, check_weights, is_concrete
 
 Array = jax.Array
+
+
+@runtime_checkable
+class Router(Protocol):
+    """The router interface (module docstring): `init`, `weights`, `update`, `uses_evidence`."""
+
+    num_experts: int
+    uses_evidence: bool
+
+    def init(self, batch: int, context: Any = None) -> Any: ...
+
+    def weights(self, state: Any, x_t: Array | None = None, t: Any = None) -> Array: ...
+
+    def update(self, state: Any, token_log_probs: Array) -> Any: ...
+
+    def support(self, top_k: int | None = None) -> np.ndarray | None: ...
+
+
+class RouterBase:
+    """Default of `Router.support`: None (any expert may get weight)."""
+
+    def support(self, top_k: int | None = None) -> np.ndarray | None:
+        """`[K]` bool of the experts that can get weight (after top-k), or None when unknown (all)."""
+        del top_k
+        return None
+
+
+class StatelessRouter(RouterBase):
+    """Defaults for routers whose weights do not depend on the revealed tokens' likelihoods:
+    no evidence is read (`uses_evidence = False`) and `update` returns the state unchanged."""
+
+    uses_evidence = False
+
+    def init(self, batch: int, context: Any = None) -> Any:
+        """No state (None); `context` is not used."""
+        del batch, context
+        return None
+
+    def update(self, state: Any, token_log_probs: Array) -> Any:
+        """The state, unchanged (this router reads no evidence)."""
+        del token_log_probs
+        return state
+
+
+def check_router(router: Any, num_experts: int | None = None, name: str = "router") -> None:
+    """ValueError naming `name` unless `router` implements `Router` (with `num_experts` experts)."""
+    if not isinstance(router, Router):
+        raise ValueError(f"{name}: expected a router with init / weights / update / uses_evidence "
+                         f"(dfm.decentral.routers.Router), got {type(router).__name__}; wrap fixed "
+                         f"weights [batch, K] in FixedRouter and a function (x_t, t) -> [batch, K] in "
+                         f"CallableRouter")
+    if num_experts is not None and router.num_experts != num_experts:
+        raise ValueError(f"{name} has {router.num_experts} experts but there are {num_experts}")
 
 
 def top_k(weights: Array, k: int) -> Array:
@@ -96,7 +162,7 @@ def oracle_weights(labels: Any, num_experts: int, dtype=jnp.float32) -> Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BayesFilterRouter:
+class BayesFilterRouter(RouterBase):
     """The exact router for AR experts: a Bayes filter over clusters (THEORY S9).
 
     `rho_t(k | x^{<=t}) ∝ w_k q_k(x^{<=t})`, updated online
@@ -113,6 +179,7 @@ class BayesFilterRouter:
     """
 
     log_priors: Array
+    uses_evidence = True  # class attribute (not a pytree field)
 
     def __post_init__(self):
         lp = self.log_priors
@@ -141,8 +208,10 @@ class BayesFilterRouter:
     def num_experts(self) -> int:
         return int(self.log_priors.shape[0])
 
-    def init(self, batch: int) -> Array:
-        """Initial state: log prior weights broadcast to `[batch, K]`."""
+    def init(self, batch: int, context: Any = None) -> Array:
+        """Initial state: log prior weights broadcast to `[batch, K]` (`context` is not used: the
+        filter conditions on the tokens only)."""
+        del context
         return jnp.broadcast_to(jax.nn.log_softmax(self.log_priors), (batch, self.num_experts))
 
     def update(self, state: Array, expert_token_logprobs: Array, *, expert_axis: int = 0) -> Array:
@@ -172,8 +241,9 @@ class BayesFilterRouter:
         """Normalized log-weights `[batch, K]`."""
         return jax.nn.log_softmax(state, axis=-1)
 
-    def weights(self, state: Array) -> Array:
-        """Router weights `[batch, K]` (rows sum to 1)."""
+    def weights(self, state: Array, x_t: Array | None = None, t: Any = None) -> Array:
+        """Router weights `[batch, K]` (rows sum to 1): `softmax(state)`; x_t, t are not used."""
+        del x_t, t
         return jax.nn.softmax(state, axis=-1)
 
     def posterior(self, prefix_logliks: Array) -> Array:
@@ -201,13 +271,13 @@ def centroid_weights(cosines: Array, temperature: float, top_k_experts: int | No
 
     Args:
       cosines: `[batch, K]` cosine similarities to the centroids.
-      temperature: T > 0.
+      temperature: T > 0 (may be traced; then not checked).
       top_k_experts: keep the k largest (None: all). threshold: see `apply_threshold`.
 
     Raises:
       ValueError: T <= 0 or bad k / threshold.
     """
-    if not float(temperature) > 0:
+    if is_concrete(temperature) and not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     w = jax.nn.softmax(cosines / temperature, axis=-1)
     if top_k_experts is not None:
@@ -218,13 +288,16 @@ def centroid_weights(cosines: Array, temperature: float, top_k_experts: int | No
 
 
 @dataclasses.dataclass(frozen=True)
-class CentroidRouter:
+class CentroidRouter(StatelessRouter):
     """Route by cosine similarity of a conditioning feature to the partition's centroids.
 
     The paper's inference rule (and THEORY S12: with a partition that is a function of the
     conditioning input, top-1 nearest-centroid routing is the exact posterior). Features go
     through the partition's own map (normalize, subtract mean, normalize), then
-    `weights = top_k(softmax(cosine / T))`, optionally thresholded (THEORY S13).
+    `weights = top_k(softmax(cosine / T))`, optionally thresholded (THEORY S13). The weights depend
+    on the context only: `init(batch, features [batch, D])` computes them (the state), `weights`
+    returns them at every step. `route(features)` is the same in one call. The temperature is
+    fitted with `dfm.decentral.fit_centroid_router`.
 
     Attributes:
       partition: the fitted `Partition`.
@@ -260,7 +333,7 @@ class CentroidRouter:
         """Cosine similarities `[batch, K]` (float64 numpy) of conditioning features `[batch, D]`."""
         return self.partition.cosine(features, "features")
 
-    def weights(self, features: Any) -> Array:
+    def route(self, features: Any) -> Array:
         """Router weights `[batch, K]` for conditioning features `[batch, D]`.
 
         Raises:
@@ -269,18 +342,83 @@ class CentroidRouter:
         return centroid_weights(jnp.asarray(self.similarities(features)), self.temperature,
                                 self.top_k, self.threshold)
 
-    def fit_temperature(self, features_val: Any, expert_loglik_val: Any, **kwargs) -> "CentroidRouter":
-        """Return a copy with T maximizing the held-out mixture log-likelihood.
+    def init(self, batch: int, context: Any = None) -> Array:
+        """State = the weights `[batch, K]` of the context features `[batch, D]` (`route`).
 
-        Maximizes `sum_n log sum_k rho_k(x_n; T) p_k(x_n)` over T (see
-        `dfm.decentral.temperature.fit_temperature`; `kwargs` go there).
-
-        Args:
-          features_val: `[N, D]` conditioning features of held-out examples.
-          expert_loglik_val: `[N, K]` each expert's log-likelihood `log p_k(x_n)` of them.
+        Raises:
+          ValueError: no context, or a context whose batch is not `batch`.
         """
-        from dfm.decentral.temperature import fit_temperature
+        if context is None:
+            raise ValueError("context: the centroid router needs conditioning features [batch, D]")
+        if np.shape(context)[0] != batch:
+            raise ValueError(f"context has {np.shape(context)[0]} rows, expected batch={batch}")
+        return self.route(context)
 
-        temperature = fit_temperature(self.similarities(features_val), expert_loglik_val,
-                                      top_k=self.top_k, threshold=self.threshold, **kwargs)
-        return dataclasses.replace(self, temperature=temperature)
+    def weights(self, state: Array, x_t: Array | None = None, t: Any = None) -> Array:
+        """The weights fixed at `init` (`[batch, K]`)."""
+        del x_t, t
+        return state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FixedRouter(StatelessRouter):
+    """Given weights `[batch, K]`, the same at every step: oracle labels (`oracle_weights`), uniform
+    weights, or centroid weights computed beforehand. A registered pytree (jittable).
+
+    Attributes:
+      table: `[batch, K]` non-negative weights, rows summing to 1.
+
+    Raises (construction, on concrete arrays):
+      ValueError: not `[batch, K]`, negative or NaN entries, rows not summing to 1.
+    """
+
+    table: Array
+
+    def __post_init__(self):
+        if isinstance(self.table, (np.ndarray, jax.Array)) and is_concrete(self.table):
+            check_weights(self.table, None, "table")
+
+    @property
+    def num_experts(self) -> int:
+        return int(np.shape(self.table)[1])
+
+    def support(self, top_k: int | None = None) -> np.ndarray | None:
+        """`[K]` bool: experts with weight in some row after top-k (None when the table is traced).
+        Ties as `jax.lax.top_k`: the lower index is kept."""
+        if not is_concrete(self.table):
+            return None
+        w = np.asarray(self.table)
+        keep = w > 0
+        if top_k is not None:
+            order = np.argsort(-w, axis=1, kind="stable")[:, :top_k]
+            in_top = np.zeros_like(keep)
+            np.put_along_axis(in_top, order, True, axis=1)
+            keep &= in_top
+        return keep.any(axis=0)
+
+    def weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:
+        """The table `[batch, K]`."""
+        del state, x_t, t
+        return jnp.asarray(self.table)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallableRouter(StatelessRouter):
+    """Weights from a function `fn(x_t [batch, length], t) -> [batch, K]` (e.g. the exact router
+    of THEORY S8 looked up in a table, or any classifier's softmax).
+
+    Attributes:
+      fn: the weight function (jittable when used inside a sampler).
+      num_experts: K.
+    """
+
+    fn: Callable[[Array, Any], Array]
+    num_experts: int
+
+    def weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:
+        """`fn(x_t, t)`; raises ValueError when `x_t` is None (the function needs the state)."""
+        del state
+        if x_t is None:
+            raise ValueError("x_t: a CallableRouter needs the noised state x_t")
+        return self.fn(x_t, t)

@@ -1,50 +1,50 @@
-"""Fit the centroid router's temperature on held-out data (float64 numpy + scipy).
+"""Fit the centroid router's temperature on held-out data.
 
-The centroid router's weights are `rho_k(x; T) = top_k(softmax(cos(x, c_k) / T))`. Given held-out
-examples with each expert's log-likelihood `log p_k(x_n)`, the best temperature maximizes the
-held-out log-likelihood of the routed mixture (THEORY S8: the mixture is what the ensemble
-samples from):
+The centroid router's weights are `rho_k(x; T) = top_k(softmax(cos(x, c_k) / T))`
+(`dfm.decentral.routers.centroid_weights`). Given held-out examples with each expert's
+log-likelihood `log p_k(x_n)`, the best temperature maximizes the held-out log-likelihood of the
+routed mixture (THEORY S8: the mixture is what the ensemble samples from):
 
-    L(T) = sum_n log sum_k rho_k(x_n; T) p_k(x_n).
+    L(T) = sum_n log sum_k rho_k(x_n; T) p_k(x_n)
 
-L is smooth in log T but not guaranteed unimodal, so the search is a grid over log T (41 points
-over `bounds`) followed by `scipy.optimize.minimize_scalar(method="bounded")` (Brent) on log T in
-the bracket around the best grid point.
+computed by the library's own router weights and mixture (`dfm.decentral.mixing`), in float64
+(`jax.enable_x64`). L is smooth in log T but not guaranteed unimodal, so the search is a grid
+over log T (41 points over `bounds`) followed by `scipy.optimize.minimize_scalar(method="bounded")`
+(Brent) on log T in the bracket around the best grid point.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-import scipy.special
+
+from dfm.decentral.mixing import mixture_token_log_probs
+from dfm.decentral.routers import CentroidRouter, FixedRouter, centroid_weights
 
 
-def centroid_weights_np(cosines: np.ndarray, temperature: float, top_k: int | None = None,
-                        threshold: float | None = None) -> np.ndarray:
-    """float64 numpy twin of `routers.centroid_weights` (same top-k tie rule: lower index kept)."""
-    z = cosines / temperature
-    w = np.exp(z - z.max(axis=1, keepdims=True))
-    w /= w.sum(axis=1, keepdims=True)
-    num = w.shape[1]
-    if top_k is not None and top_k < num:
-        order = np.argsort(-cosines, axis=1, kind="stable")[:, :top_k]
-        keep = np.zeros_like(w, dtype=bool)
-        np.put_along_axis(keep, order, True, axis=1)
-        w = np.where(keep, w, 0.0)
-        w /= w.sum(axis=1, keepdims=True)
-    if threshold is not None:
-        keep = (w >= threshold)
-        keep[np.arange(w.shape[0]), np.argmax(w, axis=1)] = True
-        w = np.where(keep, w, 0.0)
-        w /= w.sum(axis=1, keepdims=True)
-    return w
+def mixture_log_likelihood(cosines: Any, expert_loglik: Any, temperature: float, *,
+                           top_k: int | None = None, threshold: float | None = None) -> float:
+    """`L(T) = sum_n log sum_k rho_k(x_n; T) exp(expert_loglik[n, k])`, float64 (module doc).
+
+    Args:
+      cosines: `[N, K]` cosine similarities to the centroids; expert_loglik: `[N, K]` nats.
+      temperature: T > 0; top_k, threshold: the router's settings.
+    """
+    with jax.enable_x64(True):
+        return float(_log_likelihood(jnp.asarray(cosines, jnp.float64), jnp.asarray(expert_loglik, jnp.float64),
+                                     jnp.asarray(temperature, jnp.float64), top_k, threshold))
 
 
-def mixture_log_likelihood(weights: np.ndarray, expert_loglik: np.ndarray) -> float:
-    """`sum_n log sum_k weights[n, k] exp(expert_loglik[n, k])` in float64 (log-sum-exp)."""
-    with np.errstate(divide="ignore"):
-        return float(scipy.special.logsumexp(np.log(weights) + expert_loglik, axis=1).sum())
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _log_likelihood(cosines, expert_loglik, temperature, top_k, threshold):
+    w = centroid_weights(cosines, temperature, top_k, threshold)
+    scores = mixture_token_log_probs(FixedRouter(w), expert_loglik.T[:, :, None])  # one "token" each
+    return jnp.sum(scores.log_probs)
 
 
 def fit_temperature(cosines: Any, expert_loglik: Any, *, top_k: int | None = None,
@@ -82,7 +82,7 @@ def fit_temperature(cosines: Any, expert_loglik: Any, *, top_k: int | None = Non
         raise ValueError(f"bounds must satisfy 0 < T_min < T_max, got {bounds}")
 
     def neg(log_t: float) -> float:
-        value = mixture_log_likelihood(centroid_weights_np(cos, np.exp(log_t), top_k, threshold), ll)
+        value = mixture_log_likelihood(cos, ll, float(np.exp(log_t)), top_k=top_k, threshold=threshold)
         return -value if np.isfinite(value) else np.inf
 
     grid = np.linspace(np.log(lo), np.log(hi), 41)
@@ -92,3 +92,21 @@ def fit_temperature(cosines: Any, expert_loglik: Any, *, top_k: int | None = Non
     res = scipy.optimize.minimize_scalar(neg, bounds=(a, b), method="bounded", options={"xatol": xatol})
     best = float(res.x) if res.fun <= values[i] else float(grid[i])
     return float(np.exp(best))
+
+
+def fit_centroid_router(router: CentroidRouter, features_val: Any, expert_loglik_val: Any,
+                        **kwargs) -> CentroidRouter:
+    """A copy of `router` with the temperature maximizing the held-out mixture log-likelihood.
+
+    Args:
+      router: the `CentroidRouter` (its top_k and threshold are kept).
+      features_val: `[N, D]` conditioning features of held-out examples.
+      expert_loglik_val: `[N, K]` each expert's log-likelihood `log p_k(x_n)` of them.
+      kwargs: `bounds`, `xatol` of `fit_temperature`.
+
+    Raises:
+      ValueError: as `fit_temperature`, or features of the wrong dimension.
+    """
+    temperature = fit_temperature(router.similarities(features_val), expert_loglik_val,
+                                  top_k=router.top_k, threshold=router.threshold, **kwargs)
+    return dataclasses.replace(router, temperature=temperature)

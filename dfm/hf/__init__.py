@@ -11,7 +11,8 @@ See docs/checkpoints.md.
 from dfm.hf.configs import SUPPORTED_MODEL_TYPES, UnsupportedModelError, read_config
 from dfm.hf.experts import DecentralizedModel, load_decentralized, save_decentralized
 from dfm.hf.export import save_pretrained
-from dfm.hf.load import assign_weights, load_pretrained
+from dfm.hf.load import load_pretrained
+from dfm.hf.weights import assign_weights
 from dfm.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from dfm.hf.tokenizers import load_tokenizer, tokenizer_fingerprint
 

@@ -86,12 +86,12 @@ class DecentralizedModel:
         Raises ValueError for the Bayes filter (its weights depend on the tokens: use `router` with
         `ensemble_posterior_fn`), or when neither `features` nor `batch` is given.
         """
-        if isinstance(self.router, BayesFilterRouter):
+        if self.router is not None and self.router.uses_evidence:
             raise ValueError("router: the Bayes filter has no fixed weights (pass it to ensemble_posterior_fn)")
         if self.router is not None:
             if features is None:
                 raise ValueError("features: the centroid router needs conditioning features [batch, D]")
-            return self.router.weights(features)
+            return self.router.route(features)
         if batch is None:
             batch = np.shape(features)[0] if features is not None else None
         if batch is None:

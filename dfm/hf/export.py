@@ -16,29 +16,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from dfm.hf import vision_io
 from dfm.hf.configs import CONFIG_FILE, decoder_config_to_hf
-from dfm.hf.mapping import DECODER_RULES, Rule, hf_key, to_hf
+from dfm.hf.mapping import DECODER_RULES
 from dfm.hf.safetensors_io import SINGLE_FILE, write_safetensors
-
-
-def hf_state_dict(model: nnx.Module, rules: Sequence[Rule], *, dtype: str | None = None,
-                  hf_shapes: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
-    """HF key -> numpy array (torch layout) of every parameter of `model`.
-
-    dtype: cast to this dtype name (e.g. "bfloat16"); None keeps each parameter's dtype.
-    hf_shapes: HF shapes for keys whose torch layout has extra size-1 axes (e.g. `cls_token [1, 1, D]`).
-    """
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key = hf_key(rules, path)
-        value = to_hf(path, np.asarray(var.get_value()), (hf_shapes or {}).get(key))
-        out[key] = value.astype(dtype) if dtype is not None else value
-    return out
+from dfm.hf.weights import hf_state_dict
 
 
 def decoder_state_dict(model, *, dtype: str | None = None) -> dict[str, np.ndarray]:
@@ -62,8 +49,6 @@ def export_contents(model: nnx.Module, *, dtype: str | None = None) -> tuple[dic
     if isinstance(model, Decoder):
         config = decoder_config_to_hf(model.config, torch_dtype=dtype or model.config.param_dtype)
         return config, decoder_state_dict(model, dtype=dtype)
-    from dfm.hf import vision_io
-
     return vision_io.export_contents(model, dtype=dtype)
 
 

@@ -16,65 +16,13 @@ bf16 parameters computing in bf16); `dtype="float32"` casts every parameter and 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from dfm.hf import configs
-from dfm.hf.mapping import DECODER_RULES, Rule, hf_candidates, to_ours
-from dfm.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
-
-Adapt = Callable[[tuple, np.ndarray], np.ndarray]
-
-
-def _get(weights: Any, key: str) -> np.ndarray:
-    return weights.get(key) if isinstance(weights, SafetensorsCheckpoint) else np.asarray(weights[key])
-
-
-def assign_weights(model: nnx.Module, weights: Mapping[str, Any] | SafetensorsCheckpoint,
-                   rules: Sequence[Rule], *, source: Any = "weights", adapt: Adapt | None = None) -> set[str]:
-    """Fill every `nnx.Param` of `model` (concrete or from `nnx.eval_shape`) from HF-named tensors.
-
-    Args:
-      model: the module; its parameters' shapes and dtypes are the targets (values are cast).
-      weights: HF key -> array (a dict of numpy / torch-`.numpy()` arrays, or a checkpoint).
-      rules: the architecture's `dfm.hf.mapping` rules (first matching HF key is used).
-      source: the file (or name) quoted in error messages.
-      adapt: optional `(path, value in torch layout) -> value` hook applied before the layout change.
-
-    Returns:
-      The set of HF keys that were read.
-
-    Raises:
-      ValueError (CheckpointError for a checkpoint): a parameter with no tensor (naming `source`,
-        the canonical key and the parameter), or a tensor of the wrong shape (naming the key and
-        both shapes).
-    """
-    error = CheckpointError if isinstance(weights, SafetensorsCheckpoint) else ValueError
-    used = set()
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        candidates = hf_candidates(rules, path)
-        key = next((k for k in candidates if k in weights), None)
-        name = ".".join(map(str, path))
-        if key is None:
-            also = f"; also tried {candidates[1:]}" if len(candidates) > 1 else ""
-            raise error(f"{source}: missing tensor {candidates[0]!r} for parameter {name}{also}")
-        value = _get(weights, key)
-        stored = value.shape
-        if adapt is not None:
-            value = adapt(path, value)
-        target = var.get_value()
-        try:
-            value = to_ours(path, value, target.shape)
-        except ValueError:
-            raise error(f"{source}: {key!r} has shape {stored} (as stored), which does not fit "
-                        f"parameter {name} of shape {tuple(target.shape)}") from None
-        var.set_value(jnp.asarray(value, dtype=target.dtype))
-        used.add(key)
-    return used
+from dfm.hf import configs, vision_io
+from dfm.hf.mapping import DECODER_RULES
+from dfm.hf.safetensors_io import SafetensorsCheckpoint
+from dfm.hf.weights import Adapt, abstract_model, assign_weights, check_unused, checkpoint_dtypes
 
 
 def _decoder_adapt(config) -> Adapt | None:
@@ -89,23 +37,6 @@ def _decoder_adapt(config) -> Adapt | None:
     return adapt
 
 
-def _abstract(factory: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
-    """The model with shape-only parameters (`nnx.eval_shape`), or a concrete one when it holds
-    variables other than parameters (those need real initial values)."""
-    model = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
-    others = nnx.state(model, nnx.Not(nnx.Param))
-    if jax.tree_util.tree_leaves(others):
-        model = factory(nnx.Rngs(0))
-    return model
-
-
-def _dtypes(ckpt: SafetensorsCheckpoint, hf_config: dict, dtype: str | None,
-            param_dtype: str | None) -> tuple[str, str]:
-    stored = ckpt.floating_dtype() or configs.torch_dtype_name(hf_config) or "float32"
-    compute = dtype or stored
-    return compute, param_dtype or dtype or stored
-
-
 def load_decoder(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
                  strict: bool = False):
     """Load an HF Llama / Qwen2 directory as a `dfm.models.Decoder` (see `load_pretrained`)."""
@@ -116,21 +47,12 @@ def load_decoder(path: str | os.PathLike, *, dtype: str | None = None, param_dty
     if kind not in configs.TEXT_MODEL_TYPES:
         raise configs.UnsupportedModelError(f"{file}: model_type {kind!r} is not a text decoder")
     with SafetensorsCheckpoint(path) as ckpt:
-        compute, params = _dtypes(ckpt, hf_config, dtype, param_dtype)
+        compute, params = checkpoint_dtypes(ckpt, hf_config, dtype, param_dtype)
         config = configs.decoder_config_from_hf(hf_config, file, dtype=compute, param_dtype=params)
-        model = _abstract(lambda rngs: Decoder(config, rngs=rngs))
+        model = abstract_model(lambda rngs: Decoder(config, rngs=rngs))
         used = assign_weights(model, ckpt, DECODER_RULES, source=ckpt.source, adapt=_decoder_adapt(config))
-        _check_unused(ckpt, used, strict, ignore=("lm_head.weight",) if config.tie_word_embeddings else ())
+        check_unused(ckpt, used, strict, ignore=("lm_head.weight",) if config.tie_word_embeddings else ())
     return model
-
-
-def _check_unused(ckpt: SafetensorsCheckpoint, used: set[str], strict: bool, ignore: Sequence[str] = ()) -> None:
-    if not strict:
-        return
-    unused = [k for k in ckpt.keys() if k not in used and k not in ignore and not k.endswith("rotary_emb.inv_freq")]
-    if unused:
-        raise CheckpointError(f"{ckpt.source}: {len(unused)} tensors not used by the model (strict=True), "
-                              f"e.g. {unused[:5]}")
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -157,8 +79,6 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     kind = configs.model_type(hf_config, file)
     if kind in configs.TEXT_MODEL_TYPES:
         return load_decoder(path, dtype=dtype, param_dtype=param_dtype, strict=strict)
-    from dfm.hf import vision_io
-
     return vision_io.load_vision_or_multimodal(path, kind, hf_config, file, dtype=dtype,
                                                  param_dtype=param_dtype, strict=strict)
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from dfm.hf.mapping import Rule
 from dfm.hf.safetensors_io import SafetensorsCheckpoint
+from dfm.hf.weights import abstract_model, assign_weights, check_unused, checkpoint_dtypes, hf_state_dict
 
 CLIP_RULES = (Rule((), ("", "vision_model.")),)
 
@@ -41,31 +42,29 @@ def load_vision_or_multimodal(path: str | os.PathLike, kind: str, hf_config: dic
     """`load_pretrained` for "clip_vision_model" / "clip" (-> `CLIPVisionTower`) and "llava" /
     "internvl" (-> `MultimodalModel`). Arguments and errors as `dfm.hf.load_pretrained`."""
     from dfm.hf import vision_configs
-    from dfm.hf.load import _abstract, _check_unused, _dtypes, assign_weights
     from dfm.models.multimodal import MultimodalModel
     from dfm.models.vision import CLIPVisionTower
 
     with SafetensorsCheckpoint(path) as ckpt:
-        compute, params = _dtypes(ckpt, hf_config, dtype, param_dtype)
+        compute, params = checkpoint_dtypes(ckpt, hf_config, dtype, param_dtype)
         if kind in ("clip_vision_model", "clip"):
             config = vision_configs.vision_config_from_hf(hf_config, file, dtype=compute, param_dtype=params)
-            model = _abstract(lambda rngs: CLIPVisionTower(config, rngs=rngs))
+            model = abstract_model(lambda rngs: CLIPVisionTower(config, rngs=rngs))
             used = assign_weights(model, ckpt, CLIP_RULES, source=ckpt.source)
             ignore = [k for k in ckpt.keys() if not k.startswith(("vision_model.", "embeddings.", "encoder.",
                                                                    "pre_layrnorm.", "post_layernorm."))]
         else:
             config = vision_configs.multimodal_config_from_hf(hf_config, file, dtype=compute, param_dtype=params)
-            model = _abstract(lambda rngs: MultimodalModel(config, rngs=rngs))
+            model = abstract_model(lambda rngs: MultimodalModel(config, rngs=rngs))
             used = assign_weights(model, ckpt, multimodal_rules(config.vision.arch), source=ckpt.source)
             ignore = [k for k in ckpt.keys() if k.endswith("lm_head.weight")] if config.text.tie_word_embeddings else []
-        _check_unused(ckpt, used, strict, ignore=ignore)
+        check_unused(ckpt, used, strict, ignore=ignore)
     return model
 
 
 def export_contents(model: nnx.Module, *, dtype: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """`(HF config dict, HF tensors)` of a `CLIPVisionTower` or `MultimodalModel` (TypeError otherwise)."""
     from dfm.hf import vision_configs
-    from dfm.hf.export import hf_state_dict
     from dfm.models.multimodal import MultimodalModel
     from dfm.models.vision import CLIPVisionTower
 

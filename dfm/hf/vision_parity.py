@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfm.hf.parity import NUM_NEW_TOKENS, ParityResult, hf_greedy, hf_logits, randomize_
+from dfm.hf.parity_tools import NUM_NEW_TOKENS, ParityResult, hf_greedy, hf_logits, randomize_
 
 IMAGE, PATCH, VOCAB, IMAGE_TOKEN = 32, 8, 128, 7
 

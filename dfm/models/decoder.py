@@ -132,7 +132,7 @@ class Decoder(nnx.Module):
             if tokens is None:
                 raise ValueError("tokens: required when inputs_embeds is not given")
             tokens = jnp.asarray(tokens)
-            _check_tokens(tokens, self.config.vocab_size, "tokens")
+            check_tokens(tokens, self.config.vocab_size, "tokens")
             return self.embed(tokens), tokens.shape[0], tokens.shape[1]
         x = jnp.asarray(inputs_embeds)
         if x.ndim != 3 or x.shape[-1] != self.config.hidden_size:
@@ -213,7 +213,7 @@ class Decoder(nnx.Module):
         return logits[:, 0], cache
 
 
-def _check_tokens(tokens: Array, vocab_size: int, name: str) -> None:
+def check_tokens(tokens: Array, vocab_size: int, name: str) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"{name}: expected shape [batch, length], got {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -256,7 +256,7 @@ def greedy_generate(model: Decoder, prompt: Array, num_tokens: int) -> Array:
     if not isinstance(num_tokens, int) or num_tokens < 1:
         raise ValueError(f"num_tokens: must be a positive int, got {num_tokens!r}")
     prompt = jnp.asarray(prompt)
-    _check_tokens(prompt, model.config.vocab_size, "prompt")
+    check_tokens(prompt, model.config.vocab_size, "prompt")
     if prompt.shape[1] < 1:
         raise ValueError("prompt: needs at least one token")
     graphdef, state = nnx.split(model)

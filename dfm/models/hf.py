@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from dfm.hf.load import assign_weights
+from dfm.hf.weights import assign_weights
 from dfm.hf.mapping import DECODER_RULES, hf_key
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfm.models.config import DecoderConfig
-from dfm.models.decoder import Cache, Decoder, _check_tokens
+from dfm.models.decoder import Cache, Decoder, check_tokens
 from dfm.models.internvit import InternVisionTower
 from dfm.models.projector import InternVLProjector, LlavaProjector, pixel_shuffle
 from dfm.models.vision import ACTIVATION_NAMES, CLIPVisionTower, VisionConfig
@@ -207,7 +207,7 @@ class MultimodalModel(nnx.Module):
         """
         c = self.config
         tokens = jnp.asarray(tokens)
-        _check_tokens(tokens, c.text.vocab_size, "tokens")
+        check_tokens(tokens, c.text.vocab_size, "tokens")
         n_images = 0 if pixel_values is None else int(jnp.shape(pixel_values)[0])
         check_image_tokens(tokens, c.image_token_id, n_images * c.num_image_tokens)
         x = self.language_model.embed(tokens)
@@ -290,7 +290,7 @@ def greedy_generate(model: MultimodalModel, tokens: Array, pixel_values: Array |
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens: must be a positive int, got {num_tokens!r}")
     prompt = jnp.asarray(tokens)
-    _check_tokens(prompt, model.config.text.vocab_size, "tokens")
+    check_tokens(prompt, model.config.text.vocab_size, "tokens")
     if prompt.shape[1] < 1:
         raise ValueError("tokens: the prompt needs at least one token")
     c = model.config
