@@ -1,8 +1,9 @@
-"""The main job: dense vs decentralized experts on the Python stdlib documentation.
+"""The jobs of `dfm`: one engine, two tasks, and the `dfm` console script.
 
-Composes the `dfm` library (models, training loop, partition, routers, ensembles) into the stages
-of the `dfm` console script (`dfm.cli`). Modules: `config` (TOML -> validated dataclasses),
-`corpus`, `tokenizer`, `sequences`, `data` (data stage), `rundir` (layout, atomic writes),
-`modeling` (models, losses), `stages`, `scoring`, `evaluate`, `samples`, `report`, `plots`.
-See docs/main_job.md.
+- `engine`: config machinery, run directory, the stage graph for any `Task`, training,
+  evaluate-and-report (imports `dfm`, never a task).
+- `text`: the main job, dense vs decentralized experts on the Python stdlib documentation.
+- `mllm`: the multimodal job, LLaVA-style experts partitioned by image features.
+- `registry`: which task runs a config (its `task` key); `cli`: the `dfm` command.
+See docs/design.md for the map, docs/main_job.md and docs/multimodal.md for the jobs.
 """

@@ -1,15 +1,16 @@
-"""The `dfm` console script: the main experiment's stages on a run directory.
+"""The `dfm` console script: the stages of a job (`experiments.engine`) on a run directory.
 
-    dfm partition              corpus, tokenizer, token ids, k-means and random partitions
+    dfm partition              data stage, (stage 1 when the partition needs it,) k-means and random partitions
     dfm train --base           stage 1: shared base model on all train data
-    dfm train --dense          stage 2: dense baseline, continued from the base
-    dfm train --expert K       stage 2: expert K on its cluster only, continued from the base
+    dfm train --dense          stage 2: dense baseline, continued from stage 1
+    dfm train --expert K       stage 2: expert K on its cluster only, continued from stage 1
     dfm train --random-expert K   control: expert K of the random partition
-    dfm train --router         learned router (masked schedule only)
-    dfm evaluate               score every system on the held-out tokens; report + plots
+    dfm train --router         learned router (text job, masked schedule only)
+    dfm evaluate               score every system on the held-out data; report + plots
     dfm run                    all stages in order, in this process
 
-A config with ``task = "mllm"`` (e.g. ``--config mllm-digits``) runs the multimodal job instead
+The config's ``task`` key picks the job (`experiments.registry`): the text job by default
+(`experiments.text`), or with ``task = "mllm"`` (e.g. ``--config mllm-digits``) the multimodal job
 (`experiments.mllm`): LLaVA-style experts partitioned by image features; there ``--base`` is the
 stage-1 alignment and ``partition`` also runs stage 1 (the partition uses its image features).
 
@@ -17,7 +18,7 @@ Every command takes ``--config NAME|PATH`` (NAME = a file in experiments/configs
 "default"), ``--out DIR`` (default ``runs/<config-name>``, ``runs/<config-name>-masked`` when
 ``--schedule masked`` overrides an AR config) and ``--schedule ar|masked``. Commands are
 idempotent: finished stages are skipped, interrupted training resumes from its last checkpoint.
-This module only parses arguments and dispatches; the experiment code is imported lazily.
+This module only parses arguments and dispatches; the job code is imported lazily.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dfm` console script; returns the exit status.
 
-    Exit status: 0 success, 1 a stage failed (missing prerequisite, unusable run directory),
-    2 bad command line or config (the message names the key/field).
+    Exit status: 0 success, 1 a stage failed (missing prerequisite, unusable run directory or
+    data), 2 bad command line or config (the message names the key/field).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -64,22 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = parser.parse_args(argv)
 
-    from experiments.config import ConfigError  # lazy: keeps `dfm --help` fast
+    from experiments.engine.config import ConfigError  # lazy: keeps `dfm --help` fast
+    from experiments.engine.task import UsageError
+    from experiments.registry import load_job
 
     try:
-        job = _multimodal_job(args) if _is_multimodal(args.config) else _text_job(args)
+        task, config = load_job(args.config, args.schedule)
+        if args.command == "train" and args.router and "router" not in task.extra_stages(config):
+            raise UsageError(_router_usage(task))
     except ConfigError as exc:
         print(f"dfm: error: config: {exc}", file=sys.stderr)
         return 2
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 2
 
     from dfm.sharding import initialize
-    from experiments.mllm.data import DataError
-    from experiments.mllm.formats import FormatError
-    from experiments.rundir import RunDirError
-    from experiments.stages import StageError
+    from experiments.engine.rundir import RunDirError
+    from experiments.engine.stages import StageError
+    from experiments.engine.task import DataError
 
     try:
         initialize()  # multi-host launchers (SLURM, Cloud TPU, Kubernetes); a no-op on one process
@@ -87,107 +91,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfm: error: distributed launch: {exc}", file=sys.stderr)
         return 2
     try:
-        job()
-    except (RunDirError, StageError, DataError, FormatError) as exc:
+        _run_command(args, task, config)
+    except (RunDirError, StageError, DataError) as exc:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 1
+    except UsageError as exc:
+        print(f"dfm: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
 
 
-class _UsageError(ValueError):
-    """A flag that does not apply to the chosen job (exit status 2)."""
+def _router_usage(task) -> str:
+    if task.name == "text":
+        return ("--router: the learned router is part of the masked schedule; use --schedule masked "
+                "(under AR the exact router is the Bayes filter, THEORY S9)")
+    return f"--router: the {task.name} job routes by its partition features (no learned router)"
 
 
-def _context(stages, config, args):
+def _run_command(args, task, config) -> None:
+    """Open the run directory and run the command's stages (`experiments.engine.stages`)."""
     from dfm.sharding import is_main_process
+    from experiments.engine import stages
 
-    return stages.open_context(config, args.out, progress=not args.quiet and is_main_process())
-
-
-def _text_job(args):
-    """The text job (`experiments.stages`): returns the command as a zero-argument callable."""
-    from experiments import stages
-    from experiments.config import load_config
-
-    config = load_config(args.config)
-    if args.schedule is not None and args.schedule != config.schedule:
-        config = config.replace(schedule=args.schedule, name=f"{config.name}-{args.schedule}")
-
-    def job():
-        ctx = _context(stages, config, args)
-        if args.command == "partition":
-            stages.run_partition(ctx)
-        elif args.command == "train":
-            if args.base:
-                stage = "base"
-            elif args.dense:
-                stage = "dense"
-            elif args.expert is not None:
-                stage = stages.expert_stage(ctx, args.expert)
-            elif args.random_expert is not None:
-                stage = stages.expert_stage(ctx, args.random_expert, random=True)
-            else:
-                stage = "router"
-            stages.run_train(ctx, stage, stop_after=args.stop_after)
-        elif args.command == "evaluate":
-            stages.run_evaluate(ctx)
+    ctx = stages.open_context(task, config, args.out, progress=not args.quiet and is_main_process())
+    if args.command == "run":
+        stages.run_all(ctx)
+        return
+    data = task.prepare_data(ctx)
+    if args.command == "partition":
+        stages.run_until_partition(ctx, data)
+    elif args.command == "train":
+        if args.base:
+            stage = task.stage1
+        elif args.dense:
+            stage = "dense"
+        elif args.expert is not None:
+            stage = stages.expert_stage(ctx, args.expert)
+        elif args.random_expert is not None:
+            stage = stages.expert_stage(ctx, args.random_expert, random=True)
         else:
-            stages.run_all(ctx)
-    return job
-
-
-def _is_multimodal(name_or_path: str) -> bool:
-    """True when the config file says ``task = "mllm"`` (the multimodal job)."""
-    import tomllib
-
-    from experiments.config import ConfigError, resolve_path
-    from experiments.mllm.config import is_multimodal
-
-    path = resolve_path(name_or_path)
-    try:
-        return is_multimodal(tomllib.loads(path.read_text(encoding="utf-8")))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-
-
-def _multimodal_job(args):
-    """The multimodal job (`experiments.mllm.stages`) for a ``task = "mllm"`` config.
-
-    `partition` = data + stage 1 + k-means; `train --base` = stage 1; `--dense`, `--expert K`,
-    `--random-expert K` as for the text job; `--router` and `--schedule` do not apply (_UsageError).
-    """
-    from experiments.config import resolve_path
-    from experiments.mllm import config as mconfig
-    from experiments.mllm import stages
-    from experiments.stages import StageError
-
-    config = mconfig.load(resolve_path(args.config))
-    if args.schedule not in (None, "ar"):
-        raise _UsageError("--schedule: the multimodal job is autoregressive (LLaVA); drop --schedule")
-    if args.command == "train" and args.router:
-        raise _UsageError("--router: the multimodal job routes by image features (no learned router)")
-
-    def job():
-        ctx = _context(stages, config, args)
-        if args.command == "partition":
-            stages.data_summary(ctx)
-            stages.run_train(ctx, "stage1")
-            stages.run_partition(ctx)
-        elif args.command == "train":
-            k = args.expert if args.expert is not None else args.random_expert
-            if k is not None and not 0 <= k < config.partition.num_clusters:
-                raise StageError(f"expert index {k} out of range: K={config.partition.num_clusters}")
-            stage = ("stage1" if args.base else "dense" if args.dense else
-                     f"expert-{k}" if args.expert is not None else f"random-{k}")
-            stages.run_train(ctx, stage, stop_after=args.stop_after)
-        elif args.command == "evaluate":
-            stages.run_evaluate(ctx)
-        else:
-            stages.run_all(ctx)
-    return job
+            stage = "router"
+        stages.run_train(ctx, data, stage, stop_after=args.stop_after)
+    elif args.command == "evaluate":
+        stages.run_evaluate(ctx, data)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from dfm.cli import main
-from experiments.config import load_config
-from experiments.rundir import RunDirError, prepare_run_dir
+from experiments.cli import main
+from experiments.engine.rundir import RunDirError, prepare_run_dir
+from experiments.text.config import load_config
 
 
 def _entries(path):
@@ -14,7 +14,7 @@ def _entries(path):
 
 
 def test_help_exits_zero():
-    out = subprocess.run([sys.executable, "-m", "dfm.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "experiments.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for command in ("partition", "train", "evaluate", "run"):
         assert command in out.stdout
@@ -91,8 +91,9 @@ def test_expert_index_out_of_range(tmp_path, capsys):
 
 def test_router_stage_requires_masked_schedule(tmp_path, capsys):
     code = main(["train", "--router", "--config", "tiny", "--out", str(tmp_path / "run")])
-    assert code == 1
+    assert code == 2
     assert "masked schedule" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_before_training_says_what_is_missing(tmp_path, capsys):

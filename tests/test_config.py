@@ -1,31 +1,37 @@
-"""Experiment configs: every shipped TOML parses; unknown keys and bad values are named errors."""
+"""Job configs: every shipped TOML parses; unknown keys and bad values are named errors."""
 import dataclasses
 import tomllib
 
 import pytest
 
-from experiments.config import (ConfigError, ExperimentConfig, available_configs, from_dict, load_config,
-                                resolve_path, to_toml)
+from experiments.engine.config import ConfigError, available_configs, resolve_path
+from experiments.registry import load_job
+from experiments.text.config import ExperimentConfig, load_config
+
+from_dict = ExperimentConfig.from_dict
 
 
 def test_shipped_configs_include_default_and_tiny():
     names = available_configs()
-    assert "default" in names and "tiny" in names
+    assert "default" in names and "tiny" in names and "mllm-tiny" in names
 
 
-def _text_configs():
-    """Shipped configs of the text job (multimodal ones, `task = "mllm"`, have their own loader)."""
-    return [n for n in available_configs()
-            if tomllib.loads(resolve_path(n).read_text()).get("task") != "mllm"]
-
-
-@pytest.mark.parametrize("name", _text_configs())
+@pytest.mark.parametrize("name", available_configs())
 def test_every_shipped_config_parses_and_round_trips(name):
-    config = load_config(name)
+    task, config = load_job(name)
+    raw = tomllib.loads(resolve_path(name).read_text())
+    assert task.name == raw.get("task", "text") == config.task
     assert config.name == name
-    assert config.schedule in ("ar", "masked")
-    again = from_dict(tomllib.loads(to_toml(config)), name=name)
+    again = type(config).from_dict(tomllib.loads(config.to_toml()), name=name)
     assert again == config
+    assert again.to_toml() == config.to_toml()
+
+
+def test_unknown_task_is_named(tmp_path):
+    path = tmp_path / "odd.toml"
+    path.write_text('task = "speech"\n')
+    with pytest.raises(ConfigError, match=r"odd.toml: task: must be one of \['text', 'mllm'\], got 'speech'"):
+        load_job(str(path))
 
 
 def test_load_by_path(tmp_path):
@@ -100,10 +106,10 @@ def test_invalid_toml_is_a_config_error(tmp_path):
 def test_mesh_section_default_is_unsharded_and_fills_devices_when_asked():
     import jax
 
-    from experiments.stages import training_mesh
+    from experiments.engine.stages import training_mesh
 
-    assert training_mesh(from_dict({})) is None                       # default 1 x 1 x 1: no mesh
-    mesh = training_mesh(from_dict({"mesh": {"data": -1, "tensor": 2}}))
+    assert training_mesh(from_dict({}).mesh) is None                  # default 1 x 1 x 1: no mesh
+    mesh = training_mesh(from_dict({"mesh": {"data": -1, "tensor": 2}}).mesh)
     assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 1, "tensor": 2}
     with pytest.raises(ConfigError, match=r"^mesh\.fsdp: must be -1 \(fill\) or >= 1"):
         from_dict({"mesh": {"fsdp": 0}})

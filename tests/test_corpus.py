@@ -4,10 +4,11 @@ import random
 import numpy as np
 import pytest
 
-from experiments import corpus
-from experiments.config import DataConfig
-from experiments.sequences import EpochBatches, allocate_steps, chunk_documents, pack_tokens, unpack_tokens
-from experiments.tokenizer import BOS, EOS, PAD, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from experiments.engine.batches import EpochBatches, allocate_steps
+from experiments.engine.tokenizer import BOS, EOS, PAD, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from experiments.text import corpus
+from experiments.text.config import DataConfig
+from experiments.text.sequences import chunk_documents, pack_tokens, unpack_tokens
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from dfm import schedules
 from dfm.losses import dfm_loss, step_proposal
 from dfm.models import Decoder, DecoderConfig
 from dfm.train import TrainConfig, train
-from experiments.modeling import masked_loss_fn
+from experiments.text.modeling import masked_loss_fn
 
 VOCAB, LENGTH, BATCH, STEPS = 16, 16, 16, 250
 

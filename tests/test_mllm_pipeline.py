@@ -6,12 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy.special import logsumexp
 
-from dfm.cli import main
-from experiments.config import ConfigError, load_config, resolve_path
-from experiments.mllm import config as mconfig
+from experiments.cli import main
+from experiments.engine import stages
+from experiments.engine.config import ConfigError, parse_config, read_toml, resolve_path
+from experiments.mllm.config import MultimodalExperimentConfig
+from experiments.mllm.task import MultimodalTask
+from experiments.registry import load_job
+from experiments.text.config import load_config
 
 pytestmark = pytest.mark.slow
+TASK = MultimodalTask()
+
+
+def _load(path):
+    return parse_config(MultimodalExperimentConfig, read_toml(path), path)
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +32,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_tiny_run_writes_the_report_with_every_system(run_dir):
+    from experiments.mllm.metrics import exact_match
+
     rep = json.loads((run_dir / "report.json").read_text())
     names = [s["name"] for s in rep["systems"]]
     assert names == ["stage1", "dense", "ensemble/centroid-top1", "ensemble/centroid-top2", "ensemble/oracle",
@@ -30,14 +42,11 @@ def test_tiny_run_writes_the_report_with_every_system(run_dir):
     available = json.loads((run_dir / "data" / "summary.json").read_text())["questions"]["test"]
     assert n == min(available, 24) or (available > 24 and n == 25)   # max_test = 24, MME pairs kept whole
     for s in rep["systems"]:
-        assert np.isfinite(s["answer_nll"]) and s["answer_nll"] > 0
-        assert s["scores"]["all"]["n"] == n
-        assert 0.0 <= s["scores"]["all"]["exact_match"] <= 1.0 and 0.0 <= s["scores"]["all"]["vqa_accuracy"] <= 1.0
-        assert len(rep["predictions"][s["name"]]) == n
-    # S12: the oracle (test image's cluster) is the nearest centroid, i.e. top-1: same answers and NLL
-    by = {s["name"]: s for s in rep["systems"]}
-    assert rep["predictions"]["ensemble/oracle"] == rep["predictions"]["ensemble/centroid-top1"]
-    assert by["ensemble/oracle"]["answer_nll"] == pytest.approx(by["ensemble/centroid-top1"]["answer_nll"], rel=1e-12)
+        preds = rep["predictions"][s["name"]]
+        assert len(preds) == s["scores"]["all"]["n"] == n
+        em = np.mean([exact_match(p, r["answer"]) for p, r in zip(preds, rep["test_rows"])])
+        assert s["scores"]["all"]["exact_match"] == pytest.approx(em, abs=1e-12), s["name"]
+        assert s["answer_ppl"] == pytest.approx(np.exp(s["answer_nll"]), rel=1e-12)
     # compute matching: the experts' steps add up to the dense model's
     steps = [rep["stages"][f"expert-{k}"]["steps"] for k in range(2)]
     assert sum(steps) == rep["stages"]["dense"]["steps"] == 8
@@ -48,16 +57,86 @@ def test_tiny_run_writes_the_report_with_every_system(run_dir):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
 
 
-def test_experts_share_the_frozen_stage1_tower(run_dir):
-    from dfm.train import load_model
-    from experiments.mllm.config import load
-    from experiments.mllm import modeling
+def _task_context(run_dir):
+    task, config = load_job("mllm-tiny")
+    ctx = stages.open_context(task, config, run_dir, progress=False, log=lambda *a: None)
+    return ctx, task.prepare_data(ctx)
 
-    summary = json.loads((run_dir / "data" / "summary.json").read_text())
-    cfg = load(resolve_path("mllm-tiny"))
-    factory = lambda: modeling.new_model(  # noqa: E731
-        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0)
-    base, expert = load_model(factory, run_dir / "models" / "stage1"), load_model(factory, run_dir / "models" / "expert-1")
+
+def _test_questions(ctx, data, rep):
+    from experiments.mllm.evaluate import QuestionSet, select_questions
+
+    rows = select_questions(data.questions["test"], ctx.config.data.max_test)
+    assert [r["id"] for r in rows] == [r["id"] for r in rep["test_rows"]]
+    return QuestionSet(rows, data.tokenizer, data.arrays["images_test"], data.summary["num_image_tokens"],
+                       data.image_token_id)
+
+
+def test_top1_routing_is_the_partition_function_and_decodes_as_that_expert(run_dir):
+    """THEORY S12: the nearest centroid of a test image's features (recomputed here) is its cluster
+    in assignments.json and the top-1 router's choice; the top-1 ensemble's answers are that
+    expert's own greedy decoding (`greedy_generate`, no mixture code) question by question."""
+    from dfm.models.multimodal import greedy_generate
+    from experiments.mllm.text import decode_answer
+
+    rep = json.loads((run_dir / "report.json").read_text())
+    ctx, data = _task_context(run_dir)
+    qs = _test_questions(ctx, data, rep)
+    feats = np.load(run_dir / "partition" / "features.npz")["test"]
+    part = np.load(run_dir / "partition" / "partition.npz")
+    z = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    if "mean" in part.files and part["mean"].size:
+        z = z - part["mean"]
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+    nearest = np.argmax(z @ part["centroids"].T, axis=1)
+    assignments = json.loads((run_dir / "partition" / "assignments.json").read_text())
+    np.testing.assert_array_equal(nearest, assignments["test"])
+    chosen = nearest[qs.image]
+    np.testing.assert_array_equal(np.argmax(np.asarray(rep["weights"]["centroid-top1"]), axis=1), chosen)
+    np.testing.assert_array_equal(rep["test_clusters"], chosen)
+    experts = [stages.load_stage_model(ctx, data, f"expert-{k}") for k in range(2)]
+    new = ctx.config.eval.max_new_tokens
+    want = []
+    for i in range(len(qs.rows)):
+        out = greedy_generate(experts[chosen[i]], jnp.asarray(qs.prompts[i][None]), jnp.asarray(qs.pixels(np.array([i]))),
+                              new)
+        want.append(decode_answer(data.tokenizer, np.asarray(out)[0, len(qs.prompts[i]):]))
+    assert rep["predictions"]["ensemble/centroid-top1"] == want
+    assert rep["predictions"]["ensemble/oracle"] == want
+
+
+def test_answer_nll_of_every_system_recomputes(run_dir):
+    """Single models: mean -log p of the reference answer tokens; fixed-weight ensembles: the
+    mixture of the experts' token probabilities (THEORY S8); the Bayes filter by telescoping:
+    per question -log sum_k w_k p_k(answer | image, question) (THEORY S9)."""
+    rep = json.loads((run_dir / "report.json").read_text())
+    ctx, data = _task_context(run_dir)
+    qs = _test_questions(ctx, data, rep)
+    names = ["stage1", "dense", "expert-0", "expert-1", "random-0", "random-1"]
+    lp = {n: qs.split_log_probs(qs.log_probs(stages.load_stage_model(ctx, data, n), 8))[1] for n in names}
+    mask = qs.answer_mask
+    count = mask.sum()
+    by = {s["name"]: s for s in rep["systems"]}
+    for name in ("stage1", "dense"):
+        assert by[name]["answer_nll"] == pytest.approx(-(lp[name] * mask).sum() / count, rel=1e-5)
+    experts = np.stack([lp["expert-0"], lp["expert-1"]])
+    for router in ("centroid-top1", "centroid-top2", "oracle"):
+        w = np.asarray(rep["weights"][router])
+        with np.errstate(divide="ignore"):
+            mix = logsumexp(np.log(w).T[:, :, None] + experts, axis=0)
+        assert by[f"ensemble/{router}"]["answer_nll"] == pytest.approx(-(mix * mask).sum() / count, rel=1e-5)
+    assignments = stages.load_assignments(ctx)
+    for system, members, priors in (("ensemble/bayes", experts, assignments.priors(2)),
+                                    ("random-ensemble/bayes", np.stack([lp["random-0"], lp["random-1"]]),
+                                     assignments.priors(2, random=True))):
+        seq = (members * mask).sum(axis=2)                                            # [K, n]
+        total = -logsumexp(np.log(priors)[:, None] + seq, axis=0).sum()
+        assert by[system]["answer_nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_experts_share_the_frozen_stage1_tower(run_dir):
+    ctx, data = _task_context(run_dir)
+    base, expert = stages.load_stage_model(ctx, data, "stage1"), stages.load_stage_model(ctx, data, "expert-1")
     tower = lambda m: nnx.to_flat_state(nnx.state(m.vision_tower, nnx.Param))  # noqa: E731
     for (p, a), (_, b) in zip(tower(base), tower(expert)):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
@@ -75,51 +154,52 @@ def test_rerun_is_idempotent(run_dir, capsys):
 
 
 def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding(run_dir):
+    from dfm.decentral import BayesFilterRouter, FixedRouter
     from dfm.models.multimodal import greedy_generate
-    from dfm.train import load_model
     from experiments.mllm import modeling
-    from experiments.mllm.config import load
 
-    summary = json.loads((run_dir / "data" / "summary.json").read_text())
-    cfg = load(resolve_path("mllm-tiny"))
-    factory = lambda: modeling.new_model(  # noqa: E731
-        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0)
-    experts = [load_model(factory, run_dir / "models" / f"expert-{k}") for k in range(2)]
-    arrays = np.load(run_dir / "data" / "arrays.npz")
-    px = modeling.pixels(arrays["images_test"][:3])
+    ctx, data = _task_context(run_dir)
+    summary = data.summary
+    experts = [stages.load_stage_model(ctx, data, f"expert-{k}") for k in range(2)]
+    px = modeling.pixels(data.arrays["images_test"][:3])
     nit = summary["num_image_tokens"]
     prompt = np.asarray([summary["bos_id"]] + [summary["image_token_id"]] * nit + [5, 6, 7], np.int32)
     prompts = np.stack([prompt] * 3)
     w = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    got = modeling.mixture_generate(experts, prompts, px, 4, weights=w)
+    got = modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)))
+    longer = modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)),
+                                       cache_length=len(prompt) + 9)
     for i in range(3):
         want = np.asarray(greedy_generate(experts[int(w[i, 1])], jnp.asarray(prompts[i:i + 1]),
                                           jnp.asarray(px[i:i + 1]), 4))[0, len(prompt):]
         np.testing.assert_array_equal(got[i], want)
+        np.testing.assert_array_equal(longer[i], want)
     # a Bayes filter whose prior puts (numerically) all mass on expert 1 decodes as expert 1
-    lp = np.log(np.asarray([[1e-300, 1.0]] * 3))
-    np.testing.assert_array_equal(modeling.mixture_generate(experts, prompts, px, 4, log_prior=lp),
-                                  modeling.mixture_generate(experts, prompts, px, 4, weights=np.eye(2)[[1, 1, 1]]))
+    np.testing.assert_array_equal(
+        modeling.mixture_generate(experts, prompts, px, 4, BayesFilterRouter.from_priors([1e-30, 1.0])),
+        modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(np.eye(2)[[1, 1, 1]]))))
+    with pytest.raises(ValueError, match="cache_length"):
+        modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)), cache_length=5)
 
 
 def test_multimodal_configs_parse_and_errors_name_the_field(tmp_path):
     for name in ("mllm-digits", "mllm-tiny"):
-        cfg = mconfig.load(resolve_path(name))
-        assert cfg.task == "mllm" and cfg.stage2.train == "projector+llm"
-        again = mconfig.from_dict(tomllib.loads(mconfig.to_toml(cfg)), name)
+        task, cfg = load_job(name)
+        assert task.name == cfg.task == "mllm" and cfg.stage2.train == "projector+llm"
+        again = MultimodalExperimentConfig.from_dict(tomllib.loads(cfg.to_toml()), name)
         assert again == cfg
-    with pytest.raises(ConfigError, match="multimodal config"):
+    with pytest.raises(ConfigError, match="a config of the 'mllm' task, not the text job"):
         load_config("mllm-tiny")
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "mllm"\n[stage1]\nsteps = 0\n')
     with pytest.raises(ConfigError, match="stage1.steps: must be >= 1, got 0"):
-        mconfig.load(bad)
+        _load(bad)
     bad.write_text('task = "mllm"\n[vision]\npatch = 4\n')
     with pytest.raises(ConfigError, match="unknown key 'patch' in section \\[vision\\]"):
-        mconfig.load(bad)
+        _load(bad)
     bad.write_text('task = "mllm"\n[stage2]\ntrain = "all"\n')
     with pytest.raises(ConfigError, match="stage2.train: the tower must stay frozen"):
-        mconfig.load(bad)
+        _load(bad)
     for text, match in [('[projector]\nkind = "internvl"\ndownsample_ratio = 0.5\n', "projector.kind"),
                         ('[projector]\ndownsample_ratio = 0.5\n', "projector.downsample_ratio: LLaVA"),
                         ('[projector]\nvision_feature_layer = -5\n', "projector.vision_feature_layer"),
@@ -127,10 +207,10 @@ def test_multimodal_configs_parse_and_errors_name_the_field(tmp_path):
                         ('[data]\nsource = "llava"\ntrain = "a.jsonl"\ntest = "b.jsonl"\n', "data.val")]:
         bad.write_text('task = "mllm"\n' + text)
         with pytest.raises(ConfigError, match=match):
-            mconfig.load(bad)
+            _load(bad)
     bad.write_text('task = "mllm"\n[data]\nimage_size = 30\n')
     with pytest.raises(ConfigError, match="vision.patch_size: must divide data.image_size"):
-        mconfig.load(bad)
+        _load(bad)
 
 
 def test_cli_errors_for_the_multimodal_job(tmp_path, capsys):
@@ -151,7 +231,7 @@ def test_internvl_variant_builds_and_trains_one_step():
     raw = tomllib.loads(resolve_path("mllm-tiny").read_text())
     raw["vision"] |= {"arch": "internvit", "patch_size": 4}
     raw["projector"] = {"kind": "internvl", "downsample_ratio": 0.5, "vision_feature_layer": -1}
-    cfg = mconfig.from_dict(raw, "mllm-tiny-internvl")
+    cfg = MultimodalExperimentConfig.from_dict(raw, "mllm-tiny-internvl")
     assert modeling.num_image_tokens(cfg) == 4          # 16 px / 4 = 4x4 patches, pixel shuffle 0.5 -> 2x2
     mc = modeling.model_config(cfg, vocab_size=40, image_token_id=39)
     model = modeling.new_model(mc, 0)
@@ -175,14 +255,8 @@ def _inputs(run_dir):
 
 
 def _run_model(run_dir, stage):
-    from dfm.train import load_model
-    from experiments.mllm import modeling
-    from experiments.mllm.config import load
-
-    summary = json.loads((run_dir / "data" / "summary.json").read_text())
-    cfg = load(resolve_path("mllm-tiny"))
-    return load_model(lambda: modeling.new_model(
-        modeling.model_config(cfg, summary["vocab_size"], summary["image_token_id"]), 0), run_dir / "models" / stage)
+    ctx, data = _task_context(run_dir)
+    return stages.load_stage_model(ctx, data, stage)
 
 
 def test_exported_decentralized_directory_rebuilds_the_ensemble(run_dir):
@@ -233,7 +307,6 @@ def _llava_files(root, first_turn_image=True):
 
 
 def test_llava_source_data_stage_and_placeholder_errors(tmp_path):
-    from experiments.mllm import stages
     from experiments.mllm.data import DataError
 
     data = tmp_path / "llava"
@@ -241,17 +314,18 @@ def test_llava_source_data_stage_and_placeholder_errors(tmp_path):
     raw = tomllib.loads(resolve_path("mllm-tiny").read_text())
     raw["data"] = {"source": "llava", "train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"),
                    "test": str(data / "test.jsonl"), "image_root": str(data), "image_size": 16, "vocab_size": 300}
-    cfg = mconfig.from_dict(raw, "llava-small")
-    ctx = stages.open_context(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    cfg = MultimodalExperimentConfig.from_dict(raw, "llava-small")
+    ctx = stages.open_context(TASK, cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     with pytest.raises(DataError, match="record 'train-0'.*first human turn"):
-        stages.data_summary(ctx)
+        TASK.prepare_data(ctx)
     _llava_files(data, first_turn_image=True)
     (tmp_path / "run" / "tokenizer").mkdir()                     # debris of an interrupted stage
     (tmp_path / "run" / "tokenizer" / "stale.txt").write_text("x")
-    ctx = stages.open_context(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
-    summary = stages.data_summary(ctx)
+    ctx = stages.open_context(TASK, cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    loaded = TASK.prepare_data(ctx)
+    summary = loaded.summary
     assert summary["records"] == {"train": 6, "val": 2, "test": 2}
     assert not (tmp_path / "run" / "tokenizer" / "stale.txt").exists()
-    arrays = stages.arrays(ctx)
+    arrays = loaded.arrays
     # both turns trained on: " a cat<eos>" and " a dog<eos>"; the image expanded to 4 tokens, once
     assert (arrays["tokens"] == summary["image_token_id"]).sum(axis=1).tolist() == [4] * 6

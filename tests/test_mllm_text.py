@@ -1,11 +1,10 @@
-"""Multimodal job: conversation template, image-token expansion, answer mixtures, question selection."""
+"""Multimodal job: conversation template, image-token expansion, question selection."""
 import numpy as np
 import pytest
-from scipy.special import logsumexp
 
 from experiments.mllm.evaluate import select_questions
 from experiments.mllm.formats import Turn
-from experiments.mllm.modeling import frozen_prefixes, mix_answer_nll
+from experiments.mllm.modeling import frozen_prefixes
 from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, decode_answer, encode_answer,
                                    encode_conversation, encode_prompt, image_token_id)
 
@@ -51,27 +50,6 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tok):
 def test_decode_answer_stops_at_eos(tok):
     gen = np.concatenate([encode_answer(tok, "odd"), encode_answer(tok, "7")])
     assert decode_answer(tok, gen) == "odd"
-
-
-def test_fixed_weight_answer_nll_is_the_mixture_of_token_probabilities():
-    rng = np.random.default_rng(0)
-    lp = np.log(rng.uniform(0.05, 1.0, (3, 4, 5)))
-    w = rng.dirichlet(np.ones(3), 4)
-    got = mix_answer_nll(lp, w)
-    want = -np.log(np.einsum("nk,knt->nt", w, np.exp(lp)))
-    np.testing.assert_allclose(got, want, rtol=1e-12)
-
-
-def test_bayes_answer_nll_telescopes_to_the_mixture_of_sequence_likelihoods():
-    # THEORY S9: the product of the filtered per-token mixtures is the mixture of whole-sequence
-    # likelihoods with the posterior given the question, sum_k w_k q_k(answer | question).
-    rng = np.random.default_rng(1)
-    lp = np.log(rng.uniform(0.05, 1.0, (3, 4, 6)))
-    log_prior = np.log(rng.dirichlet(np.ones(3), 4)) + rng.normal(size=(4, 3))  # w_k * p_k(question)
-    total = mix_answer_nll(lp, None, log_prior).sum(axis=1)
-    post = log_prior - logsumexp(log_prior, axis=1, keepdims=True)
-    want = -logsumexp(post.T + lp.sum(axis=2), axis=0)
-    np.testing.assert_allclose(total, want, rtol=1e-12)
 
 
 def test_frozen_prefixes_of_each_stage_setting():

@@ -3,14 +3,13 @@
 Layout of ``runs/<config-name>/``::
 
     resolved.toml            the resolved config (pinned: a later command with another config fails)
-    data/corpus.jsonl        documents {"id", "split", "text"}
-    data/tokens.npz          token ids per split (see experiments/sequences.py)
-    data/summary.json        sizes (documents, characters, tokens, sequences) per split
+    data/                    the task's data stage (data/summary.json is written last)
     tokenizer/               HF tokenizer (AutoTokenizer.from_pretrained)
-    partition/               k-means partition, random control, featurizer
+    partition/               partition.npz (k-means), assignments.json (train / random / val / test),
+                             the task's feature files
     checkpoints/<stage>/     orbax checkpoints of a training stage (resume)
     models/<stage>/          final parameters of a finished stage
-    stages/<stage>.json      completion marker of a stage: wall time, steps, tokens, loss history
+    stages/<stage>.json      completion marker of a stage: wall time, steps, loss history
     report.json, report.md, plots/*.png
 
 Every file is written to a temporary name in the same directory and moved into place with
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dfm.io import atomic_path, atomic_write_bytes
-from experiments.config import ConfigError, ExperimentConfig, from_dict, to_toml
+from experiments.engine.config import ConfigError, JobConfig
 
 
 class RunDirError(RuntimeError):
@@ -132,7 +131,7 @@ class RunDir:
         return self.root / "plots"
 
 
-def prepare_run_dir(root: Path, config: ExperimentConfig) -> RunDir:
+def prepare_run_dir(root: Path, config: JobConfig) -> RunDir:
     """Create (or reopen) a run directory for `config` and pin the config in it.
 
     A new directory gets ``resolved.toml``; an existing one must hold the same resolved config.
@@ -169,21 +168,13 @@ def prepare_run_dir(root: Path, config: ExperimentConfig) -> RunDir:
     run = RunDir(root)
     if run.resolved.is_file():
         try:
-            pinned = from_dict(tomllib.loads(run.resolved.read_text(encoding="utf-8")), name=config.name)
-        except (ConfigError, tomllib.TOMLDecodeError) as exc:
+            pinned = type(config).from_dict(tomllib.loads(run.resolved.read_text(encoding="utf-8")), name=config.name)
+        except (ConfigError, tomllib.TOMLDecodeError, TypeError) as exc:
             raise RunDirError(f"{run.resolved}: unreadable pinned config: {exc}") from None
         if pinned != config:
-            a, b = pinned.to_dict(), config.to_dict()
-            diffs = [k for k in a if a[k] != b[k]]
-            fields = []
-            for k in diffs:
-                if isinstance(a[k], dict):
-                    fields += [f"{k}.{s}" for s in a[k] if a[k][s] != b[k][s]]
-                else:
-                    fields.append(k)
             raise RunDirError(
                 f"output directory {str(root)!r} holds a run of a different config (differs in: "
-                f"{', '.join(fields)}); use another --out or delete it")
+                f"{', '.join(pinned.differences(config))}); use another --out or delete it")
     else:
-        atomic_write_text(run.resolved, to_toml(config))
+        atomic_write_text(run.resolved, config.to_toml())
     return run

@@ -2,9 +2,9 @@
 
 A multimodal config (e.g. ``experiments/configs/mllm-digits.toml``) has the top-level keys
 ``task = "mllm"`` (what routes ``dfm run --config NAME`` here), ``name`` and ``seed``, and the
-sections below. As in `experiments.config`, every key is optional, an unknown key or section is a
-`ConfigError` naming it, and a bad value is a `ConfigError` naming the field
-(``"stage1.steps: must be >= 1, got 0"``).
+sections below, parsed by the engine's machinery (`experiments.engine.config`): every key is
+optional, an unknown key or section is a `ConfigError` naming it, and a bad value is a
+`ConfigError` naming the field (``"stage1.steps: must be >= 1, got 0"``).
 
 Sections:
   [data]       where the LLaVA-format records come from (`DataConfig`)
@@ -15,15 +15,13 @@ Sections:
   [stage1]     alignment on all data (`StageSection`)
   [stage2]     instruction tuning of the dense model and the experts, compute-matched (`StageSection`)
   [eval]       routing, generation and the report (`EvalSection`)
+  [mesh]       device mesh for training (`experiments.engine.config.MeshSection`)
 """
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 
-from experiments.config import ConfigError, StageConfig, _f, _toml_value, _validate
+from experiments.engine.config import ConfigError, JobConfig, MeshSection, StageConfig, constrained
 
 TASK = "mllm"
 SOURCES = ("default", "llava", "internvl")
@@ -53,41 +51,41 @@ class DataConfig:
         question type.
     """
 
-    source: str = _f("default", choices=SOURCES)
+    source: str = constrained("default", choices=SOURCES)
     train: str = ""
     val: str = ""
     test: str = ""
     image_root: str = ""
-    image_size: int = _f(32, lo=8, hi=1024)
-    max_digits: int = _f(0, lo=0)
-    num_shapes: int = _f(400, lo=0)
-    num_photos: int = _f(200, lo=0)
-    vocab_size: int = _f(384, lo=262, hi=65536)
-    max_length: int = _f(64, lo=8, hi=8192)
-    max_test: int = _f(0, lo=0)
+    image_size: int = constrained(32, lo=8, hi=1024)
+    max_digits: int = constrained(0, lo=0)
+    num_shapes: int = constrained(400, lo=0)
+    num_photos: int = constrained(200, lo=0)
+    vocab_size: int = constrained(384, lo=262, hi=65536)
+    max_length: int = constrained(64, lo=8, hi=8192)
+    max_test: int = constrained(0, lo=0)
 
 
 @dataclass(frozen=True)
 class VisionSection:
     """CLIP-style ViT (or InternViT) tower; see `dfm.models.vision.VisionConfig`."""
 
-    arch: str = _f("clip", choices=("clip", "internvit"))
-    patch_size: int = _f(8, lo=1)
-    hidden_size: int = _f(64, lo=2)
-    intermediate_size: int = _f(128, lo=1)
-    num_layers: int = _f(3, lo=2)
-    num_heads: int = _f(4, lo=1)
+    arch: str = constrained("clip", choices=("clip", "internvit"))
+    patch_size: int = constrained(8, lo=1)
+    hidden_size: int = constrained(64, lo=2)
+    intermediate_size: int = constrained(128, lo=1)
+    num_layers: int = constrained(3, lo=2)
+    num_heads: int = constrained(4, lo=1)
 
 
 @dataclass(frozen=True)
 class TextSection:
     """LLaMA-style causal language model; see `dfm.models.DecoderConfig`."""
 
-    hidden_size: int = _f(128, lo=2)
-    intermediate_size: int = _f(256, lo=1)
-    num_layers: int = _f(2, lo=1)
-    num_heads: int = _f(4, lo=1)
-    num_kv_heads: int = _f(0, lo=0)
+    hidden_size: int = constrained(128, lo=2)
+    intermediate_size: int = constrained(256, lo=1)
+    num_layers: int = constrained(2, lo=1)
+    num_heads: int = constrained(4, lo=1)
+    num_kv_heads: int = constrained(0, lo=0)
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,8 @@ class ProjectorSection:
       vision_feature_layer: hidden state of the tower used (LLaVA: -2, the second-to-last layer).
     """
 
-    kind: str = _f("llava", choices=("llava", "internvl"))
-    downsample_ratio: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    kind: str = constrained("llava", choices=("llava", "internvl"))
+    downsample_ratio: float = constrained(1.0, lo=0.0, hi=1.0, lo_open=True)
     vision_feature_layer: int = -2
 
 
@@ -116,14 +114,14 @@ class PartitionSection:
       seed: seed of k-means++ and of the random partition.
     """
 
-    num_clusters: int = _f(3, lo=1)
+    num_clusters: int = constrained(3, lo=1)
     random_control: bool = True
-    seed: int = _f(0, lo=0)
+    seed: int = constrained(0, lo=0)
 
 
 @dataclass(frozen=True)
 class StageSection(StageConfig):
-    """One training stage: `experiments.config.StageConfig` (steps, batch size, AdamW, checkpoints)
+    """One training stage: `experiments.engine.config.StageConfig` (steps, batch size, AdamW, checkpoints)
     plus which parameters it updates.
 
     Attributes:
@@ -133,7 +131,7 @@ class StageSection(StageConfig):
         so the routing features are the same for every expert.
     """
 
-    train: str = _f("all", choices=TRAINABLE)
+    train: str = constrained("all", choices=TRAINABLE)
 
 
 @dataclass(frozen=True)
@@ -147,25 +145,25 @@ class EvalSection:
       grid_examples: test images in the PNG example grid of the report.
     """
 
-    top_k: int = _f(2, lo=1)
-    max_new_tokens: int = _f(6, lo=1)
-    batch_size: int = _f(64, lo=1)
-    grid_examples: int = _f(12, lo=0)
-
-
-_SECTIONS = {
-    "data": DataConfig, "vision": VisionSection, "text": TextSection, "projector": ProjectorSection,
-    "partition": PartitionSection, "stage1": StageSection, "stage2": StageSection, "eval": EvalSection,
-}
+    top_k: int = constrained(2, lo=1)
+    max_new_tokens: int = constrained(6, lo=1)
+    batch_size: int = constrained(64, lo=1)
+    grid_examples: int = constrained(12, lo=0)
 
 
 @dataclass(frozen=True)
-class MultimodalExperimentConfig:
+class MultimodalExperimentConfig(JobConfig):
     """The whole multimodal job (one run directory)."""
 
+    SECTIONS = {
+        "data": DataConfig, "vision": VisionSection, "text": TextSection, "projector": ProjectorSection,
+        "partition": PartitionSection, "stage1": StageSection, "stage2": StageSection, "eval": EvalSection,
+        "mesh": MeshSection,
+    }
+
     name: str = "mllm-digits"
-    task: str = _f(TASK, choices=(TASK,))
-    seed: int = _f(0, lo=0)
+    task: str = constrained(TASK, choices=(TASK,))
+    seed: int = constrained(0, lo=0)
     data: DataConfig = DataConfig()
     vision: VisionSection = VisionSection()
     text: TextSection = TextSection()
@@ -174,13 +172,10 @@ class MultimodalExperimentConfig:
     stage1: StageSection = StageSection()
     stage2: StageSection = StageSection(train="projector+llm")
     eval: EvalSection = EvalSection()
+    mesh: MeshSection = MeshSection()
 
     def __post_init__(self):
-        _validate(self, "")
-        for section, cls in _SECTIONS.items():
-            if not isinstance(getattr(self, section), cls):
-                raise ConfigError(f"{section}: expected a [{section}] table")
-            _validate(getattr(self, section), section)
+        self.validate_fields()
         if self.data.source != "default" and not (self.data.train and self.data.val and self.data.test):
             raise ConfigError(f"data.val: source {self.data.source!r} needs data.train, data.val and data.test "
                               "paths (val fits the router temperature; it must not be the test set)")
@@ -219,58 +214,3 @@ class MultimodalExperimentConfig:
                                   f"{'into even head sizes ' if section == 'text' else ''}, got {heads}")
         if self.text.num_kv_heads and self.text.num_heads % self.text.num_kv_heads:
             raise ConfigError(f"text.num_kv_heads: must divide num_heads, got {self.text.num_kv_heads}")
-
-    def to_dict(self) -> dict:
-        out = {"name": self.name, "task": self.task, "seed": self.seed}
-        for section in _SECTIONS:
-            out[section] = dataclasses.asdict(getattr(self, section))
-        return out
-
-
-def is_multimodal(raw: dict) -> bool:
-    """True when a parsed TOML dict is a multimodal config (top-level ``task = "mllm"``)."""
-    return raw.get("task") == TASK
-
-
-def from_dict(raw: dict, name: str) -> MultimodalExperimentConfig:
-    """Build the config from a parsed TOML dict (ConfigError naming unknown keys / bad values)."""
-    top, sections = {}, {}
-    for key, value in raw.items():
-        if key in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a [{key}] table, got {value!r}")
-            cls = _SECTIONS[key]
-            known = {f.name for f in dataclasses.fields(cls)}
-            for sub in value:
-                if sub not in known:
-                    raise ConfigError(f"unknown key {sub!r} in section [{key}] (known: {', '.join(sorted(known))})")
-            base = dataclasses.asdict(getattr(MultimodalExperimentConfig, key)) if key == "stage2" else {}
-            sections[key] = cls(**(base | value))
-            _validate(sections[key], key)
-        elif key in ("name", "seed", "task"):
-            top[key] = value
-        else:
-            raise ConfigError(f"unknown key {key!r} at top level (known: name, task, seed, "
-                              f"{', '.join(f'[{s}]' for s in _SECTIONS)})")
-    top.setdefault("name", name)
-    return MultimodalExperimentConfig(**top, **sections)
-
-
-def load(path: Path) -> MultimodalExperimentConfig:
-    """Parse a multimodal config file (ConfigError prefixed with the file name)."""
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        return from_dict(raw, Path(path).stem)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def to_toml(config: MultimodalExperimentConfig) -> str:
-    """TOML text that `from_dict(tomllib.loads(...))` maps back to `config`."""
-    d = config.to_dict()
-    lines = [f"{k} = {_toml_value(d[k])}" for k in ("name", "task", "seed")]
-    for section in _SECTIONS:
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[section].items()]
-    return "\n".join(lines) + "\n"

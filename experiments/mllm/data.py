@@ -14,19 +14,21 @@ tokenizer in ``<run>/tokenizer``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from experiments.engine.rundir import atomic_save_npz, atomic_write_json, read_json
+from experiments.engine.task import DataError as EngineDataError
+from experiments.engine.tokenizer import load_tokenizer, save_tokenizer
 from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, encode_conversation, image_token_id,
                                    pad_rows)
-from experiments.rundir import atomic_save_npz, atomic_write_json, read_json
-from experiments.tokenizer import load_tokenizer, save_tokenizer
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(EngineDataError):
     """The records cannot be used by the pipeline; the message names the record and file."""
 
 
@@ -166,3 +168,38 @@ def load_questions(run_root: Path) -> dict[str, list[dict]]:
 def tokenizer_of(run_root: Path):
     """The run's tokenizer (`AutoTokenizer` from ``<run>/tokenizer``)."""
     return load_tokenizer(Path(run_root) / "tokenizer")
+
+
+@dataclass(frozen=True)
+class MultimodalData:
+    """Everything the stages read of the data stage, loaded once (`load_data`).
+
+    Attributes:
+      summary: ``data/summary.json`` (vocab size, special and image token ids, sizes).
+      arrays: `load_arrays` (train tokens, loss mask, image index; images of every split).
+      questions: `load_questions` (val / test questions).
+      tokenizer: the run's tokenizer.
+      train_sources: the source (digits, shapes, photos, ...) of every train conversation.
+    """
+
+    summary: dict
+    arrays: dict
+    questions: dict
+    tokenizer: object
+    train_sources: list
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.summary["vocab_size"])
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.summary["image_token_id"])
+
+
+def load_data(config, run_root: Path, num_image_tokens: int, log=print) -> MultimodalData:
+    """The data stage (if not done; `prepare_data`), then its arrays, questions and tokenizer."""
+    summary = prepare_data(config, run_root, num_image_tokens, log=log)
+    sources = Path(run_root) / "data" / "train_sources.json"
+    return MultimodalData(summary, load_arrays(run_root), load_questions(run_root), tokenizer_of(run_root),
+                          read_json(sources) if sources.is_file() else [])

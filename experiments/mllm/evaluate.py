@@ -4,9 +4,11 @@ Systems: `stage1` (alignment only), `dense` (stage 2 on all data), and the ensem
 experts under each router: centroid top-1 (the partition function: exact by THEORY S12), centroid
 top-k with its temperature fitted on val (softmax over the top-k cosines, S13), the Bayes filter
 (S9 for experts of p(answer | image, question): `rho_k` starts at the prior w_k and is updated by
-every answer token), and the oracle (the test
-image's cluster, i.e. its nearest centroid — it coincides with top-1 here, S12); plus the
-random-partition control (Bayes filter over the random experts).
+every answer token), and the oracle (the test image's cluster, i.e. its nearest centroid — it
+coincides with top-1 here, S12); plus the random-partition control (Bayes filter over the random
+experts). Mixtures are the library's: greedy decoding through `dfm.samplers` with
+`dfm.decentral.ensemble_posterior_fn` (`modeling.mixture_generate`), teacher-forced answer NLL
+with `dfm.decentral.mixture_token_log_probs`.
 
 Metrics per system: answer NLL (teacher-forced reference answer incl. EOS, nats / token, and its
 perplexity) and greedy answers (`eval.max_new_tokens` tokens, cut at EOS) scored by
@@ -19,15 +21,14 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from scipy.special import logsumexp
+import jax.numpy as jnp
 from tqdm import tqdm
 
+from experiments.engine.stages import (Context, expert_names, load_assignments, load_stage_model,
+                                       training_stages)
 from experiments.mllm import modeling
-from experiments.mllm.data import load_questions, tokenizer_of
-from experiments.mllm.stages import arrays, data_summary, load_stage_model, stage_names
+from experiments.mllm.data import MultimodalData
 from experiments.mllm.text import decode_answer, encode_answer, encode_prompt, pad_rows
-from experiments.rundir import read_json
-from experiments.stages import Context
 
 
 def select_questions(rows: list[dict], limit: int) -> list[dict]:
@@ -104,50 +105,55 @@ def _nll(sys_nll: np.ndarray, mask: np.ndarray) -> float:
     return float((sys_nll * mask).sum() / mask.sum())
 
 
-def _generate(models, qs: QuestionSet, cfg, progress, desc, weights=None, log_prior=None) -> list[str]:
-    """Greedy answers of one system for every question (prompts bucketed by length)."""
+def _generate(models, qs: QuestionSet, router_for, batch_size: int, max_new_tokens: int, tokenizer,
+              progress) -> list[str]:
+    """Greedy answers of one system for every question; `router_for(rows)` is the `Router` of the
+    question rows `rows`. Prompts are bucketed by length; every batch is padded to `batch_size`
+    rows (repeating its last row) and every KV cache has the same length, so decoding compiles
+    once per system kind, not once per prompt length."""
     preds = [""] * len(qs.rows)
-    tok = cfg["tokenizer"]
-    if weights is None and log_prior is None:   # one model: weight 1
-        weights = np.ones((len(qs.rows), len(models)))
     buckets = defaultdict(list)
     for i, p in enumerate(qs.prompt_len):
         buckets[int(p)].append(i)
-    bs = cfg["batch_size"]
+    cache_length = int(qs.prompt_len.max()) + max_new_tokens
     for plen in sorted(buckets):
         idx_all = np.asarray(buckets[plen])
-        for s in range(0, len(idx_all), bs):
-            idx = idx_all[s:s + bs]
-            prompts = np.stack([qs.prompts[i] for i in idx])
-            gen = modeling.mixture_generate(
-                models, prompts, qs.pixels(idx), cfg["max_new_tokens"],
-                weights=None if weights is None else weights[idx],
-                log_prior=None if log_prior is None else log_prior[idx])
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s:s + batch_size]
+            rows = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+            prompts = np.stack([qs.prompts[i] for i in rows])
+            gen = modeling.mixture_generate(models, prompts, qs.pixels(rows), max_new_tokens, router_for(rows),
+                                            cache_length=cache_length)
             for i, g in zip(idx, gen):
-                preds[i] = decode_answer(tok, g)
+                preds[i] = decode_answer(tokenizer, g)
             progress(len(idx))
     return preds
 
 
-def evaluate(ctx: Context) -> dict:
+def _answer_nll(lp_answer: np.ndarray, router, answer_mask: np.ndarray):
+    """Teacher-forced mixture NLL of the reference answers ``[n, A]`` (THEORY S8 / S9) and the
+    router state after the answer (`dfm.decentral.mixture_token_log_probs`)."""
+    from dfm.decentral import mixture_token_log_probs
+
+    scores = mixture_token_log_probs(router, jnp.asarray(lp_answer, jnp.float32), valid=answer_mask)
+    return -np.asarray(scores.log_probs, np.float64), scores.final_state
+
+
+def evaluate(ctx: Context, data: MultimodalData) -> dict:
     """Score every system on the test questions; returns the results dict the report renders."""
-    from dfm.decentral import CentroidRouter, Partition
+    from dfm.decentral import BayesFilterRouter, CentroidRouter, FixedRouter, Partition, fit_centroid_router
     from experiments.mllm.metrics import score_predictions
 
-    c = ctx.config
-    summary, a = data_summary(ctx), arrays(ctx)
-    tok = tokenizer_of(ctx.run.root)
-    questions = load_questions(ctx.run.root)
-    test_rows = select_questions(questions["test"], c.data.max_test)
-    val_rows = questions["val"]
-    nit, img_id = summary["num_image_tokens"], summary["image_token_id"]
+    c, a, tok = ctx.config, data.arrays, data.tokenizer
+    test_rows = select_questions(data.questions["test"], c.data.max_test)
+    val_rows = data.questions["val"]
+    nit, img_id = data.summary["num_image_tokens"], data.image_token_id
     test = QuestionSet(test_rows, tok, a["images_test"], nit, img_id)
     val = QuestionSet(val_rows, tok, a["images_val"], nit, img_id)
     k = c.partition.num_clusters
-    experts = [f"expert-{i}" for i in range(k)]
-    randoms = [f"random-{i}" for i in range(k)] if c.partition.random_control else []
+    experts, randoms = expert_names(c), expert_names(c, random=True)
     names = ["stage1", "dense"] + experts + randoms
-    models = {n: load_stage_model(ctx, n) for n in names}
+    models = {n: load_stage_model(ctx, data, n) for n in names}
     bs = c.eval.batch_size
 
     t0 = time.perf_counter()
@@ -158,55 +164,50 @@ def evaluate(ctx: Context) -> dict:
     score_s = time.perf_counter() - t0
 
     feats = np.load(ctx.run.partition / "features.npz")
-    assignments = read_json(ctx.run.partition / "assignments.json")
+    assignments = load_assignments(ctx)
     partition = Partition.load(ctx.run.partition / "partition.npz")
     f_test = feats["test"][test.image]
     top1 = CentroidRouter(partition, temperature=1.0, top_k=1)
-    topk = CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k).fit_temperature(
-        feats["val"][val.image], val_ll)
-    train_labels = np.asarray(assignments["train"])[a["image"]]
-    priors = np.bincount(train_labels, minlength=k) / len(train_labels)
-    oracle_w = np.eye(k)[np.asarray(assignments["test"])[test.image]]
+    topk = fit_centroid_router(CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k),
+                               feats["val"][val.image], val_ll)
+    priors = assignments.priors(k)
+    test_clusters = assignments.units["test"][test.image]
     # top-1 keeps one expert with weight exactly 1 (float32 renormalization would leave 1 - 6e-8)
-    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.weights(f_test)).argmax(axis=1)]}
+    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.route(f_test)).argmax(axis=1)]}
     if c.eval.top_k > 1:
-        weights[f"centroid-top{c.eval.top_k}"] = np.asarray(topk.weights(f_test), np.float64)
-    weights["oracle"] = oracle_w
+        weights[f"centroid-top{c.eval.top_k}"] = np.asarray(topk.route(f_test), np.float64)
+    weights["oracle"] = np.eye(k)[test_clusters]
+
+    def fixed(w):
+        return lambda rows: FixedRouter(jnp.asarray(w[rows], jnp.float32))
+
     # Bayes filter over the answer tokens from the prior w_k (THEORY S9 for experts of
     # p(answer | image, question)): the question tokens are not trained on (LLaVA's loss), so
     # their likelihoods are no evidence, and no expert models the image itself.
-    log_prior = np.repeat(np.log(priors)[None], len(test_rows), axis=0)
-    stack_a = np.stack([lp_a[e] for e in experts])
-
-    systems = []
-    gen_cfg = {"tokenizer": tok, "batch_size": bs, "max_new_tokens": c.eval.max_new_tokens}
-    plan = [("stage1", "single", "stage 1 only", [models["stage1"]], None, None),
-            ("dense", "dense", "", [models["dense"]], None, None)]
+    bayes = BayesFilterRouter.from_priors(priors)
+    plan = [("stage1", "single", "stage 1 only", ["stage1"], fixed(np.ones((len(test_rows), 1)))),
+            ("dense", "dense", "", ["dense"], fixed(np.ones((len(test_rows), 1))))]
     for rname, w in weights.items():
-        plan.append((f"ensemble/{rname}", "ensemble", rname if rname != f"centroid-top{c.eval.top_k}" else
-                     f"{rname}, T={topk.temperature:.3g} fitted on val", [models[e] for e in experts], w, None))
-    plan.append(("ensemble/bayes", "ensemble", "bayes filter (S9)", [models[e] for e in experts], None, log_prior))
+        label = f"{rname}, T={topk.temperature:.3g} fitted on val" if rname == f"centroid-top{c.eval.top_k}" else rname
+        plan.append((f"ensemble/{rname}", "ensemble", label, experts, fixed(w)))
+    plan.append(("ensemble/bayes", "ensemble", "bayes filter (S9)", experts, lambda rows: bayes))
     if randoms:
-        rl = np.asarray(assignments["random"])[a["image"]]
-        rprior = np.bincount(rl, minlength=k) / len(rl)
-        rlog = np.repeat(np.log(rprior)[None], len(test_rows), axis=0)
-        plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", [models[e] for e in randoms],
-                     None, rlog))
+        random_bayes = BayesFilterRouter.from_priors(assignments.priors(k, random=True))
+        plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", randoms,
+                     lambda rows: random_bayes))
     bar = tqdm(total=len(plan) * len(test_rows), desc="generate", disable=not ctx.progress, leave=False)
-    preds = {}
-    for name, kind, router, ms, w, lprior in plan:
+    preds, systems, final_states = {}, [], {}
+    all_rows = np.arange(len(test_rows))
+    for name, kind, router, members, router_for in plan:
         t1 = time.perf_counter()
-        if name == "ensemble/oracle" and np.array_equal(w, weights["centroid-top1"]):
+        ms = [models[m] for m in members]
+        if name == "ensemble/oracle" and np.array_equal(weights["oracle"], weights["centroid-top1"]):
             preds[name] = preds["ensemble/centroid-top1"]   # identical weights (THEORY S12): same answers
             bar.update(len(test_rows))
         else:
-            preds[name] = _generate(ms, test, gen_cfg, bar.update, name, weights=w, log_prior=lprior)
-        if len(ms) == 1:
-            nll_tok = -lp_a[name] if name in lp_a else None
-        elif name.startswith("random"):
-            nll_tok = modeling.mix_answer_nll(np.stack([lp_a[e] for e in randoms]), None, lprior)
-        else:
-            nll_tok = modeling.mix_answer_nll(stack_a, w, lprior)
+            preds[name] = _generate(ms, test, router_for, bs, c.eval.max_new_tokens, tok, bar.update)
+        nll_tok, final_states[name] = _answer_nll(np.stack([lp_a[m] for m in members]), router_for(all_rows),
+                                                  test.answer_mask)
         nll = _nll(nll_tok, test.answer_mask)
         scores = score_predictions(test_rows, {r["id"]: p for r, p in zip(test_rows, preds[name])})
         systems.append({"name": name, "kind": kind, "router": router, "answer_nll": nll,
@@ -217,30 +218,20 @@ def evaluate(ctx: Context) -> dict:
         "systems": systems, "num_test_questions": len(test_rows), "num_val_questions": len(val_rows),
         "temperature": float(topk.temperature), "priors": priors.tolist(), "score_s": score_s,
         "weights": {n: w.tolist() for n, w in weights.items()},
-        "bayes_weights_after_answer": _posterior(log_prior, stack_a.sum(axis=2).T).tolist(),
-        "test_clusters": np.asarray(assignments["test"])[test.image].tolist(),
+        "bayes_weights_after_answer": np.asarray(bayes.weights(final_states["ensemble/bayes"]), np.float64).tolist(),
+        "test_clusters": test_clusters.tolist(),
         "test_rows": [{k2: r[k2] for k2 in ("id", "image", "question", "answer", "question_type", "source")}
                       for r in test_rows],
         "predictions": preds,
-        "train_clusters_by_source": _composition(ctx, train_labels),
-        "stages": {n: ctx.run.stage_info(n) for n in stage_names(c)},
-        "partition": ctx.run.stage_info("partition"), "data": summary,
+        "train_clusters_by_source": _composition(data.train_sources, assignments.examples(), k),
+        "stages": {n: ctx.run.stage_info(n) for n in training_stages(ctx)},
+        "partition": ctx.run.stage_info("partition"), "data": data.summary,
     }
 
 
-def _posterior(log_prior: np.ndarray, loglik: np.ndarray) -> np.ndarray:
-    """`rho_k ∝ exp(log_prior_k + loglik_k)` per row, `[n, K]`."""
-    z = log_prior + loglik
-    return np.exp(z - logsumexp(z, axis=1, keepdims=True))
-
-
-def _composition(ctx: Context, train_labels: np.ndarray) -> dict:
+def _composition(sources: list, train_labels: np.ndarray, k: int) -> dict:
     """`{source: [train conversations per cluster]}` (sources from ``data/train_sources.json``)."""
-    path = ctx.run.root / "data" / "train_sources.json"
-    if not path.is_file():
-        return {}
-    k = ctx.config.partition.num_clusters
     out = defaultdict(lambda: [0] * k)
-    for src, lab in zip(read_json(path), train_labels):
+    for src, lab in zip(sources, train_labels):
         out[src][int(lab)] += 1
     return dict(sorted(out.items()))

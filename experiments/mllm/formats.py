@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from dfm.io import atomic_path
+from experiments.engine.task import DataError
 
 IMAGE_TOKEN = "<image>"
 HUMAN, GPT = "human", "gpt"
@@ -60,7 +61,7 @@ RESERVED_KEYS = ("id", "image", "conversations")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class FormatError(ValueError):
+class FormatError(DataError):
     """A data file (LLaVA JSON/JSONL, InternVL meta.json, image) is malformed; the message names the
     file and the record id (or line number)."""
 

@@ -1,10 +1,15 @@
 """Models of the multimodal job: construction, the LLaVA loss, teacher-forced scoring, and greedy
-generation from a mixture of experts (fixed router weights or the Bayes filter, THEORY S8/S9/S12).
+generation from a mixture of experts (any `dfm.decentral.Router`; THEORY S8/S9/S12).
 
-Mixture decoding: at every step the next-token distribution of a system is
-`p(y) = sum_k rho_k p_k(y | image, prompt, generated)` (THEORY S8 for AR, S5), with `rho` fixed
-per question (centroid routers; top-1 = the partition function, exact by S12) or the Bayes filter
-`rho_k ∝ w_k prod p_k(generated tokens | image, question)`, updated after every token (S9). The greedy answer is `argmax_y p(y)`; experts with zero weight in a batch are not run.
+Mixture decoding is the library's: the AR schedule over the answer positions
+(`dfm.schedules.autoregressive`) sampled greedily by `dfm.samplers.sample_discrete`, with the
+experts' cached posterior functions continuing the prefilled prompt
+(`dfm.autoregressive.prompted_posterior_fn`) mixed by `dfm.decentral.ensemble_posterior_fn`: at
+every step `p(y) = sum_k rho_k p_k(y | image, prompt, generated)`, with `rho` fixed per question
+(centroid routers; top-1 = the partition function, exact by S12) or the Bayes filter
+`rho_k ∝ w_k prod p_k(generated tokens | image, question)` updated after every token (S9). The
+answer is `argmax_y p(y)` at every step; with a fixed-weight router only the experts that carry
+weight in the batch are run (`Router.support`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from scipy.special import logsumexp
 
 from dfm.models import DecoderConfig
 
@@ -131,82 +135,67 @@ def image_features(model, images_uint8: np.ndarray, batch_size: int) -> np.ndarr
 
 
 @functools.partial(nnx.jit, static_argnums=(3,))
-def _prefill(model, tokens, px, max_length):
-    cache = model.init_cache(tokens.shape[0], max_length)
+def _prefill(model, tokens, px, cache_length):
+    cache = model.init_cache(tokens.shape[0], cache_length)
     logits, cache = model.prefill(tokens, px, cache)
-    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
+    return cache, jax.nn.log_softmax(logits[:, -1], axis=-1)
 
 
-@nnx.jit
-def _decode(model, token, position, cache):
-    logits, cache = model.decode_step(token, position, cache)
-    return jax.nn.log_softmax(logits, axis=-1), cache
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _mixture_decode(graphdefs, states, starts, prompt_length, max_new_tokens, router):
+    from dfm.autoregressive import prompted_posterior_fn
+    from dfm.decentral import ensemble_init_state, ensemble_posterior_fn
+    from dfm.paths import mask_source
+    from dfm.samplers import sample_discrete
+    from dfm.schedules import autoregressive
+
+    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+    batch, vocab = starts[0][1].shape
+    fn = ensemble_posterior_fn([prompted_posterior_fn(m.decode_step, prompt_length) for m in models], router,
+                               mask_id=vocab)
+    state = ensemble_init_state(router, starts, batch=batch, num_moving=1, vocab=vocab)
+    return sample_discrete(jax.random.PRNGKey(0), fn, autoregressive(max_new_tokens),
+                           mask_source((batch, max_new_tokens), vocab), temperature=0.0, mask_id=vocab, state=state)
 
 
-def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, *,
-                     weights: np.ndarray | None = None, log_prior: np.ndarray | None = None) -> np.ndarray:
-    """Greedy decoding from the mixture `sum_k rho_k p_k` of `models` (one batch of equal-length prompts).
+def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, router, *,
+                     cache_length: int | None = None) -> np.ndarray:
+    """Greedy decoding from the mixture of `models` under `router` (one batch of equal-length prompts).
+
+    Each expert prefills the prompt (images scattered in) into a KV cache of `cache_length`
+    positions; then one jitted `dfm.samplers.sample_discrete` over the answer positions decodes
+    all experts step by step. The decoding program depends on the prompt length only as a traced
+    value, so one compilation serves every prompt length when `cache_length` is fixed.
 
     Args:
-      models: K `MultimodalModel`s (K = 1: plain greedy decoding).
+      models: K `MultimodalModel`s (K = 1 with `FixedRouter(ones [B, 1])`: plain greedy decoding).
       prompts: `[B, P]` int32 prompt ids (image tokens expanded); px: `[B, S, S, 3]` pixels.
-      weights: `[B, K]` fixed router weights (rows sum to 1), or None for the Bayes filter.
-      log_prior: `[B, K]` Bayes filter: the log-weights before the first generated token (e.g.
-        `log w_k`; any per-row shift).
+      max_new_tokens: answer length.
+      router: a `dfm.decentral.Router` over the K experts for these B rows: `FixedRouter(weights
+        [B, K])` or `BayesFilterRouter.from_priors(w)` (starts at the priors, updated by every
+        generated token).
+      cache_length: KV cache positions, >= P + max_new_tokens (default exactly that).
+
     Returns:
       `[B, max_new_tokens]` int32 generated ids (continuing after EOS; cut with `decode_answer`).
+
+    Raises:
+      ValueError: a `cache_length` shorter than P + max_new_tokens.
     """
-    b, p = prompts.shape
-    k = len(models)
-    bayes = weights is None
-    if bayes:
-        if log_prior is None:
-            raise ValueError("log_prior: needed when weights is None (Bayes filter)")
-        state = np.asarray(log_prior, np.float64).copy()
-        active = list(range(k))
-    else:
-        weights = np.asarray(weights, np.float64)
-        active = [j for j in range(k) if weights[:, j].max() > 0]
+    from dfm.decentral import FixedRouter
+
+    prompt_length = prompts.shape[1]
+    cache_length = cache_length or prompt_length + max_new_tokens
+    if cache_length < prompt_length + max_new_tokens:
+        raise ValueError(f"cache_length: {cache_length} < prompt {prompt_length} + {max_new_tokens} new tokens")
+    support = router.support()
+    if support is not None and not support.all():   # only the experts that carry weight run
+        used = np.flatnonzero(support)
+        models = [models[i] for i in used]
+        router = FixedRouter(jnp.asarray(np.asarray(router.table)[:, used]))
     tokens, px = jnp.asarray(prompts), jnp.asarray(px)
-    caches, lps = {}, {}
-    for j in active:
-        lps[j], caches[j] = _prefill(models[j], tokens, px, p + max_new_tokens)
-    out = np.zeros((b, max_new_tokens), np.int32)
-    for step in range(max_new_tokens):
-        stack = np.stack([np.asarray(lps[j], np.float64) for j in active])       # [k', B, V]
-        if bayes:
-            logw = state - logsumexp(state, axis=1, keepdims=True)
-        else:
-            with np.errstate(divide="ignore"):
-                logw = np.log(weights[:, active])
-        mix = logsumexp(logw.T[:, :, None] + stack, axis=0)                     # [B, V]
-        nxt = np.argmax(mix, axis=-1).astype(np.int32)
-        out[:, step] = nxt
-        if bayes:
-            state = state + stack[:, np.arange(b), nxt].T
-        if step + 1 < max_new_tokens:
-            for j in active:
-                lps[j], caches[j] = _decode(models[j], jnp.asarray(nxt), jnp.asarray(p + step, jnp.int32), caches[j])
-    return out
-
-
-def mix_answer_nll(lp_answer: np.ndarray, weights: np.ndarray | None = None,
-                   log_prior: np.ndarray | None = None) -> np.ndarray:
-    """Per-token NLL of the reference answers under a mixture (teacher forcing), float64.
-
-    Args:
-      lp_answer: `[K, n, A]` expert log-probs of the answer tokens (0 where padded).
-      weights: `[n, K]` fixed weights; or None with `log_prior [n, K]` for the Bayes filter
-        (weights of token a = posterior given the question and answer tokens < a, THEORY S9).
-    Returns:
-      `[n, A]` negative log-probabilities (padded positions are whatever the padding gives;
-      mask them).
-    """
-    if weights is not None:
-        with np.errstate(divide="ignore"):
-            logw = np.log(np.asarray(weights, np.float64)).T[:, :, None]
-        return -logsumexp(logw + lp_answer, axis=0)
-    prefix = np.cumsum(lp_answer, axis=2) - lp_answer                   # exclusive sums [K, n, A]
-    state = np.asarray(log_prior, np.float64).T[:, :, None] + prefix
-    logw = state - logsumexp(state, axis=0, keepdims=True)
-    return -logsumexp(logw + lp_answer, axis=0)
+    starts = tuple(_prefill(m, tokens, px, cache_length) for m in models)
+    split = [nnx.split(m) for m in models]
+    out = _mixture_decode(tuple(g for g, _ in split), tuple(s for _, s in split), starts,
+                          jnp.asarray(prompt_length, jnp.int32), max_new_tokens, router)
+    return np.asarray(out, np.int32)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.plots import _plt, _save
+from experiments.engine.plots import pyplot, save_figure
 
 
 def _annotated(ax, m: np.ndarray, vmax: float | None = None):
@@ -31,7 +31,7 @@ def routing_heatmaps(weights: dict, row_labels: list[str], path: Path) -> Path:
     Args:
       weights: router name -> `[groups, K]` mean weights (rows of NaN where a group is empty).
     """
-    plt = _plt()
+    plt = pyplot()
     names = list(weights)
     fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 0.8, 0.5 * len(row_labels) + 2.0),
                              squeeze=False)
@@ -45,12 +45,12 @@ def routing_heatmaps(weights: dict, row_labels: list[str], path: Path) -> Path:
         ax.set_yticks(range(len(row_labels)))
         ax.set_yticklabels(row_labels if i_ax == 0 else [""] * len(row_labels), fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean router weight")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def composition(counts: dict, path: Path, title: str = "train conversations per cluster") -> Path:
     """Heatmap of counts: rows = groups (e.g. image source), columns = clusters of the partition."""
-    plt = _plt()
+    plt = pyplot()
     labels = list(counts)
     m = np.asarray([counts[k] for k in labels], float)
     fig, ax = plt.subplots(figsize=(0.9 * m.shape[1] + 2.5, 0.45 * len(labels) + 1.8))
@@ -60,7 +60,7 @@ def composition(counts: dict, path: Path, title: str = "train conversations per 
     ax.set_xticks(range(m.shape[1]))
     ax.set_xlabel("cluster (balanced k-means on stage-1 image features)")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def example_grid(images: np.ndarray, rows: list[dict], predictions: dict, path: Path, columns: int = 4) -> Path:
@@ -71,7 +71,7 @@ def example_grid(images: np.ndarray, rows: list[dict], predictions: dict, path: 
       rows: dicts with "question" and "answer".
       predictions: system name -> list of n predicted answers.
     """
-    plt = _plt()
+    plt = pyplot()
     n = len(rows)
     cols = max(1, min(columns, n))
     nrows = max(1, -(-n // cols))
@@ -88,4 +88,4 @@ def example_grid(images: np.ndarray, rows: list[dict], predictions: dict, path: 
             text.append(f"{mark} {name}: {textwrap.shorten(preds[i] or '∅', 22)}")
         ax.set_title("\n".join(text), fontsize=6.5, loc="left", family="monospace")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

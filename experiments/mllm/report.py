@@ -1,6 +1,8 @@
 """Report of the multimodal job: report.json, report.md (per-task table of every system), plots.
 
-Files in the run directory: ``report.json`` / ``report.md``; ``plots/loss_curves.png``,
+Files in the run directory: ``report.json`` (with, per test question: every system's prediction,
+the fixed routers' weights, its cluster and the Bayes filter's weights after the answer) /
+``report.md``; ``plots/loss_curves.png``,
 ``plots/routing.png`` (mean router weight per expert for the test questions of each image source),
 ``plots/partition.png`` (train conversations per source and cluster), ``plots/examples.png`` (test
 images with question, reference and each system's answer).
@@ -9,12 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import plots as main_plots
+from experiments.engine.plots import loss_curves
+from experiments.engine.rundir import atomic_write_json, atomic_write_text
+from experiments.engine.stages import Context
 from experiments.mllm import plots
-from experiments.mllm.config import to_toml
-from experiments.mllm.stages import arrays
-from experiments.rundir import atomic_write_json, atomic_write_text
-from experiments.stages import Context
 
 
 def _types(systems: list[dict]) -> list[str]:
@@ -95,20 +95,20 @@ def markdown(rep: dict) -> str:
             f"{src} [{', '.join(f'{x:.2f}' for x in row)}]" for src, row in zip(r["sources"], rows)))
     lines += ["", "## Stages", "", "| stage | steps | conversations | final loss | seconds |", "|---|---|---|---|---|"]
     for n, info in rep["stages"].items():
-        lines.append(f"| {n} | {info['steps']} | {info['train_conversations']} | {info['final_loss']:.4f} | "
+        lines.append(f"| {n} | {info['steps']} | {info['train_examples']} | {info['final_loss']:.4f} | "
                      f"{info['wall_time_s']:.1f} |")
     lines += ["", "Plots: `plots/loss_curves.png`, `plots/routing.png`, `plots/partition.png`, "
               "`plots/examples.png`.", "", "## Config", "", "```toml", rep.get("config_toml", "").rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def write_report(ctx: Context, results: dict) -> dict:
+def write_report(ctx: Context, results: dict, images_test: np.ndarray) -> dict:
     """Plots, report.json and report.md (each written atomically); returns the report dict."""
     rep = build_report(ctx, results)
-    rep["config_toml"] = to_toml(ctx.config)
+    rep["config_toml"] = ctx.config.to_toml()
     run = ctx.run
-    stages = {("base" if n == "stage1" else n): info for n, info in results["stages"].items()}
-    main_plots.loss_curves(stages, run.plots / "loss_curves.png", f"{ctx.config.name}: training loss")
+    loss_curves(results["stages"], run.plots / "loss_curves.png", f"{ctx.config.name}: training loss",
+                first="stage1")
     plots.routing_heatmaps(rep["routing_by_source"]["weights"], rep["routing_by_source"]["sources"],
                            run.plots / "routing.png")
     if rep["train_clusters_by_source"]:
@@ -117,11 +117,13 @@ def write_report(ctx: Context, results: dict) -> dict:
     if n:
         pick = np.linspace(0, len(results["test_rows"]) - 1, n).round().astype(int)
         rows = [results["test_rows"][i] for i in pick]
-        imgs = arrays(ctx)["images_test"][[r["image"] for r in rows]]
+        imgs = images_test[[r["image"] for r in rows]]
         shown = {k: [v[i] for i in pick] for k, v in results["predictions"].items()
                  if k in ("dense", "ensemble/centroid-top1", "ensemble/bayes", "random-ensemble/bayes")}
         plots.example_grid(imgs, rows, shown, run.plots / "examples.png")
-    atomic_write_json(run.report_json, rep | {"predictions": results["predictions"], "test_rows": results["test_rows"]})
+    per_question = {k: results[k] for k in ("predictions", "test_rows", "weights", "test_clusters",
+                                            "bayes_weights_after_answer")}
+    atomic_write_json(run.report_json, rep | per_question)
     atomic_write_text(run.report_md, markdown(rep))
     return rep
 

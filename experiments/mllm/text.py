@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.tokenizer import train_tokenizer
+from experiments.engine.tokenizer import train_tokenizer
 
 IMAGE_TOKEN = "<image>"
 USER, ASSISTANT = "USER:", "ASSISTANT:"

@@ -1,7 +1,8 @@
-"""Data stage: corpus -> split -> tokenizer (trained on train) -> token ids, written to the run dir.
+"""Data stage of the text job: corpus -> split -> tokenizer (trained on train) -> token ids.
 
 Idempotent: `prepare_data` returns at once when ``data/summary.json`` exists (it is written last).
-Later stages read only the run directory (`load_corpus`, `load_split`), never the stdlib again.
+`load_data` then reads everything later stages need from the run directory into one `TextData`
+(never the stdlib again), which the engine passes to every stage.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments import corpus as corpus_mod
-from experiments.config import ExperimentConfig
-from experiments.rundir import RunDir, atomic_save_npz, atomic_write_json, atomic_write_text, read_json
-from experiments.sequences import Sequences, chunk_documents, pack_tokens, unpack_tokens
-from experiments.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from experiments.engine.rundir import RunDir, atomic_save_npz, atomic_write_json, atomic_write_text, read_json
+from experiments.engine.task import DataError
+from experiments.engine.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from experiments.text import corpus as corpus_mod
+from experiments.text.config import ExperimentConfig
+from experiments.text.sequences import Sequences, chunk_documents, pack_tokens, unpack_tokens
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, log=print) -> dict:
     splits = corpus_mod.split_documents(docs, dc.val_fraction, dc.test_fraction)
     for name in corpus_mod.SPLITS:
         if not splits[name]:
-            raise RuntimeError(f"data: the {name} split is empty; change data.val_fraction/test_fraction")
+            raise DataError(f"data: the {name} split is empty; change data.val_fraction/test_fraction")
     lines = [json.dumps({"id": d.id, "split": corpus_mod.split_of(d.id, dc.val_fraction, dc.test_fraction),
                          "text": d.text}) for d in docs]
     atomic_write_text(run.corpus, "\n".join(lines) + "\n")
@@ -104,6 +106,34 @@ def load_split(run: RunDir, split: str) -> Split:
     return Split(ids, [texts[i] for i in ids], tokens)
 
 
-def token_text(tokenizer, tokens: np.ndarray) -> str:
-    """Decode token ids to text (special tokens kept visible)."""
-    return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
+@dataclass(frozen=True)
+class TextData:
+    """Everything the stages read of the data stage, loaded once (`load_data`).
+
+    Attributes:
+      summary: ``data/summary.json`` (vocab size, special token ids, sizes per split).
+      splits: ``{"train" | "val" | "test": Split}``.
+      sequences: the splits' full chunks of ``data.seq_len`` tokens.
+      tokenizer: the run's tokenizer.
+    """
+
+    summary: dict
+    splits: dict[str, Split]
+    sequences: dict[str, Sequences]
+    tokenizer: object
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.summary["vocab_size"])
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.summary["bos_id"])
+
+
+def load_data(config: ExperimentConfig, run: RunDir, log=print) -> TextData:
+    """The data stage (if not done), then every split, its sequences and the tokenizer."""
+    summary = prepare_data(config, run, log=log)
+    splits = {name: load_split(run, name) for name in corpus_mod.SPLITS}
+    seqs = {name: s.sequences(config.data.seq_len) for name, s in splits.items()}
+    return TextData(summary, splits, seqs, load_tokenizer(run.tokenizer))

@@ -4,7 +4,10 @@ Held-out tokens: the test documents with at least two full chunks (at most `data
 taken in turn from each true cluster in id order; at most `eval.max_scored_per_doc` scored chunks
 each). Chunk 0 of each document is CONTEXT ONLY: it is never scored, and it is the only text
 the centroid routers see (tf-idf + SVD features of its decoded text -> cosine to the centroids);
-the Bayes filter also conditions on it (the experts' likelihoods of it). Chunks 1.. are scored by
+the Bayes filter also conditions on it (the experts' likelihoods of it): it runs over the
+document's tokens in order, its context chunk first, then the scored chunks. Each chunk is an
+independent model input (no state crosses chunk boundaries), so this is the exact posterior of
+the model "pick k, then draw the document's chunks from expert k". Chunks 1.. are scored by
 every system, so all systems are scored on exactly the same tokens. The oracle router uses the
 document's true cluster: the partition's nearest-centroid assignment of the whole document.
 
@@ -17,7 +20,8 @@ BOUND on the sampler's perplexity (THEORY S5(e)).
 
 S11 terms: dense loss; ``sum_k w_k L_k`` with L_k expert k's loss on the scored tokens of its own
 cluster and w_k the share of scored tokens in cluster k (this equals the oracle ensemble's loss);
-their difference, the measured ``I(X; K)`` (nats per token).
+their difference (nats per token). Every mixture is computed by `dfm.decentral`
+(`mixture_token_log_probs` for AR, `mix_log_probs` for the masked ELBO).
 """
 from __future__ import annotations
 
@@ -25,13 +29,15 @@ import math
 import time
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import scoring
-from experiments.samples import generate
-from experiments.stages import (Context, data_summary, load_assignments, load_stage_model, sequences,
-                                split, stage_names, tokenizer, train_labels)
+from experiments.engine.stages import (Assignments, Context, expert_names, load_assignments, load_stage_model,
+                                       training_stages)
+from experiments.text import scoring
+from experiments.text.data import TextData
+from experiments.text.samples import generate
 
 
 @dataclass(frozen=True)
@@ -59,31 +65,34 @@ class EvalSet:
         return ~self.context
 
 
-def eval_set(ctx: Context, name: str, featurizer, max_docs: int = 0, max_scored: int = 0) -> EvalSet:
+def eval_set(data: TextData, assignments: Assignments, name: str, featurizer, seq_len: int, max_docs: int = 0,
+             max_scored: int = 0) -> EvalSet:
     """Documents of split `name` with >= 2 full chunks (at most `max_docs`, 0 = all); per
-    document the context chunk and at most `max_scored` scored chunks (0 = all)."""
-    s, seqs = split(ctx, name), sequences(ctx, name)
+    document the context chunk and at most `max_scored` scored chunks (0 = all).
+
+    Raises:
+      RuntimeError: no document of the split has two full chunks.
+    """
+    s, seqs = data.splits[name], data.sequences[name]
     if max_scored:
         seqs = seqs.select(seqs.chunk <= max_scored)
     counts = np.bincount(seqs.doc, minlength=len(s.ids))
     docs = np.flatnonzero(counts >= 2)
-    table = load_assignments(ctx)[name]
+    table = assignments.units[name]
     if max_docs:
-        docs = _round_robin(docs, np.array([table[s.ids[d]] for d in docs]), max_docs)
+        docs = _round_robin(docs, table[docs], max_docs)
     if len(docs) == 0:
-        raise RuntimeError(f"evaluate: no {name} document has two full chunks of {ctx.config.data.seq_len} tokens")
+        raise RuntimeError(f"evaluate: no {name} document has two full chunks of {seq_len} tokens")
     keep = np.isin(seqs.doc, docs)
     remap = {int(d): i for i, d in enumerate(docs)}
     sel = seqs.select(keep)
     doc = np.array([remap[int(d)] for d in sel.doc], dtype=np.int64)
     ids = [s.ids[d] for d in docs]
-    tok = tokenizer(ctx)
-    context_texts = [tok.decode(sel.tokens[(doc == i) & (sel.chunk == 0)][0].tolist(), skip_special_tokens=True)
-                     for i in range(len(docs))]
+    context_texts = [data.tokenizer.decode(sel.tokens[(doc == i) & (sel.chunk == 0)][0].tolist(),
+                                           skip_special_tokens=True) for i in range(len(docs))]
     features = featurizer.transform(context_texts)
     has = np.linalg.norm(features, axis=1) > 1e-9
-    return EvalSet(ids, np.array([table[i] for i in ids], dtype=np.int64), sel.tokens, doc,
-                   sel.chunk == 0, features, has)
+    return EvalSet(ids, table[docs].astype(np.int64), sel.tokens, doc, sel.chunk == 0, features, has)
 
 
 def _round_robin(docs: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
@@ -102,7 +111,7 @@ def centroid_weights(router, es: EvalSet) -> np.ndarray:
     k = router.num_experts
     w = np.full((len(es.ids), k), 1.0 / k)
     if es.has_features.any():
-        w[es.has_features] = np.asarray(router.weights(es.features[es.has_features]), np.float64)
+        w[es.has_features] = np.asarray(router.route(es.features[es.has_features]), np.float64)
     return w / w.sum(axis=1, keepdims=True)
 
 
@@ -113,58 +122,104 @@ def by_cluster(weights_doc: np.ndarray, labels: np.ndarray, k: int) -> list:
 
 def scoring_system(name, kind, router, nll_seq, n_tokens, train_s, eval_s) -> dict:
     """One system entry: loss = sum of per-sequence losses `nll_seq` / `n_tokens` (nats per token),
-    perplexity = exp(loss), and the training / evaluation wall times of everything it uses."""
+    perplexity = exp(loss), and the training / evaluation wall times of everything it uses. The
+    per-sequence losses ride along under "nll_per_sequence" (`evaluate` moves them to scores.npz)."""
     loss = float(np.sum(nll_seq) / n_tokens)
     return {"name": name, "kind": kind, "router": router, "tokens": int(n_tokens), "loss": loss,
             "perplexity": float(math.exp(loss)), "train_wall_time_s": float(train_s),
-            "eval_wall_time_s": float(eval_s)}
+            "eval_wall_time_s": float(eval_s), "nll_per_sequence": np.asarray(nll_seq, np.float64)}
 
 
-def evaluate(ctx: Context) -> dict:
-    """Score every system; returns the results dict used by `experiments.report`."""
+@dataclass(frozen=True)
+class EvalInputs:
+    """What both schedules' evaluations share.
+
+    Attributes:
+      models: stage name -> trained model (base, dense, experts, random experts).
+      test, val: the evaluation sets; experts, randoms: expert stage names ([] without control).
+      priors, random_priors: ``[K]`` shares of the train sequences per cluster (w_k).
+      top1, topk: the centroid routers (temperature 1; top-k is fitted on val here).
+      n_tokens: scored tokens; train_s: training wall time of each system's stages.
+    """
+
+    models: dict
+    test: EvalSet
+    val: EvalSet
+    experts: list
+    randoms: list
+    priors: np.ndarray
+    random_priors: np.ndarray
+    top1: object
+    topk: object
+    n_tokens: int
+    train_s: dict
+
+
+def evaluate(ctx: Context, data: TextData) -> dict:
+    """Score every system; returns the results dict used by `experiments.text.report`."""
     from dfm.decentral import CentroidRouter, Partition, TextFeaturizer
 
     c, run = ctx.config, ctx.run
-    summary = data_summary(ctx)
     k, seq_len = c.partition.num_clusters, c.data.seq_len
+    assignments = load_assignments(ctx)
     featurizer = TextFeaturizer.load(run.partition / "featurizer.pkl")
     partition = Partition.load(run.partition / "partition.npz")
-    test = eval_set(ctx, "test", featurizer, c.data.max_eval_docs, c.eval.max_scored_per_doc)
-    val = eval_set(ctx, "val", featurizer, 0, c.eval.max_scored_per_doc)
-    priors = np.bincount(train_labels(ctx), minlength=k) / len(train_labels(ctx))
-    experts = [f"expert-{i}" for i in range(k)]
-    randoms = [f"random-{i}" for i in range(k)] if c.partition.random_control else []
-    names = ["base", "dense", *experts, *randoms]
-    models = {n: load_stage_model(ctx, n) for n in names}
-    stage_wall = {n: run.stage_info(n)["wall_time_s"] for n in stage_names(c)}
-    train_s = {"base": stage_wall["base"], "dense": stage_wall["base"] + stage_wall["dense"],
-               "experts": stage_wall["base"] + sum(stage_wall[e] for e in experts),
-               "random": stage_wall["base"] + sum(stage_wall[e] for e in randoms)}
-    scored = test.scored
-    n_tokens = int(scored.sum()) * seq_len
-    doc_of = test.doc
-    top1 = CentroidRouter(partition, temperature=1.0, top_k=1)
-    topk = CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k)
-    oracle_w = np.eye(k)[test.labels]
+    test = eval_set(data, assignments, "test", featurizer, seq_len, c.data.max_eval_docs, c.eval.max_scored_per_doc)
+    val = eval_set(data, assignments, "val", featurizer, seq_len, 0, c.eval.max_scored_per_doc)
+    experts, randoms = expert_names(c), expert_names(c, random=True)
+    models = {n: load_stage_model(ctx, data, n) for n in ["base", "dense", *experts, *randoms]}
+    wall = {n: run.stage_info(n)["wall_time_s"] for n in training_stages(ctx)}
+    train_s = {"base": wall["base"], "dense": wall["base"] + wall["dense"],
+               "experts": wall["base"] + sum(wall[e] for e in experts),
+               "random": wall["base"] + sum(wall[e] for e in randoms),
+               "router": wall.get("router", 0.0)}
+    inputs = EvalInputs(models, test, val, experts, randoms, assignments.priors(k), assignments.priors(k, random=True),
+                        CentroidRouter(partition, temperature=1.0, top_k=1),
+                        CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k),
+                        int(test.scored.sum()) * seq_len, train_s)
     t_eval = time.perf_counter()
-    if c.schedule == "ar":
-        res = _evaluate_ar(ctx, models, test, val, priors, experts, randoms, topk, top1, oracle_w,
-                           n_tokens, train_s)
-    else:
-        res = _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracle_w,
-                               n_tokens, train_s)
-    systems, per_seq, weights_doc, temperature = res
-    # S11 terms on the same scored tokens
+    evaluate_schedule = _evaluate_ar if c.schedule == "ar" else _evaluate_masked
+    systems, per_seq, weights_doc, temperature = evaluate_schedule(ctx, data, inputs)
+    clusters, s11 = _s11_terms(per_seq, test, k, seq_len, inputs.n_tokens)
+    samples = generate(ctx, data, models, experts, inputs.priors)
+    arrays = {"x1": test.x1, "doc": test.doc, "context": test.context, "labels": test.labels,
+              "priors": inputs.priors, "random_priors": inputs.random_priors}
+    for system in systems:
+        arrays[f"nll/{system['name']}"] = system.pop("nll_per_sequence")
+    for name, wd in weights_doc.items():
+        arrays[f"weights/{name}"] = wd
+    return {
+        "schedule": c.schedule,
+        "metric": "nll" if c.schedule == "ar" else "dfm_elbo",
+        "perplexity_is_upper_bound": c.schedule == "masked",
+        "eval": {"documents": len(test.ids), "scored_sequences": int(test.scored.sum()),
+                 "context_sequences": int(test.context.sum()), "scored_tokens": inputs.n_tokens,
+                 "documents_without_context_features": int((~test.has_features).sum()),
+                 "val_documents": len(val.ids), "priors": inputs.priors.tolist(),
+                 "centroid_topk_temperature": temperature, "top_k": c.eval.top_k,
+                 "wall_time_s": time.perf_counter() - t_eval},
+        "systems": systems,
+        "clusters": clusters,
+        "s11": s11,
+        "router_weights_by_true_cluster": {name: by_cluster(wd, test.labels, k) for name, wd in weights_doc.items()},
+        "samples": samples,
+        "masked_context_use": per_seq.get("context_use"),
+        "data": data.summary,
+        "arrays": arrays,
+    }
+
+
+def _s11_terms(per_seq: dict, test: EvalSet, k: int, seq_len: int, n_tokens: int) -> tuple[list, dict]:
+    """Per-cluster expert-on-own-cluster and dense losses on the same scored tokens (THEORY S11)."""
     dense_nll = per_seq["dense"]  # [n_scored] per-sequence nll sums
-    seq_labels = test.labels[doc_of[scored]]
-    expert_own = per_seq["own"]
+    seq_labels = test.labels[test.doc[test.scored]]
     clusters = []
     for i in range(k):
         m = seq_labels == i
         tok_i = int(m.sum()) * seq_len
         clusters.append({
             "cluster": i, "tokens": tok_i, "documents": int(np.sum(test.labels == i)),
-            "expert_loss": float(expert_own[m].sum() / tok_i) if tok_i else None,
+            "expert_loss": float(per_seq["own"][m].sum() / tok_i) if tok_i else None,
             "dense_loss": float(dense_nll[m].sum() / tok_i) if tok_i else None,
         })
         for key in ("expert", "dense"):
@@ -174,36 +229,57 @@ def evaluate(ctx: Context) -> dict:
     dense_loss = float(dense_nll.sum() / n_tokens)
     weighted = float(sum(wi * cl["expert_loss"] for wi, cl in zip(w, clusters) if cl["tokens"]))
     s11 = {"dense_loss": dense_loss, "cluster_weights": w.tolist(), "weighted_expert_loss": weighted,
-           "mutual_information": dense_loss - weighted,
+           "dense_minus_weighted_expert_loss": dense_loss - weighted,
            "note": "nats per scored token; w_k = share of scored tokens in cluster k; "
-                   "weighted_expert_loss equals the oracle ensemble's loss"}
-    samples = generate(ctx, models, experts, priors)
-    return {
-        "schedule": c.schedule,
-        "metric": "nll" if c.schedule == "ar" else "dfm_elbo",
-        "perplexity_is_upper_bound": c.schedule == "masked",
-        "eval": {"documents": len(test.ids), "scored_sequences": int(scored.sum()),
-                 "context_sequences": int(test.context.sum()), "scored_tokens": n_tokens,
-                 "documents_without_context_features": int((~test.has_features).sum()),
-                 "val_documents": len(val.ids), "priors": priors.tolist(),
-                 "centroid_topk_temperature": temperature, "top_k": c.eval.top_k,
-                 "wall_time_s": time.perf_counter() - t_eval},
-        "systems": systems,
-        "clusters": clusters,
-        "s11": s11,
-        "router_weights_by_true_cluster": {name: by_cluster(wd, test.labels, k) for name, wd in weights_doc.items()},
-        "samples": samples,
-        "masked_context_use": per_seq.get("context_use"),
-        "data": summary,
-    }
+                   "weighted_expert_loss equals the oracle ensemble's loss. At the optimum the difference "
+                   "is I(X; K) >= 0 (THEORY S11); for trained experts it is only an estimate of it and "
+                   "can be negative"}
+    return clusters, s11
 
 
-def _evaluate_ar(ctx, models, test, val, priors, experts, randoms, topk, top1, oracle_w, n_tokens, train_s):
-    c = ctx.config
-    bos, bs = data_summary(ctx)["bos_id"], c.eval.batch_size
+def _fixed_mixture_nll(lp_experts: np.ndarray, weights_seq: np.ndarray) -> np.ndarray:
+    """Per-sequence NLL ``[n]`` of the mixture with fixed per-sequence weights ``[n, K]`` (THEORY S8),
+    from the experts' token log-probs ``[K, n, L]``."""
+    from dfm.decentral import FixedRouter, mixture_token_log_probs
+
+    scores = mixture_token_log_probs(FixedRouter(jnp.asarray(weights_seq, jnp.float32)),
+                                     jnp.asarray(lp_experts, jnp.float32))
+    return -np.asarray(scores.log_probs, np.float64).sum(axis=1)
+
+
+def _bayes_mixture_nll(lp_experts: np.ndarray, priors: np.ndarray, test: EvalSet, seq_len: int):
+    """Bayes-filter mixture (THEORY S9) over each test document's tokens in order (context chunk
+    first): per scored sequence NLL ``[n_scored]`` and each document's mean weights over its scored
+    tokens ``[D, K]``. `lp_experts`: ``[K, n, L]`` token log-probs of all the documents' chunks."""
+    from dfm.decentral import BayesFilterRouter, mixture_token_log_probs
+
+    num, docs = lp_experts.shape[0], len(test.ids)
+    rows = [np.flatnonzero(test.doc == d) for d in range(docs)]     # chunk order: context first
+    width = max(len(r) for r in rows) * seq_len
+    stack = np.zeros((num, docs, width), np.float32)
+    valid = np.zeros((docs, width), bool)
+    for d, r in enumerate(rows):
+        stack[:, d, :len(r) * seq_len] = lp_experts[:, r].reshape(num, -1)
+        valid[d, :len(r) * seq_len] = True
+    scores = mixture_token_log_probs(BayesFilterRouter.from_priors(priors), jnp.asarray(stack), valid=valid)
+    mix = np.asarray(scores.log_probs, np.float64)
+    weights = np.asarray(scores.weights, np.float64)
+    nll = np.zeros(len(test.doc))
+    weights_doc = np.zeros((docs, num))
+    for d, r in enumerate(rows):
+        nll[r] = -mix[d, :len(r) * seq_len].reshape(len(r), seq_len).sum(axis=1)
+        weights_doc[d] = weights[d, seq_len:len(r) * seq_len].mean(axis=0)
+    return nll[test.scored], weights_doc
+
+
+def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
+    from dfm.decentral import fit_centroid_router
+
+    c, models, test, val = ctx.config, inp.models, inp.test, inp.val
+    bs, experts, randoms = c.eval.batch_size, inp.experts, inp.randoms
     bar = tqdm(total=len(models) + len(experts), desc="evaluate", disable=not ctx.progress, leave=False)
-    lp, secs = scoring.ar_log_probs(models, test.x1, bos, bs, progress=bar.update)
-    lp_val, _ = scoring.ar_log_probs({e: models[e] for e in experts}, val.x1, bos, bs, progress=bar.update)
+    lp, secs = scoring.ar_log_probs(models, test.x1, data.bos_id, bs, progress=bar.update)
+    lp_val, _ = scoring.ar_log_probs({e: models[e] for e in experts}, val.x1, data.bos_id, bs, progress=bar.update)
     bar.close()
     # temperature of the top-k router: maximize the per-token mixture likelihood on val scored tokens
     vs = val.scored
@@ -212,68 +288,54 @@ def _evaluate_ar(ctx, models, test, val, priors, experts, randoms, topk, top1, o
     ll = np.stack([lp_val[e][vs].reshape(-1) for e in experts], axis=1)  # [N_tok, K]
     feats = val.features[val_doc_rows][reps]
     ok = val.has_features[val_doc_rows][reps]
-    topk = topk.fit_temperature(feats[ok], ll[ok])
+    topk = fit_centroid_router(inp.topk, feats[ok], ll[ok])
     scored = test.scored
     doc = test.doc[scored]
     lp_e = np.stack([lp[e] for e in experts])  # [K, n, L]
     nll, weights_doc, systems = {}, {}, []
     own = -lp_e[test.labels[doc], np.flatnonzero(scored)].sum(axis=1)  # each sequence, its cluster's expert
     t0 = time.perf_counter()
-    for name, router in (("centroid-top1", top1), (f"centroid-top{c.eval.top_k}", topk), ("oracle", None)):
-        wd = oracle_w if router is None else centroid_weights(router, test)
+    oracle = np.eye(len(experts))[test.labels]
+    for name, wd in (("centroid-top1", centroid_weights(inp.top1, test)),
+                     (f"centroid-top{c.eval.top_k}", centroid_weights(topk, test)), ("oracle", oracle)):
         weights_doc[name] = wd
-        nll[name] = -scoring.mix_token_log_probs(lp_e[:, scored], wd[doc]).sum(axis=1)
+        nll[name] = _fixed_mixture_nll(lp_e[:, scored], wd[doc])
     mix_s = (time.perf_counter() - t0) / 3
-
-    def bayes(names, prior):
-        stack = np.stack([lp[e] for e in names])
-        out = np.zeros(int(scored.sum()))
-        wdoc = np.zeros((len(test.ids), len(names)))
-        row_index = np.flatnonzero(scored)
-        pos = {r: i for i, r in enumerate(row_index)}
-        for d in range(len(test.ids)):
-            rows = np.flatnonzero(test.doc == d)  # context first (chunk order)
-            mix, rho = scoring.bayes_filter_doc(stack[:, rows].reshape(len(names), -1), prior)
-            mix = mix.reshape(len(rows), -1)
-            for j, r in enumerate(rows):
-                if scored[r]:
-                    out[pos[r]] = -mix[j].sum()
-            wdoc[d] = rho[c.data.seq_len:].mean(axis=0)
-        return out, wdoc
-
     t0 = time.perf_counter()
-    nll["bayes"], weights_doc["bayes"] = bayes(experts, priors)
+    nll["bayes"], weights_doc["bayes"] = _bayes_mixture_nll(lp_e, inp.priors, test, c.data.seq_len)
     bayes_s = time.perf_counter() - t0
-    expert_s = sum(secs[e] for e in experts)
-    systems.append(scoring_system("dense", "dense", None, -lp["dense"][scored].sum(axis=1), n_tokens,
-                                  train_s["dense"], secs["dense"]))
-    systems.append(scoring_system("base", "base", None, -lp["base"][scored].sum(axis=1), n_tokens,
-                                  train_s["base"], secs["base"]))
-    systems.append(scoring_system("ensemble/bayes", "ensemble", "bayes filter (S9)", nll["bayes"], n_tokens,
-                                  train_s["experts"], expert_s + bayes_s))
+    expert_s, n_tok, ts = sum(secs[e] for e in experts), inp.n_tokens, inp.train_s
+    systems.append(scoring_system("dense", "dense", None, -lp["dense"][scored].sum(axis=1), n_tok,
+                                  ts["dense"], secs["dense"]))
+    systems.append(scoring_system("base", "base", None, -lp["base"][scored].sum(axis=1), n_tok,
+                                  ts["base"], secs["base"]))
+    systems.append(scoring_system("ensemble/bayes", "ensemble", "bayes filter (S9)", nll["bayes"], n_tok,
+                                  ts["experts"], expert_s + bayes_s))
     systems.append(scoring_system("ensemble/centroid-top1", "ensemble", "centroid top-1", nll["centroid-top1"],
-                                  n_tokens, train_s["experts"], expert_s + mix_s))
+                                  n_tok, ts["experts"], expert_s + mix_s))
     systems.append(scoring_system(f"ensemble/centroid-top{c.eval.top_k}", "ensemble",
                                   f"centroid top-{c.eval.top_k}, T={topk.temperature:.4g} fitted on val",
-                                  nll[f"centroid-top{c.eval.top_k}"], n_tokens, train_s["experts"], expert_s + mix_s))
-    systems.append(scoring_system("ensemble/oracle", "ensemble", "oracle (true cluster)", nll["oracle"], n_tokens,
-                                  train_s["experts"], expert_s + mix_s))
+                                  nll[f"centroid-top{c.eval.top_k}"], n_tok, ts["experts"], expert_s + mix_s))
+    systems.append(scoring_system("ensemble/oracle", "ensemble", "oracle (true cluster)", nll["oracle"], n_tok,
+                                  ts["experts"], expert_s + mix_s))
     if randoms:
-        rprior = np.bincount(train_labels(ctx, random=True), minlength=len(randoms)).astype(np.float64)
         t0 = time.perf_counter()
-        nll_r, weights_doc["random-bayes"] = bayes(randoms, rprior / rprior.sum())
+        lp_r = np.stack([lp[e] for e in randoms])
+        nll_r, weights_doc["random-bayes"] = _bayes_mixture_nll(lp_r, inp.random_priors, test, c.data.seq_len)
         systems.append(scoring_system("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", nll_r,
-                                      n_tokens, train_s["random"],
-                                      sum(secs[e] for e in randoms) + time.perf_counter() - t0))
+                                      n_tok, ts["random"], sum(secs[e] for e in randoms) + time.perf_counter() - t0))
     per_seq = {"dense": -lp["dense"][scored].sum(axis=1), "own": own}
     return systems, per_seq, weights_doc, float(topk.temperature)
 
 
-def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracle_w, n_tokens, train_s):
-    from experiments.modeling import kappa_schedule
+def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
+    from flax import nnx
 
-    c = ctx.config
-    vocab, bs = data_summary(ctx)["vocab_size"], c.eval.batch_size
+    from dfm.decentral import CallableRouter, FixedRouter, fit_centroid_router
+    from experiments.text.modeling import kappa_schedule, router_factory
+
+    c, models, test, val, experts, randoms = ctx.config, inp.models, inp.test, inp.val, inp.experts, inp.randoms
+    vocab, bs = data.vocab_size, c.eval.batch_size
     schedule = kappa_schedule(c)
     draws = dict(num_draws=c.masked.elbo_samples, seed=c.eval.seed, batch_size=bs)
     # temperature: per val document, log-likelihood proxy = -(DFM loss) of its scored chunks
@@ -283,41 +345,45 @@ def _evaluate_masked(ctx, models, test, val, experts, randoms, topk, top1, oracl
     n_test_batches = -(-int(scored.sum()) // bs) * c.masked.elbo_samples
     bar = tqdm(total=n_val_batches + n_test_batches, desc="evaluate", disable=not ctx.progress, leave=False)
     elbo_val, _, _ = scoring.masked_elbo({e: models[e] for e in experts}, val.x1[vs], schedule, vocab,
-                                            ensembles={}, progress=bar.update, **draws)
+                                         ensembles={}, progress=bar.update, **draws)
     ll = np.zeros((len(val.ids), len(experts)))
     for j, e in enumerate(experts):
         np.add.at(ll[:, j], val.doc[vs], -elbo_val[e])
-    topk = topk.fit_temperature(val.features[val.has_features], ll[val.has_features])
+    topk = fit_centroid_router(inp.topk, val.features[val.has_features], ll[val.has_features])
     doc = test.doc[scored]
-    router = load_stage_model(ctx, "router")
-    from flax import nnx
+    router = load_stage_model(ctx, data, "router", router_factory(c, vocab))
+    learned_weights = nnx.jit(lambda r, x_t, t: r.weights(None, x_t, t))
+    learned = CallableRouter(lambda x_t, t: learned_weights(router, x_t, t), len(experts))
 
-    router_weights = nnx.jit(lambda r, x_t, t: r.weights(x_t, t))
+    def fixed(weights_seq):
+        return lambda start, stop, b: FixedRouter(jnp.asarray(scoring.pad_rows(weights_seq[start:stop], b),
+                                                              jnp.float32))
+
     ensembles = {
-        "centroid-top1": (experts, centroid_weights(top1, test)[doc]),
-        f"centroid-top{c.eval.top_k}": (experts, centroid_weights(topk, test)[doc]),
-        "oracle": (experts, oracle_w[doc]),
-        "learned": (experts, lambda x_t, t: router_weights(router, x_t, t)),
+        "centroid-top1": (experts, fixed(centroid_weights(inp.top1, test)[doc])),
+        f"centroid-top{c.eval.top_k}": (experts, fixed(centroid_weights(topk, test)[doc])),
+        "oracle": (experts, fixed(np.eye(len(experts))[test.labels][doc])),
+        "learned": (experts, lambda start, stop, b: learned),
     }
     if randoms:
-        ensembles["random-uniform"] = (randoms, np.full((len(doc), len(randoms)), 1.0 / len(randoms)))
+        ensembles["random-uniform"] = (randoms, fixed(np.full((len(doc), len(randoms)), 1.0 / len(randoms))))
     elbo, secs, mean_w = scoring.masked_elbo(models, test.x1[scored], schedule, vocab, ensembles=ensembles,
-                                                progress=bar.update, **draws)
+                                             progress=bar.update, **draws)
     bar.close()
     own = np.stack([elbo[e] for e in experts])[test.labels[doc], np.arange(len(doc))]
-    expert_s = sum(secs[e] for e in experts)
-    systems = [scoring_system("dense", "dense", None, elbo["dense"], n_tokens, train_s["dense"], secs["dense"]),
-               scoring_system("base", "base", None, elbo["base"], n_tokens, train_s["base"], secs["base"])]
+    expert_s, n_tok, ts = sum(secs[e] for e in experts), inp.n_tokens, inp.train_s
+    systems = [scoring_system("dense", "dense", None, elbo["dense"], n_tok, ts["dense"], secs["dense"]),
+               scoring_system("base", "base", None, elbo["base"], n_tok, ts["base"], secs["base"])]
     labels = {"centroid-top1": "centroid top-1",
               f"centroid-top{c.eval.top_k}": f"centroid top-{c.eval.top_k}, T={topk.temperature:.4g} fitted on val",
               "oracle": "oracle (true cluster)", "learned": "learned router (S10)"}
     for name in ("learned", "centroid-top1", f"centroid-top{c.eval.top_k}", "oracle"):
-        extra = train_s["experts"] + (ctx.run.stage_info("router")["wall_time_s"] if name == "learned" else 0.0)
-        systems.append(scoring_system(f"ensemble/{name}", "ensemble", labels[name], elbo[name], n_tokens,
+        extra = ts["experts"] + (ts["router"] if name == "learned" else 0.0)
+        systems.append(scoring_system(f"ensemble/{name}", "ensemble", labels[name], elbo[name], n_tok,
                                       extra, expert_s + secs[name]))
     if randoms:
         systems.append(scoring_system("random-ensemble/uniform", "random ensemble", "uniform", elbo["random-uniform"],
-                                      n_tokens, train_s["random"], sum(secs[e] for e in randoms) + secs["random-uniform"]))
+                                      n_tok, ts["random"], sum(secs[e] for e in randoms) + secs["random-uniform"]))
     weights_doc = {}
     for name in ("learned", "centroid-top1", f"centroid-top{c.eval.top_k}", "oracle"):
         wd = np.zeros((len(test.ids), len(experts)))

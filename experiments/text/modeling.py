@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.config import ExperimentConfig
+from experiments.text.config import ExperimentConfig
 
 
 def decoder_config(config: ExperimentConfig, vocab: int):
@@ -61,6 +61,11 @@ def new_router(config: ExperimentConfig, vocab: int, seed: int):
 
     return LearnedRouter(router_config(config, vocab), config.partition.num_clusters,
                          num_steps=config.masked.num_steps, rngs=nnx.Rngs(seed))
+
+
+def router_factory(config: ExperimentConfig, vocab: int):
+    """Zero-argument factory of a fresh learned router (seed ``config.seed + 1``), for loading one."""
+    return functools.partial(new_router, config, vocab, config.seed + 1)
 
 
 def kappa_schedule(config: ExperimentConfig):

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.stages import Context, data_summary, load_stage_model, tokenizer
+from experiments.engine.stages import Context, load_stage_model
+from experiments.text.data import TextData
+from experiments.text.modeling import kappa_schedule, router_factory
 
 
 def _ar_sampler(graphdefs, priors, num: int, length: int, bos: int, vocab: int, temperature: float):
@@ -59,21 +61,20 @@ def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, 
         if router_graphdef is None:
             return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab)
         router = nnx.merge(router_graphdef, router_state)
-        fn = ensemble_posterior_fn(fns, lambda x_t, t: router.weights(x_t, t), mask_id=vocab)
-        state = ensemble_init_state(None, [None] * len(models), batch=num, num_moving=length, vocab=vocab)
+        fn = ensemble_posterior_fn(fns, router, mask_id=vocab)
+        state = ensemble_init_state(router, [None] * len(models), batch=num, num_moving=length, vocab=vocab)
         return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state)
 
     return go
 
 
-def generate(ctx: Context, models: dict, experts: list, priors: np.ndarray) -> dict:
-    """``{"dense": [text], "ensemble": [text], "router": str, "key": seed, "tokens": n}``."""
+def generate(ctx: Context, data: TextData, models: dict, experts: list, priors: np.ndarray) -> dict:
+    """``{"dense": [text], "ensemble": [text], "router": str, "seed": int, "temperature": float}``."""
     c = ctx.config
     num = c.eval.num_samples
     if num == 0:
         return {"dense": [], "ensemble": [], "router": None}
-    summary = data_summary(ctx)
-    vocab, bos = summary["vocab_size"], summary["bos_id"]
+    vocab, bos = data.vocab_size, data.bos_id
     key = jax.random.PRNGKey(c.eval.seed)
     split = {name: nnx.split(models[name]) for name in ["dense", *experts]}
     out = {}
@@ -84,16 +85,13 @@ def generate(ctx: Context, models: dict, experts: list, priors: np.ndarray) -> d
             out[label] = np.asarray(go(tuple(split[n][1] for n in names), key))
         router_name = "bayes filter (S9)"
     else:
-        from experiments.modeling import kappa_schedule
-
         schedule = kappa_schedule(c)
-        router_gd, router_state = nnx.split(load_stage_model(ctx, "router"))
+        router_gd, router_state = nnx.split(load_stage_model(ctx, data, "router", router_factory(c, vocab)))
         go = _masked_sampler((split["dense"][0],), None, num, schedule, vocab, c.eval.temperature)
         out["dense"] = np.asarray(go((split["dense"][1],), None, key))
         go = _masked_sampler(tuple(split[n][0] for n in experts), router_gd, num, schedule, vocab, c.eval.temperature)
         out["ensemble"] = np.asarray(go(tuple(split[n][1] for n in experts), router_state, key))
         router_name = "learned router (S10)"
-    tok = tokenizer(ctx)
-    return {label: [tok.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
+    return {label: [data.tokenizer.decode(row.tolist(), skip_special_tokens=False) for row in tokens]
             for label, tokens in out.items()} | {"router": router_name, "seed": c.eval.seed,
                                                  "temperature": c.eval.temperature}

@@ -1,19 +1,15 @@
-"""Scoring held-out sequences: per-token log-probabilities (AR) and the DFM loss (masked).
+"""Scoring held-out sequences with the text job's models: per-token log-probabilities (AR) and the
+DFM loss (masked). Mixtures of experts are the library's (`dfm.decentral`), never computed here.
 
 AR (THEORY S5): every model gives ``log p(x^j | x^{<j})`` of the observed token at each position
-of each sequence. A mixture with fixed weights ``w [K]`` gives ``log sum_k w_k p_k(x^j | x^{<j})``;
-only the observed token's probability is needed, so this is exactly
-`dfm.decentral.mix_log_probs` evaluated at that token. The Bayes filter (THEORY S9) uses, at each
-token, ``rho(k) ∝ w_k prod_{earlier tokens of the document} p_k`` (`BayesFilterRouter.posterior`)
-over the document's tokens in order: its context chunk first, then the scored chunks. Each chunk
-is an independent model input (no state crosses chunk boundaries), so this is the exact
-posterior of the model "pick k, then draw the document's chunks from expert k".
+of each sequence (`ar_log_probs`); ensembles are scored from these with
+`dfm.decentral.mixture_token_log_probs` (fixed weights, S8; the Bayes filter, S9).
 
 Masked (THEORY S4, S5(e)): the DFM loss ``T * sum_i rate_t^i 1[x_t^i = m] (-log p_{1|t}(x_1^i | x_t))``
 with ``t ~ U{0..T-1}``, ``x_t ~ p_t(. | x_1)`` is an unbiased estimate of the ELBO, an upper bound
 on ``-log`` of the probability that the factorized sampler produces ``x_1``. Every system is
 scored on the same draws (t, x_t) from fixed keys; ensembles mix the experts' denoisers in
-probability space (`mix_log_probs`, THEORY S8) with per-sequence weights.
+probability space (`dfm.decentral.mix_log_probs`, THEORY S8) with the weights of a router.
 """
 from __future__ import annotations
 
@@ -23,49 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from scipy.special import logsumexp
 
-
-def mix_token_log_probs(lp: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``log sum_k w_k exp(lp_k)`` per token.
-
-    Args:
-      lp: ``[K, n, L]`` the experts' log-probabilities of the observed tokens.
-      weights: ``[n, K]`` router weights per sequence (rows sum to 1; zeros allowed).
-
-    Returns:
-      ``[n, L]`` float64.
-    """
-    with np.errstate(divide="ignore"):
-        logw = np.log(np.asarray(weights, np.float64)).T[:, :, None]  # [K, n, 1]
-    return logsumexp(logw + lp, axis=0)
-
-
-def bayes_filter_doc(lp_doc: np.ndarray, priors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Online Bayes-filter mixture over one document's tokens (THEORY S9).
-
-    The weights are `dfm.decentral.BayesFilterRouter.posterior` of the exclusive prefix sums
-    (shifted per token by their maximum over experts, which leaves the posterior unchanged and
-    keeps float32 precise); the mixture is then computed in float64.
-
-    Args:
-      lp_doc: ``[K, T]`` each expert's log-probability of the document's tokens, in order.
-      priors: ``[K]`` cluster shares w_k.
-
-    Returns:
-      ``(mix [T], rho [T, K])``: the mixture log-probability of each token and the router weights
-      used for it (the posterior given the tokens before it).
-    """
-    from dfm.decentral import BayesFilterRouter
-
-    router = BayesFilterRouter.from_priors(priors)
-    prefix = (np.cumsum(lp_doc, axis=1) - lp_doc).T  # exclusive prefix sums [T, K]
-    prefix = prefix - prefix.max(axis=1, keepdims=True)
-    rho = np.asarray(router.posterior(jnp.asarray(prefix, jnp.float32)), np.float64)
-    rho = rho / rho.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        logrho = np.log(rho)
-    return logsumexp(logrho + lp_doc.T, axis=1), rho
+from experiments.text.modeling import ar_token_log_probs
 
 
 @nnx.jit
@@ -79,7 +34,8 @@ def _padded_batches(n: int, batch_size: int):
         yield start, min(start + batch_size, n)
 
 
-def _pad(a: np.ndarray, batch_size: int) -> np.ndarray:
+def pad_rows(a: np.ndarray, batch_size: int) -> np.ndarray:
+    """`a` with its last row repeated up to `batch_size` rows (one compiled shape per batch size)."""
     if len(a) == batch_size:
         return a
     return np.concatenate([a, np.repeat(a[-1:], batch_size - len(a), axis=0)])
@@ -95,7 +51,7 @@ def masked_draws(x1: np.ndarray, schedule, mask_id: int, num_draws: int, seed: i
 
     base = jax.random.PRNGKey(seed)
     for start, stop in _padded_batches(len(x1), batch_size):
-        xb = jnp.asarray(_pad(x1[start:stop], batch_size))
+        xb = jnp.asarray(pad_rows(x1[start:stop], batch_size))
         for r in range(num_draws):
             key = jax.random.fold_in(jax.random.fold_in(base, start), r)
             kt, kx = jax.random.split(key)
@@ -127,8 +83,10 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
     Args:
       models: name -> denoiser (`Decoder`, bidirectional).
       x1: ``[n, L]`` sequences.
-      ensembles: name -> ``(expert names [K], weights)`` where weights is an ``[n, K]`` array of
-        fixed per-sequence weights or a callable ``(x_t, t) -> [b, K]`` (learned router).
+      ensembles: name -> ``(expert names [K], router_for)`` where ``router_for(start, stop, b)`` is
+        the `dfm.decentral.Router` of sequences ``start..stop-1`` padded to a batch of ``b`` (e.g.
+        ``FixedRouter`` of their fixed weights, or a learned router); its weights are
+        ``router.weights(router.init(b), x_t, t)``.
       progress: optional callable(advance) for a progress bar.
 
     Returns:
@@ -149,12 +107,10 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
             logits[name] = forward(model, x_t)
             elbo[name][start:stop] += np.asarray(single(logits[name], xb, x_t, t))[:b] / num_draws
             seconds[name] += time.perf_counter() - t0
-        for name, (experts, weights) in ensembles.items():
+        for name, (experts, router_for) in ensembles.items():
             t0 = time.perf_counter()
-            if callable(weights):
-                w = weights(x_t, t)
-            else:
-                w = jnp.asarray(_pad(weights[start:stop], len(xb)), jnp.float32)
+            router = router_for(start, stop, len(xb))
+            w = router.weights(router.init(len(xb)), x_t, t)
             stacked = jnp.stack([logits[e] for e in experts])
             elbo[name][start:stop] += np.asarray(mixed(stacked, w, xb, x_t, t))[:b] / num_draws
             mean_w[name][start:stop] += np.asarray(w, np.float64)[:b] / num_draws
@@ -166,7 +122,6 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
 
 def ar_log_probs(models: dict, x1: np.ndarray, bos_id: int, batch_size: int, progress=None) -> tuple[dict, dict]:
     """``{name: [n, L] log p(x^j | x^{<j})}`` and ``{name: seconds}`` for causal models."""
-    from experiments.modeling import ar_token_log_probs
 
     out, seconds = {}, {}
     for name, model in models.items():

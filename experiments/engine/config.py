@@ -1,0 +1,291 @@
+"""Job configuration: TOML files parsed into typed, validated, frozen dataclasses (both tasks).
+
+A config file (``experiments/configs/<name>.toml``) has top-level keys (``name``, ``task``,
+``seed``, and task-specific ones such as the text job's ``schedule``) and one table per section.
+Every key is optional (the dataclass default applies); an unknown key or section is a
+`ConfigError` naming it and its section, and a value of the wrong type or out of range is a
+`ConfigError` naming the field (``"stage2.steps: must be >= 1, got 0"``).
+
+The machinery lives here once: `constrained` declares a field's range or choices, `validate`
+checks a section, `JobConfig` gives a task's config `from_dict` / `to_dict` / `to_toml` /
+`replace`, and the sections every task shares are `StageConfig` (one training stage) and
+`MeshSection` (the device mesh). Each task declares its own config class (`experiments.text.config`,
+`experiments.mllm.config`) from these parts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "default"
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key, its section and the problem."""
+
+
+def constrained(default, *, lo=None, hi=None, lo_open=False, choices=None):
+    """A dataclass field with range / choice constraints checked by `validate`.
+
+    Args:
+      default: the default value (lists become tuples).
+      lo, hi: inclusive bounds (``lo_open=True``: lo exclusive); choices: allowed values.
+    """
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def validate(obj, section: str) -> None:
+    """Check every field of dataclass `obj` against its declared type and constraints.
+
+    Raises:
+      ConfigError: ``"<section>.<field>: <problem>, got <value>"``.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        where = f"{section}.{f.name}" if section else f.name
+        expected = hints[f.name]
+        if not _type_ok(value, expected):
+            raise ConfigError(f"{where}: expected {_type_name(expected)}, got {value!r}")
+        meta = f.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ConfigError(f"{where}: must be one of {list(meta['choices'])}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: must be finite, got {value!r}")
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+                raise ConfigError(f"{where}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{where}: must be <= {hi}, got {value!r}")
+
+
+def _type_ok(value, expected) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(expected)
+        return isinstance(value, tuple) and all(_type_ok(v, item) for v in value)
+    return isinstance(value, expected)
+
+
+def _type_name(expected) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(expected)[0])}"
+    return "null" if expected is type(None) else expected.__name__
+
+
+def toml_value(v) -> str:
+    """One TOML value (bool, number, string, list) as text.
+
+    Raises:
+      TypeError: a value TOML cannot hold.
+    """
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimization of one training stage (optax AdamW, linear warmup then cosine decay).
+
+    For [stage2], `steps` is the dense model's step count; the K experts split the same number
+    of steps in proportion to their clusters' training examples (compute-matched: same batch
+    size and sequence length, so the same number of training sequences in total), each with the
+    same peak learning rate and the warmup scaled by ``steps_k / steps``.
+    """
+
+    steps: int = constrained(200, lo=1)
+    batch_size: int = constrained(16, lo=1)
+    learning_rate: float = constrained(3e-3, lo=0.0, lo_open=True)
+    warmup_steps: int = constrained(20, lo=0)
+    weight_decay: float = constrained(0.01, lo=0.0)
+    checkpoint_every: int = constrained(100, lo=1)
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh for training (see docs/scale_out.md and `dfm.sharding`).
+
+    Sizes of the `data`, `fsdp` and `tensor` axes; -1 fills with the remaining devices. The default
+    1 x 1 x 1 trains unsharded on one device; `data = -1` spreads the batch over every device.
+    Each expert job builds its own mesh: experts never communicate.
+    """
+
+    data: int = constrained(1, lo=-1)
+    fsdp: int = constrained(1, lo=-1)
+    tensor: int = constrained(1, lo=-1)
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value == 0:
+                raise ConfigError(f"mesh.{name}: must be -1 (fill) or >= 1, got 0")
+
+    @property
+    def sharded(self) -> bool:
+        """False for the default single-device layout (then no mesh is built)."""
+        return (self.data, self.fsdp, self.tensor) != (1, 1, 1)
+
+
+class JobConfig:
+    """Base of a task's frozen config dataclass: parsing, validation and TOML round trip.
+
+    A subclass is a ``@dataclass(frozen=True)`` with top-level fields (``name``, ``task``, ``seed``,
+    ...) and one field per section, and declares ``SECTIONS = {"stage2": StageConfig, ...}``.
+    Its ``__post_init__`` should call ``self.validate_fields()`` before its cross-field checks.
+    """
+
+    SECTIONS: ClassVar[dict[str, type]] = {}
+
+    def validate_fields(self) -> None:
+        """Types and ranges of the top-level fields and of every section (ConfigError)."""
+        for section, cls in self.SECTIONS.items():
+            value = getattr(self, section)
+            if not isinstance(value, cls):
+                raise ConfigError(f"{section}: expected a [{section}] table, got {value!r}")
+            validate(value, section)
+        validate(self, "")
+
+    @classmethod
+    def top_keys(cls) -> list[str]:
+        """The top-level (non-section) keys, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.SECTIONS]
+
+    @classmethod
+    def from_dict(cls, raw: dict, name: str = DEFAULT_CONFIG):
+        """Build the config from a parsed TOML dict; a partial section is merged onto the
+        class's default for that section.
+
+        Raises:
+          ConfigError: an unknown section or key (naming it and its section), a value of the wrong
+            type, or a value out of range (naming the field).
+        """
+        top, sections = {}, {}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key in cls.SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: expected a [{key}] table, got {value!r}")
+                section_cls = cls.SECTIONS[key]
+                known = {f.name for f in dataclasses.fields(section_cls)}
+                for sub in value:
+                    if sub not in known:
+                        raise ConfigError(
+                            f"unknown key {sub!r} in section [{key}] (known: {', '.join(sorted(known))})")
+                converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                sections[key] = dataclasses.replace(defaults[key], **converted)
+                validate(sections[key], key)
+            elif key in cls.top_keys():
+                top[key] = value
+            else:
+                raise ConfigError(
+                    f"unknown key {key!r} at top level (known: {', '.join(cls.top_keys())}, "
+                    f"{', '.join(f'[{s}]' for s in cls.SECTIONS)})")
+        top.setdefault("name", name)
+        return cls(**top, **sections)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (TOML-ready: tuples become lists)."""
+        def conv(v):
+            return list(v) if isinstance(v, tuple) else v
+        out = {k: conv(getattr(self, k)) for k in self.top_keys()}
+        for section in self.SECTIONS:
+            out[section] = {k: conv(v) for k, v in dataclasses.asdict(getattr(self, section)).items()}
+        return out
+
+    def to_toml(self) -> str:
+        """TOML text that `from_dict(tomllib.loads(...))` maps back to this config."""
+        d = self.to_dict()
+        lines = [f"{k} = {toml_value(d[k])}" for k in self.top_keys()]
+        for section in self.SECTIONS:
+            lines += ["", f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in d[section].items()]
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes):
+        """A validated copy with top-level fields or whole sections changed."""
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: "JobConfig") -> list[str]:
+        """Dotted names of the fields in which `other` differs (``["stage2.steps", "seed"]``)."""
+        a, b = self.to_dict(), other.to_dict()
+        out = []
+        for k in a:
+            if isinstance(a[k], dict):
+                out += [f"{k}.{s}" for s in a[k] if a[k][s] != b.get(k, {}).get(s)]
+            elif a[k] != b.get(k):
+                out.append(k)
+        return out
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config NAME (file stem in experiments/configs/) or a PATH to a .toml file.
+
+    Raises:
+      ConfigError: if neither exists (naming the available configs).
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file() or "/" in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown config {name_or_path!r}; available: {', '.join(available_configs())}")
+    return candidate
+
+
+def available_configs() -> list[str]:
+    """Names of the shipped configs (experiments/configs/*.toml), sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file.
+
+    Raises:
+      ConfigError: a syntax error (naming the file).
+    """
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def parse_config(config_class: type, raw: dict, path: Path):
+    """`config_class.from_dict(raw, name=path.stem)` with the file's name in any ConfigError."""
+    try:
+        return config_class.from_dict(raw, name=Path(path).stem)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

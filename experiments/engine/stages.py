@@ -1,0 +1,382 @@
+"""The engine: the stages of a job, each idempotent on a run directory, for any `Task`.
+
+    data       the task's data stage (`Task.prepare_data`)
+    <stage 1>  one model on all training examples ("base" in the text job, "stage1" in the
+               multimodal job; `Task.stage1`)
+    partition  spherical balanced k-means (`dfm.decentral.balanced_kmeans`) on the train units'
+               features (`Task.partition_input`), a random partition of the same cluster sizes
+               (seeded permutation of the labels; the control), val / test units assigned to the
+               nearest centroid
+    dense      stage 2: continues from stage 1 on all training examples for `stage2.steps` steps
+    expert-k   stage 2: continues from stage 1 on cluster k only, `steps_k` steps with
+               sum_k steps_k = stage2.steps (proportional to the clusters' training examples)
+    random-k   the same for the random partition (control)
+    extras     the task's extra stages (`Task.extra_stages`, e.g. the learned router)
+    evaluate   `Task.evaluate`, then `Task.write_report` and `Task.print_summary`
+    export     `Task.export` (tasks with `has_export`)
+
+Compute matching: every stage-2 step processes `stage2.batch_size` examples, so dense and the K
+experts together see exactly the same number of training examples, ``stage2.steps * batch_size``.
+
+A training stage reads only the config, the run directory's data, the partition files and the
+stage-1 model; it is finished when its marker ``stages/<stage>.json`` exists (written after the
+final model). An interrupted stage resumes from its last orbax checkpoint (`dfm.train.train`).
+Every expert reads only stage 1, its own cluster's data and the partition: experts never
+communicate.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.engine.config import JobConfig
+from experiments.engine.rundir import RunDir, atomic_write_json, prepare_run_dir, read_json
+from experiments.engine.task import Task
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing prerequisite, bad stage argument); the message says why."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage needs: the task, its config, the run directory and how to report progress."""
+
+    task: Task
+    config: JobConfig
+    run: RunDir
+    progress: bool = True
+    log: Callable[..., None] = print
+
+
+def open_context(task: Task, config: JobConfig, out: str | Path | None = None, *, progress: bool = True,
+                 log=print) -> Context:
+    """Prepare the run directory (default ``runs/<config name>``; `prepare_run_dir`) and a `Context`.
+
+    Raises:
+      RunDirError: the directory is not writable or holds a run of another config.
+    """
+    root = Path(out) if out is not None else Path("runs") / config.name
+    return Context(task, config, prepare_run_dir(root, config), progress, log)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage graph
+# ----------------------------------------------------------------------------------------------
+def expert_names(config: JobConfig, random: bool = False) -> list[str]:
+    """``expert-0 .. expert-{K-1}`` (or the random-partition ``random-k``; [] if the control is off)."""
+    if random and not config.partition.random_control:
+        return []
+    return [f"{'random' if random else 'expert'}-{i}" for i in range(config.partition.num_clusters)]
+
+
+def training_stages(ctx: Context) -> list[str]:
+    """All training stages of the run, in the order `run_all` runs them."""
+    c = ctx.config
+    return [ctx.task.stage1, "dense", *expert_names(c), *expert_names(c, random=True),
+            *ctx.task.extra_stages(c)]
+
+
+def expert_stage(ctx: Context, k: int, random: bool = False) -> str:
+    """Stage name of expert `k` ("expert-k", or "random-k" for the random partition).
+
+    Raises:
+      StageError: k outside [0, K), or the random control disabled in the config.
+    """
+    num = ctx.config.partition.num_clusters
+    if not 0 <= k < num:
+        raise StageError(f"expert index {k} out of range: the config has K={num} experts (0..{num - 1})")
+    if random and not ctx.config.partition.random_control:
+        raise StageError("partition.random_control is false in this config: no random-partition experts")
+    return f"{'random' if random else 'expert'}-{k}"
+
+
+# ----------------------------------------------------------------------------------------------
+# partition
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assignments:
+    """The partition's cluster labels, as written to ``partition/assignments.json``.
+
+    Attributes:
+      units: ``{"train" | "random" | "val" | "test": [n_units] int}`` the cluster of every unit
+        (document, image) of each split; "random" is the random control's train labels.
+      example_unit: ``[num_train_examples]`` each training example's train unit.
+    """
+
+    units: dict[str, np.ndarray]
+    example_unit: np.ndarray
+
+    def examples(self, random: bool = False) -> np.ndarray:
+        """Cluster of every training example ``[num_train_examples]`` (its unit's cluster)."""
+        return self.units["random" if random else "train"][self.example_unit]
+
+    def priors(self, num_clusters: int, random: bool = False) -> np.ndarray:
+        """``w_k``: the clusters' shares of the training examples, ``[K]`` float64."""
+        labels = self.examples(random)
+        return np.bincount(labels, minlength=num_clusters) / len(labels)
+
+
+def load_assignments(ctx: Context) -> Assignments:
+    """The partition of this run.
+
+    Raises:
+      StageError: the partition has not run yet.
+    """
+    if not ctx.run.is_done("partition"):
+        raise StageError(f"{ctx.run.root}: no partition yet; run `dfm partition` first")
+    raw = read_json(ctx.run.partition / "assignments.json")
+    units = {k: np.asarray(v, np.int64) for k, v in raw.items() if k != "example_unit"}
+    return Assignments(units, np.asarray(raw["example_unit"], np.int64))
+
+
+def run_partition(ctx: Context, data) -> dict:
+    """Balanced k-means on the train units, the random control, val / test assignment (idempotent).
+
+    Raises:
+      StageError: fewer train units than clusters, or a cluster left without training examples.
+    """
+    if ctx.run.is_done("partition"):
+        return ctx.run.stage_info("partition")
+    from dfm.decentral import assign, balanced_kmeans
+
+    t0 = time.perf_counter()
+    pc = ctx.config.partition
+    k = pc.num_clusters
+    stage1 = load_stage_model(ctx, data, ctx.task.stage1) if ctx.task.partition_needs_stage1 else None
+    inp = ctx.task.partition_input(ctx, data, stage1)
+    if len(inp.features["train"]) < k:
+        raise StageError(f"partition.num_clusters: K={k} clusters but only {len(inp.features['train'])} train "
+                         f"{inp.units}")
+    partition, labels = balanced_kmeans(inp.features["train"], k, rng=pc.seed)
+    random_labels = np.random.default_rng(pc.seed).permutation(labels)  # same sizes exactly
+    counts = np.bincount(labels[inp.example_unit], minlength=k)
+    if counts.min() == 0:
+        raise StageError(f"partition: cluster {int(np.argmin(counts))} has no training {inp.examples} "
+                         f"({inp.examples} per cluster {counts.tolist()}); lower partition.num_clusters")
+    ctx.run.partition.mkdir(parents=True, exist_ok=True)
+    partition.save(ctx.run.partition / "partition.npz")
+    assignments = {"train": labels.tolist(), "random": random_labels.tolist(),
+                   "val": assign(partition, inp.features["val"]).tolist(),
+                   "test": assign(partition, inp.features["test"]).tolist(),
+                   "example_unit": np.asarray(inp.example_unit).tolist()}
+    atomic_write_json(ctx.run.partition / "assignments.json", assignments)
+    u, e = inp.units, inp.examples
+    info = {
+        "num_clusters": k,
+        f"{u}_per_cluster": np.bincount(labels, minlength=k).tolist(),
+        f"{e}_per_cluster": counts.tolist(),
+        f"random_{e}_per_cluster": np.bincount(random_labels[inp.example_unit], minlength=k).tolist(),
+        f"test_{u}_per_cluster": np.bincount(assignments["test"], minlength=k).tolist(),
+        "kmeans": partition.config,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    ctx.run.mark_done("partition", info)
+    ctx.log(f"[partition] K={k}: {u} {info[f'{u}_per_cluster']}, {e} {info[f'{e}_per_cluster']}")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def stage_steps(ctx: Context, stage: str, assignments: Assignments | None = None) -> int:
+    """Optimizer steps of a training stage (experts: compute-matched share of stage2.steps)."""
+    from experiments.engine.batches import allocate_steps
+
+    c = ctx.config
+    if stage == ctx.task.stage1:
+        return getattr(c, ctx.task.stage1).steps
+    if stage == "dense":
+        return c.stage2.steps
+    kind, k = stage.split("-")
+    assignments = assignments or load_assignments(ctx)
+    counts = np.bincount(assignments.examples(random=kind == "random"), minlength=c.partition.num_clusters)
+    return allocate_steps(c.stage2.steps, counts)[int(k)]
+
+
+def train_config(ctx: Context, stage: str, steps: int):
+    """`dfm.train.TrainConfig` of a stage: its section's optimizer; experts keep the dense
+    schedule's shape, compressed to their steps (warmup scaled by ``steps_k / stage2.steps``)."""
+    from dfm.train import TrainConfig
+
+    opt = ctx.task.stage_config(ctx.config, stage)
+    warmup = opt.warmup_steps
+    if stage not in (ctx.task.stage1, "dense"):
+        warmup = round(opt.warmup_steps * steps / ctx.config.stage2.steps)
+    return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, warmup),
+                       weight_decay=opt.weight_decay, seed=ctx.config.seed, checkpoint_every=opt.checkpoint_every,
+                       log_every=max(1, steps // 100), frozen=ctx.task.frozen(opt))
+
+
+def training_mesh(mesh_section):
+    """The `[mesh]` section as a `jax.sharding.Mesh`, or None for the default unsharded layout."""
+    if not mesh_section.sharded:
+        return None
+    from dfm.sharding import MeshConfig, make_mesh
+
+    m = mesh_section
+    return make_mesh(MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
+
+
+def load_stage_model(ctx: Context, data, stage: str, factory: Callable[[], Any] | None = None):
+    """The final model of a finished stage (`factory` builds the empty model; default the task's).
+
+    Raises:
+      StageError: the stage has not finished.
+    """
+    from dfm.train import load_model
+
+    if not ctx.run.is_done(stage):
+        raise StageError(f"stage {stage!r} has not finished in {ctx.run.root}; run `dfm train` for it first")
+    return load_model(factory or (lambda: ctx.task.new_model(ctx, data)), ctx.run.model(stage))
+
+
+def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int, num_examples: int, *,
+                    extra: dict | None = None, t0: float | None = None) -> dict | None:
+    """Save the final model and write the stage's marker; None (and a log line) if stopped early.
+
+    The marker holds steps, batch size, training examples, examples seen, wall time, the final
+    loss, the loss history (and any other logged metric, e.g. accuracy) and `extra`.
+    """
+    from dfm.train import save_model
+
+    if result.steps_done < tc.steps:
+        ctx.log(f"[{stage}] stopped at step {result.steps_done}/{tc.steps}; re-run to resume")
+        return None
+    save_model(model, ctx.run.model(stage))
+    h = result.history
+    info = {
+        "steps": tc.steps, "batch_size": batch_size, "train_examples": int(num_examples),
+        "examples_seen": int(tc.steps * batch_size), "frozen": list(tc.frozen),
+        "wall_time_s": float(h[-1]["wall"]) if h else result.wall_time_s,
+        "final_loss": float(h[-1]["loss"]) if h else None,
+        "history": [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in h],
+        **(extra or {}),
+    }
+    ctx.run.mark_done(stage, info)
+    took = f" (this call {time.perf_counter() - t0:.1f} s)" if t0 is not None else ""
+    ctx.log(f"[{stage}] {tc.steps} steps on {num_examples} examples, loss {info['final_loss']:.4f}, "
+            f"{info['wall_time_s']:.1f} s{took}")
+    return info
+
+
+def run_train(ctx: Context, data, stage: str, *, stop_after: int | None = None) -> dict | None:
+    """Train one stage (skipped if finished; resumed if interrupted).
+
+    Args:
+      stage: stage 1, "dense", "expert-k", "random-k" or one of the task's extra stages.
+      stop_after: stop after this many steps in total (testing resume); the stage then stays
+        unfinished and a later call resumes it.
+
+    Returns:
+      the stage's marker info, or None if stopped early by `stop_after`.
+
+    Raises:
+      StageError: an unknown stage, or a prerequisite stage is missing.
+    """
+    from dfm.train import train
+    from experiments.engine.batches import EpochBatches
+
+    if ctx.run.is_done(stage):
+        ctx.log(f"[{stage}] already finished, skipped")
+        return ctx.run.stage_info(stage)
+    names = training_stages(ctx)
+    if stage not in names:
+        raise StageError(f"unknown stage {stage!r}; stages of this config: {', '.join(names)}")
+    if stage in ctx.task.extra_stages(ctx.config):
+        return ctx.task.run_extra(ctx, data, stage, stop_after=stop_after)
+    t0 = time.perf_counter()
+    if stage == ctx.task.stage1:
+        steps = stage_steps(ctx, stage)
+        index = np.arange(ctx.task.num_train_examples(data))
+        model = ctx.task.new_model(ctx, data)
+    else:
+        assignments = load_assignments(ctx)
+        if not ctx.run.is_done(ctx.task.stage1):
+            raise StageError(f"stage {stage!r} continues from {ctx.task.stage1}: run `dfm train --base` first")
+        steps = stage_steps(ctx, stage, assignments)
+        if stage == "dense":
+            index = np.arange(len(assignments.example_unit))
+        else:
+            kind, k = stage.split("-")
+            index = np.flatnonzero(assignments.examples(random=kind == "random") == int(k))
+        model = load_stage_model(ctx, data, ctx.task.stage1)
+    tc = train_config(ctx, stage, steps)
+    batch_size = ctx.task.stage_config(ctx.config, stage).batch_size
+    batches = EpochBatches(len(index), batch_size, ctx.config.seed, stage)
+    result = train(model, ctx.task.loss_fn(ctx, data), ctx.task.batch_fn(ctx, data, index, batches), tc,
+                   checkpoint_dir=ctx.run.checkpoints(stage), desc=stage, stop_after=stop_after,
+                   progress=ctx.progress, mesh=training_mesh(ctx.config.mesh))
+    return finish_training(ctx, stage, model, result, tc, batch_size, len(index),
+                           extra=ctx.task.stage_marker(ctx, stage, steps, batch_size), t0=t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation, export, everything
+# ----------------------------------------------------------------------------------------------
+def run_evaluate(ctx: Context, data) -> dict:
+    """`Task.evaluate`, then `Task.write_report` and `Task.print_summary` (skipped, summary
+    printed, when done).
+
+    Raises:
+      StageError: a training stage has not finished.
+    """
+    if ctx.run.is_done("evaluate") and ctx.run.report_json.is_file():
+        ctx.log("[evaluate] already finished, skipped")
+        rep = read_json(ctx.run.report_json)
+        ctx.task.print_summary(rep)
+        return rep
+    missing = [s for s in training_stages(ctx) if not ctx.run.is_done(s)]
+    if missing:
+        raise StageError(f"cannot evaluate: unfinished stages {', '.join(missing)}; run `dfm run` "
+                         f"or `dfm train` for them")
+    t0 = time.perf_counter()
+    results = ctx.task.evaluate(ctx, data)
+    rep = ctx.task.write_report(ctx, data, results)
+    ctx.run.mark_done("evaluate", {"wall_time_s": time.perf_counter() - t0})
+    ctx.task.print_summary(rep)
+    return rep
+
+
+def run_export(ctx: Context, data) -> dict | None:
+    """`Task.export` after the evaluation (skipped when done; None for tasks without export).
+
+    Raises:
+      StageError: the evaluation has not finished.
+    """
+    if not ctx.task.has_export:
+        return None
+    if ctx.run.is_done("export"):
+        return ctx.run.stage_info("export")
+    if not ctx.run.is_done("evaluate"):
+        raise StageError("export needs the evaluation (its fitted router temperature): run `dfm evaluate`")
+    t0 = time.perf_counter()
+    info = ctx.task.export(ctx, data) | {"wall_time_s": time.perf_counter() - t0}
+    ctx.run.mark_done("export", info)
+    return info
+
+
+def run_until_partition(ctx: Context, data) -> dict:
+    """The data stage, stage 1 when the partition needs it, and the partition."""
+    if ctx.task.partition_needs_stage1:
+        run_train(ctx, data, ctx.task.stage1)
+    return run_partition(ctx, data)
+
+
+def run_all(ctx: Context) -> dict:
+    """Every stage in order, in this process; finished stages are skipped."""
+    t0 = time.perf_counter()
+    data = ctx.task.prepare_data(ctx)
+    run_until_partition(ctx, data)
+    for stage in training_stages(ctx):
+        run_train(ctx, data, stage)
+    rep = run_evaluate(ctx, data)
+    run_export(ctx, data)
+    ctx.log(f"[run] done in {time.perf_counter() - t0:.1f} s; report: {ctx.run.report_md}")
+    return rep
+
