@@ -1,38 +1,44 @@
 """Cross-checks of the JAX library against the exact enumeration (float64 via ``jax.enable_x64``).
 
-For the statements whose formula the library implements:
+This module holds the shared helpers (``jit_once``, ``pad_rows``, ``bucket``, ``record``, ``float64_mode``) and the checks of
+the per-coordinate formulas:
 * S1, S2: ``dfm.velocities.validity_error`` and ``continuity_residual``,
-* S4: ``dfm.velocities.conditional_velocity`` and ``posterior_to_velocity`` (per-coordinate velocities),
+* S4: ``dfm.velocities.conditional_velocity`` and ``posterior_to_velocity`` (per-coordinate velocities, on
+  every state: exact posteriors on reachable states, random ones elsewhere, against the formula),
 * S5(d), S5(e): ``dfm.losses.dfm_cross_entropy`` summed over steps and ``dfm.losses.ar_nll``,
-* S7: ``dfm.samplers.euler_rates`` and ``dfm.schedules.discretize`` (Euler rates, kappa tables), and
-  ``posterior_to_velocity`` with the Euler rate as one Euler step.
-Each function returns the max abs error against the tabular engine on one case. Library functions are
-jitted once per shape: batches are padded to a size fixed by (vocab, length), so each (vocab, length,
-source) compiles once per run (the library's input checks run on concrete arrays only, so they are
-skipped inside jit; the inputs here are valid by construction).
+* S7: ``dfm.samplers.euler_rates`` and ``dfm.schedules.discretize`` (Euler rates, kappa tables).
+The sampler's own kernel (``dfm.samplers.transition_probabilities``: S5(c), S6, S7) and the joint kernels of
+S3 are in :mod:`proofs_check.library_kernels`; routers, mixtures and ensembles (S8-S13) in
+:mod:`proofs_check.library_decentral` and :mod:`proofs_check.library_ensemble`.
+Each function returns the max abs error against the tabular engine on one case (``inf`` when the library
+returns another dtype than float64 or contradicts a required property). Library functions are jitted once
+per shape: batches are padded to sizes fixed by (vocab, length) or to power-of-two buckets, so each shape
+compiles once per run (the library's input checks run on concrete arrays only, so they are skipped inside
+jit; the inputs here are valid by construction).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
 from dfm import tabular as tb
 
-_JITTED: dict = {}
+JITTED: dict = {}
 
 
-def _jit(fn, **static):
+def jit_once(fn, **static):
     """``jax.jit(partial(fn, **static))``, cached per (fn, static kwargs)."""
     key = (fn, tuple(sorted(static.items())))
-    if key not in _JITTED:
+    if key not in JITTED:
         import jax
 
-        _JITTED[key] = jax.jit(functools.partial(fn, **static))
-    return _JITTED[key]
+        JITTED[key] = jax.jit(functools.partial(fn, **static))
+    return JITTED[key]
 
 
-def _pad(arr, size: int, fill) -> np.ndarray:
+def pad_rows(arr, size: int, fill) -> np.ndarray:
     """Pad the leading axis of ``arr`` to ``size`` rows with ``fill``."""
     arr = np.asarray(arr)
     out = np.full((size,) + arr.shape[1:], fill, dtype=arr.dtype)
@@ -40,15 +46,54 @@ def _pad(arr, size: int, fill) -> np.ndarray:
     return out
 
 
+def bucket(n: int, minimum: int = 256) -> int:
+    """The padded batch size for ``n`` rows: the next power of two ``>= max(n, minimum)``."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def maxdiff(got, expected=0.0) -> float:
+    """``max |got - expected|`` (0 when empty); equal infinities count as equal, NaN (or unequal infinities) as
+    ``inf``, so that a NaN from the library can never be lost in a ``max``."""
+    a = np.asarray(got, dtype=np.float64)
+    b = np.broadcast_to(np.asarray(expected, dtype=np.float64), a.shape)
+    if a.size == 0:
+        return 0.0
+    same = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
+    with np.errstate(invalid="ignore"):
+        d = np.where(same, 0.0, np.abs(a - b))
+    d = np.where(np.isnan(d), np.inf, d)
+    return float(d.max())
+
+
+def worst(*values) -> float:
+    """``max`` of error values with NaN counted as ``inf``."""
+    out = 0.0
+    for v in values:
+        v = float(v)
+        if math.isnan(v):
+            return math.inf
+        out = max(out, v)
+    return out
+
+
 def available() -> tuple[bool, str]:
-    """Whether the library modules import (``(False, reason)`` otherwise)."""
+    """Whether the library can be checked: ``(False, reason)`` when a third-party dependency (jax, flax, optax,
+    ...) is not installed. Any other import failure (an error inside ``dfm`` itself, e.g. a syntax error) counts
+    as available, so that the library checks run and FAIL with the error instead of being skipped."""
     try:
+        import dfm.decentral  # noqa: F401
         import dfm.losses  # noqa: F401
+        import dfm.paths  # noqa: F401
         import dfm.samplers  # noqa: F401
         import dfm.schedules  # noqa: F401
         import dfm.velocities  # noqa: F401
-    except Exception as err:  # noqa: BLE001 - any import failure means "not ready"
-        return False, f"{type(err).__name__}: {err}"
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] != "dfm":
+            return False, f"{type(err).__name__}: {err}"
+        return True, ""  # a module missing inside dfm: the rows report it (record catches the exception)
+    except Exception:  # noqa: BLE001 - a broken dfm: the rows report it (record catches the exception)
+        return True, ""
     return True, ""
 
 
@@ -61,16 +106,35 @@ def record(tracker, label: str, fn, *args) -> None:
         tracker.fail(f"{label}: library raised {type(err).__name__}: {err}")
 
 
-def _x64():
+def float64_mode():
     import jax
 
     return jax.enable_x64(True)
 
 
-def s4_errors(xs, coord_post, alive, rate, vocab: int, with_mask: bool, x1, x0) -> float:
-    """Library vs engine: marginal velocity ``r (p_{1|t} - delta)`` on reachable states, and the conditional
-    velocity: on every state with a mask source (0 on revealed coordinates, THEORY S4), on the support of
-    ``p_t(. | x0, x1)`` with a uniform source (off it the S4 formula is not defined)."""
+def velocity_formula(post, xs, rate, vocab: int, with_mask: bool) -> np.ndarray:
+    """THEORY S4's marginal per-coordinate velocity, written out here (not the engine's):
+    ``rate^i (p^i - delta_{x^i})`` on a movable coordinate (masked, or every coordinate without a mask) and 0
+    on a revealed one; ``post [R, L, vocab]`` any distributions, ``xs [R, L]``, ``rate [L]`` or ``[R, L]``."""
+    s = vocab + 1 if with_mask else vocab
+    eye = np.eye(s)[xs]
+    padded = np.zeros_like(eye)
+    padded[..., :vocab] = post
+    movable = (xs == vocab) if with_mask else np.ones(xs.shape, dtype=bool)
+    r = np.broadcast_to(np.asarray(rate, dtype=np.float64), xs.shape)
+    return (r * movable)[..., None] * (padded - eye)
+
+
+def s4_errors(xs, coord_post, alive, rate, vocab: int, with_mask: bool, x1, x0, random_post) -> float:
+    """Library vs engine, THEORY S4.
+
+    Marginal velocity ``posterior_to_velocity`` on EVERY state: reachable states get the exact posteriors
+    (compared with the engine's ``coordinate_velocity``), unreachable ones the random distributions
+    ``random_post [M, L, vocab]``; all are compared with :func:`velocity_formula` (0 on revealed coordinates
+    with a mask source: the posterior of a revealed coordinate is a delta only on reachable states, so a
+    missing mask gating shows on the others). Conditional velocity ``conditional_velocity``: on every state
+    with a mask source, on the support of ``p_t(. | x0, x1)`` with a uniform source (off it the S4 formula
+    is not defined)."""
     from dfm.velocities import conditional_velocity, posterior_to_velocity
 
     s = vocab + 1 if with_mask else vocab
@@ -80,22 +144,36 @@ def s4_errors(xs, coord_post, alive, rate, vocab: int, with_mask: bool, x1, x0) 
     eye = np.eye(s)
     movable = (xs == src[None]) & (xs != x1[None])
     cond_expected = rate[None, :, None] * movable[..., None] * (eye[x1][None] - eye[xs])
-    post = np.where(alive[:, None, None], coord_post, 1.0 / vocab)  # unreachable rows: any distribution
-    with _x64():
-        u = _jit(posterior_to_velocity, mask_id=vocab if with_mask else None)(post, xs, rate)
-        cu = _jit(conditional_velocity, num_states=s, mask_id=vocab if with_mask else None)(
-            xs, np.broadcast_to(x1, xs.shape), rate)
+    post = np.where(alive[:, None, None], coord_post, random_post)
+    formula = velocity_formula(post, xs, rate, vocab, with_mask)
+    # every (state, coordinate) as one row of length 1, padded to one size per vocab: one compile per
+    # (vocab, source) for each function
+    m, length = xs.shape
+    n = m * length
+    size = bucket(n, (vocab + 1) ** 4 * 4)
+    x_rows = pad_rows(xs.reshape(n, 1), size, 0)
+    r_rows = pad_rows(np.broadcast_to(rate, xs.shape).reshape(n, 1), size, 0.0)
+    with float64_mode():
+        u = jit_once(posterior_to_velocity, mask_id=vocab if with_mask else None)(
+            pad_rows(post.reshape(n, 1, vocab), size, 1.0 / vocab), x_rows, r_rows)
+        cu = jit_once(conditional_velocity, num_states=s, mask_id=vocab if with_mask else None)(
+            x_rows, pad_rows(np.broadcast_to(x1, xs.shape).reshape(n, 1), size, 0), r_rows)
         u, cu = np.asarray(u), np.asarray(cu)
     if u.dtype != np.float64 or cu.dtype != np.float64:
         return float("inf")
-    err = np.max(np.abs(u[alive] - expected)) if expected.size else 0.0
+    u, cu = u[:n, 0].reshape(m, length, s), cu[:n, 0].reshape(m, length, s)
     compared = np.ones_like(on_support) if with_mask else on_support
-    err_c = np.max(np.abs(cu[compared] - cond_expected[compared]))
-    return float(max(err, err_c))
+    return worst(maxdiff(u[alive], expected), maxdiff(u, formula), maxdiff(cu[compared], cond_expected[compared]))
+
+
+V_PAD = L_PAD = 4  # S4-S5 draw vocab and length in 2..4
 
 
 def s5_loss_error(model, kappa, vocab: int, expected_loss) -> float:
-    """Library ``sum_t E_{x_t ~ p_t(.|x1)} dfm_cross_entropy`` vs the engine's loss, for every x1 (one batched call)."""
+    """Library ``sum_t E_{x_t ~ p_t(.|x1)} dfm_cross_entropy`` vs the engine's loss, for every x1 (one batched call).
+
+    Padded to vocab 4 (logit ``-inf``: probability 0), length 4 (rate 0: such terms contribute exactly 0) and
+    ``mask_id = 4``, batch to a power-of-two bucket: a handful of compiles per run."""
     from dfm.losses import dfm_cross_entropy
 
     length = kappa.shape[1]
@@ -113,55 +191,47 @@ def s5_loss_error(model, kappa, vocab: int, expected_loss) -> float:
         weights.append(cond[ix, ix1])
     ix, ix1 = np.concatenate(rows_x), np.concatenate(rows_x1)
     rows = ix.shape[0]
-    size = max(max(length, 5) * d * 2**length, 1 << (rows - 1).bit_length())  # fixed per (vocab, length)
-    logits = _pad(np.log(model[ix]), size, 0.0)
-    with _x64():
-        ce = _jit(dfm_cross_entropy, mask_id=vocab)(
-            logits, _pad(x1s[ix1], size, 0), _pad(xs[ix], size, vocab),
-            _pad(np.concatenate(rows_rate), size, 0.0))
+    size = bucket(rows, 1024)
+    logits = np.full((size, L_PAD, V_PAD), -np.inf)
+    logits[..., 0] = 0.0
+    logits[:rows, :length, :vocab] = np.log(model[ix])
+    x1_pad = np.zeros((size, L_PAD), dtype=np.int64)
+    x1_pad[:rows, :length] = x1s[ix1]
+    xt_pad = np.full((size, L_PAD), V_PAD, dtype=np.int64)
+    xt_pad[:rows, :length] = np.where(xs[ix] == vocab, V_PAD, xs[ix])
+    rate_pad = np.zeros((size, L_PAD))
+    rate_pad[:rows, :length] = np.concatenate(rows_rate)
+    with float64_mode():
+        ce = jit_once(dfm_cross_entropy, mask_id=V_PAD)(logits, x1_pad, xt_pad, rate_pad)
         ce = np.asarray(ce)[:rows]
     if ce.dtype != np.float64:
         return float("inf")
     loss = np.zeros(d)
     np.add.at(loss, ix1, np.concatenate(weights) * ce)
-    return float(np.max(np.abs(loss - expected_loss)))
+    return maxdiff(loss, expected_loss)
 
 
 def s5_ar_nll_error(model, vocab: int, length: int, expected) -> float:
-    """Library ``ar_nll`` with causal logits read at the AR states vs the engine's AR NLL."""
+    """Library ``ar_nll`` with causal logits read at the AR states vs the engine's AR NLL (padded to vocab 4 with
+    probability-0 tokens and length 4 with log-probability-0 positions, 256 rows: one compile)."""
     from dfm.losses import ar_nll
 
     x1s = tb.enumerate_states(vocab, length, with_mask=False)
-    logits = np.empty(x1s.shape + (vocab,))
+    d = x1s.shape[0]
+    size = V_PAD**L_PAD
+    logits = np.full((size, L_PAD, V_PAD), -np.inf)
+    logits[..., 0] = 0.0
     for t in range(length):
         idx = tb.state_index(np.where(np.arange(length)[None, :] < t, x1s, vocab), vocab)
-        logits[:, t, :] = np.log(model[idx, t, :])
-    with _x64():
-        out = np.asarray(_jit(ar_nll)(logits, x1s))
+        logits[:d, t, :] = -np.inf
+        logits[:d, t, :vocab] = np.log(model[idx, t, :])
+    tokens = np.zeros((size, L_PAD), dtype=np.int64)
+    tokens[:d, :length] = x1s
+    with float64_mode():
+        out = np.asarray(jit_once(ar_nll)(logits, tokens))[:d]
     if out.dtype != np.float64:
         return float("inf")
-    return float(np.max(np.abs(out - expected)))
-
-
-def s7_step_error(coord_post, kappa_t, d_kappa_t, h: float, vocab: int, with_mask: bool, expected_kernel) -> float:
-    """One Euler step from the library's ``posterior_to_velocity`` with rate ``min(1, h kappa' / (1 - kappa))``
-    (product over coordinates of delta + u^i) vs the engine's Euler kernel."""
-    from dfm.velocities import posterior_to_velocity
-
-    length = coord_post.shape[1]
-    xs = tb.enumerate_states(vocab, length, with_mask=with_mask)
-    alive = coord_post.sum(-1).min(-1) > 0
-    rate = np.minimum(1.0, h * d_kappa_t / (1.0 - kappa_t))
-    s = vocab + 1 if with_mask else vocab
-    factors = np.eye(s)[xs].copy()
-    post = np.where(alive[:, None, None], coord_post, 1.0 / vocab)
-    with _x64():
-        u = np.asarray(_jit(posterior_to_velocity, mask_id=vocab if with_mask else None)(post, xs, rate))
-    if u.dtype != np.float64:
-        return float("inf")
-    factors[alive] += u[alive]
-    kern = tb.product_kernel(factors, vocab, with_mask)
-    return float(np.max(np.abs(kern[:, alive] - expected_kernel[:, alive])))
+    return maxdiff(out, expected)
 
 
 def s7_rates_error(name: str, num_steps: int, length: int, kappa_expected, rate_expected) -> float:
@@ -170,7 +240,7 @@ def s7_rates_error(name: str, num_steps: int, length: int, kappa_expected, rate_
     from dfm.schedules import LinearScheduler, PolynomialScheduler, discretize
 
     scheduler = LinearScheduler() if name == "kappa=t" else PolynomialScheduler(2.0)
-    with _x64():
+    with float64_mode():
         kap = np.asarray(discretize(scheduler, length, num_steps).kappa)
         rates = np.asarray(euler_rates(scheduler, length, num_steps))
     if kap.dtype != np.float64 or rates.dtype != np.float64:
@@ -193,9 +263,9 @@ def s1_errors(u_valid, u_bad) -> float:
     invalid one valid (error <= 1e-12) or the valid one invalid."""
     from dfm.velocities import validity_error
 
-    fn = _jit(validity_error)
+    fn = jit_once(validity_error)
     x_t = np.arange(PAD_STATES)
-    with _x64():
+    with float64_mode():
         lib_valid = float(fn(_pad_square(np.asarray(u_valid).T, PAD_STATES), x_t))
         lib_bad = float(fn(_pad_square(np.asarray(u_bad).T, PAD_STATES), x_t))
     err = max(abs(lib_valid - tb.velocity_validity_error(u_valid)), abs(lib_bad - tb.velocity_validity_error(u_bad)))
@@ -209,9 +279,9 @@ def s2_error(p_t, p_next, u) -> float:
     from dfm.velocities import continuity_residual
 
     m = len(p_t)
-    with _x64():
-        res = np.asarray(_jit(continuity_residual)(_pad(np.asarray(p_t), PAD_STATES, 0.0),
-                                                    _pad(np.asarray(p_next), PAD_STATES, 0.0),
+    with float64_mode():
+        res = np.asarray(jit_once(continuity_residual)(pad_rows(np.asarray(p_t), PAD_STATES, 0.0),
+                                                    pad_rows(np.asarray(p_next), PAD_STATES, 0.0),
                                                     _pad_square(np.asarray(u), PAD_STATES)))
     if res.dtype != np.float64:
         return float("inf")

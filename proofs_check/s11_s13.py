@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from dfm import tabular as tb
+from proofs_check import library as lib
+from proofs_check import library_decentral as ld
 from proofs_check.cases import ar_kappa, random_dist, random_mixture, random_schedule, random_size
 from proofs_check.report import Row, Tracker
 
@@ -20,9 +22,10 @@ def _ar_denoisers(q, kappa, vocab):
     return np.stack([tb.coordinate_posteriors(q, kappa, t, vocab) for t in range(kappa.shape[0] - 1)])
 
 
-def check_s11(rng, cases: int) -> Row:
+def check_s11(rng, cases: int, library: bool = False) -> Row:
     """S11 (AR schedule): E_q[loss(exact denoiser)] == H(q); sum_k w_k E_{q_k}[loss_k] == sum_k w_k H(q_k) == H(X|K);
-    H(q) - H(X|K) == I(X; K) == sum_t I(X^{t+1}; K | X^{<=t}); the routed ensemble attains H(q)."""
+    H(q) - H(X|K) == I(X; K) == sum_t I(X^{t+1}; K | X^{<=t}); the routed ensemble attains H(q). With ``library``:
+    ``ar_nll`` of the exact experts and ``mixture_token_log_probs`` with the Bayes filter give the same numbers."""
     tr = Tracker()
     extra, data = [], {}
     for c in range(cases):
@@ -55,31 +58,65 @@ def check_s11(rng, cases: int) -> Row:
             ensemble.append(tb.route(rho, np.stack([tab[t] for tab in tables_k])))
         ens_loss = tb.dfm_loss(np.stack(ensemble), kappa, v)
         tr.diff(_expect(q, ens_loss), h_q, f"{label}: routed ensemble != H(q)")
+        if library:
+            h_k = np.array([float(tb.entropy(e)) for e in experts])
+            lib.record(tr, f"{label}: library ar_nll / mixture_token_log_probs", ld.s11_errors, w, experts, q, v, n,
+                       h_q, h_k, mi)
         if c == 0:
             data = {"vocab": v, "length": n, "experts": int(w.shape[0]), "H_q": h_q, "sum_w_H_qk": experts_total,
                     "I_X_K": mi}
             extra.append(f"representative case (vocab {v}, length {n}, K {w.shape[0]}): H(q) = {h_q:.4f}, "
                          f"sum_k w_k H(q_k) = {experts_total:.4f}, I(X;K) = {mi:.4f} nats")
         tr.cases += 1
-    return tr.row("S11", "objectives: H(q) = H(X|K) + I(X;K); ensemble attains H(q)", "enumeration", extra, data)
+    method = "enumeration"
+    if library:
+        method += " + library"
+        extra.append("library: dfm.losses.ar_nll of each exact expert averaged under q_k == H(q_k); "
+                     "mixture_token_log_probs(BayesFilterRouter.from_priors(w)) averaged under q == H(q); "
+                     "difference == I(X;K), on every case (float64)")
+    return tr.row("S11", "objectives: H(q) = H(X|K) + I(X;K); ensemble attains H(q)", method, extra, data)
 
 
-def check_s12(rng, cases: int) -> Row:
-    """S12: k = h(c) ⇒ rho_t(k | c, x) = 1[k = h(c)] for all t and all reachable x (random and AR schedules)."""
+def _nearest_centroid(features, centroids) -> np.ndarray:
+    """h(c): index of the largest cosine similarity of the feature to the normalized centroids (numpy)."""
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    cen = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    return np.argmax(f @ cen.T, axis=1)
+
+
+def check_s12(rng, cases: int, library: bool = False) -> Row:
+    """S12: the partition is a function k = h(c) of the conditioning input (nearest of random unit centroids to
+    random features, noisy copies of the centroids) ⇒ rho_t(k | c, x) = 1[k = h(c)] for all t and all reachable x
+    (random and AR schedules).
+    With ``library``: ``CentroidRouter(Partition(centroids), T, top_k=1).route(features)`` (random T) equals the
+    enumerated posterior, and ``mixture_token_log_probs(FixedRouter(its weights))`` the exact conditional
+    likelihood ``log q(x1 | c)`` position by position."""
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
+    empty = moved = 0
     for c in range(cases):
         v, n = random_size(rng)
         d = v**n
         n_c = int(rng.integers(2, 6))
         n_k = int(rng.integers(2, min(n_c, 4) + 1))
-        h = np.concatenate([np.arange(n_k), rng.integers(n_k, size=n_c - n_k)])
-        rng.shuffle(h)
+        dim = int(rng.integers(2, 6))
+        centroids = rng.standard_normal((n_k, dim))
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        # noisy copies of the centroids (input c near centroid c mod K) at random scales: h(c) below decides
+        features = (centroids[np.arange(n_c) % n_k] + 0.3 * rng.standard_normal((n_c, dim))) \
+            * rng.uniform(0.5, 3.0, size=(n_c, 1))
+        h = _nearest_centroid(features, centroids)
+        moved += int(np.sum(h != np.arange(n_c) % n_k))
         prior_c = rng.dirichlet(np.ones(n_c))
         q_given_c = np.stack([random_dist(rng, d) for _ in range(n_c)])  # [C, D]
-        w = np.array([prior_c[h == k].sum() for k in range(n_k)])
-        # expert k: law of (c, x1) restricted to h(c) = k, [K, C, D]
-        q_k = np.stack([np.where((h == k)[:, None], prior_c[:, None] * q_given_c, 0.0) / w[k] for k in range(n_k)])
+        w = np.array([prior_c[h == k].sum() for k in range(n_k)])  # 0 for a cluster that no input falls in
+        empty += int(np.sum(w == 0))
+        # expert k: law of (c, x1) restricted to h(c) = k, [K, C, D] (zeros for an empty cluster)
+        q_k = np.stack([np.where((h == k)[:, None], prior_c[:, None] * q_given_c, 0.0) / (w[k] if w[k] > 0 else 1.0)
+                        for k in range(n_k)])
         kappa = ar_kappa(n) if c % 2 == 0 else random_schedule(rng, n)
+        target = (h[None, :, None] == np.arange(n_k)[:, None, None]).astype(float)
+        rhos, alives = [], []
         for t in range(kappa.shape[0]):
             cond = tb.joint_path_at(kappa[t], np.ones((1, d)), v, True)  # [M, D] p_t(x | x1)
             p_k = np.einsum("md,kcd->kcm", cond, q_k)  # p_t^k(c, x)
@@ -87,17 +124,49 @@ def check_s12(rng, cases: int) -> Row:
             tot = joint.sum(0)
             alive = tot > 0
             rho = joint / np.where(alive, tot, 1.0)[None]
-            target = (h[None, :, None] == np.arange(n_k)[:, None, None]).astype(float)
             tr.diff(np.where(alive[None], rho, 0.0), np.where(alive[None], target, 0.0),
                     f"case {c} t {t}: rho_t(k | c, x) != 1[k = h(c)]")
+            rhos.append(rho)
+            alives.append(alive)
+        if library:
+            temperature = float(np.exp(lrng.uniform(-2.0, 2.0)))
+            lp, _ = ld.token_log_probs(q_given_c, v, n)  # [C, D, L]: log q(x1^j | x1^{<j}, c)
+            x1s = tb.enumerate_states(v, n, with_mask=False)
+            pidx = [x1s[:, :j] @ (v ** np.arange(j - 1, -1, -1)) if j else np.zeros(d, dtype=np.int64)
+                    for j in range(n)]  # index of the prefix x1^{<j}
+            cond_alive = np.stack([np.stack([pm[j][pidx[j]] > 0 for j in range(n)], axis=1)  # q(x1^{<j} | c) > 0
+                                   for pm in (tb.prefix_marginals(qc, v, n) for qc in q_given_c)])  # [C, D, L]
+            # expert k scores (c, x1) with q(. | c) when h(c) = k; otherwise q_k(c) = 0: any law (uniform)
+            cond_lp = np.where((h[None, :] == np.arange(n_k)[:, None])[:, :, None, None], lp[None], -np.log(v))
+            lib.record(tr, f"case {c} (vocab {v}, length {n}, K {n_k}, T {temperature:.3g}): library centroid router",
+                       ld.s12_errors, features, centroids, temperature, rhos, alives, cond_lp, lp, cond_alive)
         tr.cases += 1
-    return tr.row("S12", "partition by conditioning input: rho = 1[k = h(c)]", "enumeration")
+    extra = [(f"h(c) = nearest of K random unit centroids to random features (numpy); {empty} empty clusters over "
+              f"all cases (weight 0), {moved} inputs not nearest to the centroid they were drawn around")]
+    method = "enumeration"
+    if library:
+        method += " + library"
+        extra.append("library: CentroidRouter(Partition(centroids), random T, top_k=1).route(features) == the "
+                     "enumerated rho_t(k | c, x) for every t and reachable (c, x); mixture_token_log_probs(FixedRouter("
+                     "route weights)) == log q(x1^j | x1^{<j}, c), on every case (float64)")
+    return tr.row("S12", "partition by conditioning input: rho = 1[k = h(c)]", method, extra)
 
 
-def check_s13(rng, cases: int) -> Row:
-    """S13: TV(mixture, top-k renormalized mixture) <= 1 - rho(S); attained with disjointly supported experts."""
+def check_s13(rng, cases: int, library: bool = False) -> Row:
+    """S13: TV(mixture, top-k renormalized mixture) <= 1 - rho(S); attained with disjointly supported experts.
+    With ``library``: ``dfm.decentral.top_k`` and ``centroid_weights`` against independent references, and the
+    bound with ``mix_log_probs`` of the library's truncated weights."""
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
     worst = -np.inf
+    lib_worst = [-np.inf]
+
+    def lib_check(*args):
+        err, tvb = ld.s13_errors(*args)
+        tvb = np.inf if np.isnan(tvb) else tvb
+        lib_worst[0] = max(lib_worst[0], tvb)
+        return lib.worst(err, max(0.0, tvb))
+
     for c in range(cases):
         n_k = int(rng.integers(2, 7))
         size = int(rng.integers(n_k, 25))
@@ -126,8 +195,19 @@ def check_s13(rng, cases: int) -> Row:
         tv_tight = tb.tv_distance(rho @ disjoint, trunc @ disjoint)
         worst = max(worst, tv_tight - bound)
         tr.diff(tv_tight, bound, f"case {c}: disjoint experts do not attain the bound")
+        if library:
+            cosines = lrng.uniform(-1.0, 1.0, size=rho.shape[0])
+            temperature = float(np.exp(lrng.choice([-1.0, 1.0]) * lrng.uniform(0.2, 1.5)))  # |log T| >= 0.2
+            lib.record(tr, f"case {c} (K {rho.shape[0]}, k {k}, T {temperature:.3g}): library top_k / centroid_weights",
+                       lib_check, rho, k, comps, disjoint, cosines, temperature, trunc)
         tr.cases += 1
     extra = [f"max over cases of TV - (1 - rho(S)): {worst:.3e} (<= 1e-12); the bound is attained (to rounding) "
              "by disjointly supported experts"]
-    return tr.row("S13", "top-k renormalization: TV <= 1 - rho(S), tight", "enumeration", extra,
+    method = "enumeration"
+    if library:
+        method += " + library"
+        extra.append("library: dfm.decentral.top_k == top_k_renormalize; centroid_weights(cos, T, k) == numpy softmax("
+                     "cos / T) + top-k (random T != 1); mix_log_probs with rho and the library's truncated weights == "
+                     f"the mixtures; max TV - (1 - rho(S)) with the library's weights {lib_worst[0]:.3e}, every case")
+    return tr.row("S13", "top-k renormalization: TV <= 1 - rho(S), tight", method, extra,
                   {"max_tv_minus_bound": float(worst)})

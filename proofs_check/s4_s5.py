@@ -9,6 +9,7 @@ from proofs_check.cases import (
     SOURCES, ar_kappa, random_dist, random_positive_dist, random_schedule, random_size, random_source_case,
 )
 from proofs_check import library as lib
+from proofs_check import library_kernels as lk
 from proofs_check.report import Row, Tracker
 
 
@@ -32,6 +33,7 @@ def check_s4(rng, cases: int, library: bool = False) -> Row:
     """S4: per-coordinate conditional velocity; the product kernel generates the conditional path; the
     marginal per-coordinate velocity is r (p_{1|t} - delta) (masked, independent source, coupling)."""
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
     for c in range(cases):
         source = SOURCES[c % 3]
         case = random_source_case(rng, source)
@@ -81,13 +83,16 @@ def check_s4(rng, cases: int, library: bool = False) -> Row:
             tr.diff(lhs2[alive], rhs[alive], f"{label}: marginal coordinate velocity (z = (x0, x1))")
         if library:
             coord = tb.coordinate_posteriors_from(post, v, n)
+            random_post = lrng.dirichlet(np.ones(v), size=xs.shape)  # for the unreachable states
             lib.record(tr, f"{label}: library velocities vs enumeration", lib.s4_errors,
-                       xs, coord, alive, r, v, wm, x1, None if wm else x0)
+                       xs, coord, alive, r, v, wm, x1, None if wm else x0, random_post)
         tr.cases += 1
     method = "enumeration + library" if library else "enumeration"
     extra = []
     if library:
-        extra.append("library: dfm.velocities.posterior_to_velocity / conditional_velocity on every case (float64)")
+        extra.append("library: dfm.velocities.posterior_to_velocity on every state of every case (reachable: exact "
+                     "posteriors vs the engine; unreachable: random posteriors; all vs the formula r (p - delta) on "
+                     "movable coordinates, 0 on revealed ones) and conditional_velocity (float64)")
     return tr.row("S4", "masked mixture path: conditional / marginal coordinate velocity", method, extra)
 
 
@@ -108,6 +113,7 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
         nexts = tb.next_token_conditionals(q, v, n)
         prefix = tb.prefix_marginals(q, v, n)
         law = tb.point_mass(tb.mask_index(v, n), m)
+        lib_posts, lib_cols = [], []
         for t in range(n + 1):
             # (a) p_t(. | x1) = delta at (x1^{<t}, m, .., m)
             target = tb.state_index(np.where(np.arange(n)[None, :] < t, x1s, v), v)
@@ -132,6 +138,9 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
             tr.diff(u, expected, f"{label}: (b) velocity t={t}")
             factors = tb.coordinate_factors(tb.coordinate_posteriors_from(post, v, n), r, v)
             kern_f = tb.product_kernel(factors[cols], v)  # factorized kernel, columns cols
+            if library:
+                lib_posts.append(tb.coordinate_posteriors_from(post, v, n))
+                lib_cols.append((cols, kern_f))
             tr.diff(kern_f, np.eye(m)[:, cols] + u, f"{label}: (b) factorized == joint kernel t={t}")
             # (c) propagate the factorized sampler's law (its mass must stay on the reachable AR states)
             off = np.ones(m, dtype=bool)
@@ -154,6 +163,8 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
             lib.record(tr, f"{label}: library dfm_cross_entropy (AR)", lib.s5_loss_error, model, kappa, v, loss)
             lib.record(tr, f"{label}: library dfm_cross_entropy", lib.s5_loss_error, model, kap_r, v, loss_r)
             lib.record(tr, f"{label}: library ar_nll", lib.s5_ar_nll_error, model, v, n, tb.ar_nll(model, v, n))
+            lib.record(tr, f"{label}: (c) library sampler kernel", lk.s5_sampler_error, q, kappa, v, n,
+                       np.stack(lib_posts), lib_cols)
         min_gap = min(min_gap, float(np.min(loss_r - nll_r)))
         tr.cases += 1
     extra.append(f"(e) min over cases and x1 of loss - (-log P(sampler -> x1)) on random schedules: {min_gap:.3e} (>= 0)")
@@ -161,6 +172,9 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
     if library:
         extra.append("library: dfm.losses.dfm_cross_entropy (summed over steps, AR and random schedules) and "
                      "dfm.losses.ar_nll on every case (float64)")
+        extra.append("library (c): the sampler's kernel dfm.samplers.transition_probabilities (exact denoiser, "
+                     "rates of dfm.schedules.autoregressive) on every state, multiplied over coordinates: its law "
+                     "from all-mask == q, on every case")
     if symbolic:
         from proofs_check.symbolic import symbolic_s5
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from dfm import tabular as tb
 from proofs_check import library as lib
+from proofs_check import library_kernels as lk
 from proofs_check.cases import block_kappa, random_blocks, random_dist, random_positive_dist, random_size
 
 RATE_STEPS = (2, 4, 8, 16, 32, 64)
@@ -88,9 +89,10 @@ def _rate_study(rng, tr, measure, label: str, n_dists: int):
     return lines, rates
 
 
-def check_s6(rng, cases: int, rate_dists: int = 6):
+def check_s6(rng, cases: int, rate_dists: int = 6, library: bool = False):
     """S6: deterministic block schedule, KL(q || p_sampled) == sum_blocks E_prefix[TC_q(block | prefix)]; kappa
-    schedules: KL decreases toward 0 with T (rate reported)."""
+    schedules: KL decreases toward 0 with T (rate reported). With ``library``: the block identity again with the
+    law propagated through the sampler's own kernel (``transition_probabilities``, the schedule's rates)."""
     from proofs_check.report import Tracker
 
     tr = Tracker()
@@ -103,7 +105,11 @@ def check_s6(rng, cases: int, rate_dists: int = 6):
         law = factorized_sampler_law(q, kappa, v)
         on_data = law[tb.data_index(v, n)]  # (mass off data sits on states outside q's path: irrelevant to KL)
         kl = tb.kl_divergence(q, on_data)
-        tr.diff(kl, tb.block_total_correlation(q, v, n, blocks), f"case {c} blocks {blocks}: KL != sum of TC")
+        tc = tb.block_total_correlation(q, v, n, blocks)
+        tr.diff(kl, tc, f"case {c} blocks {blocks}: KL != sum of TC")
+        if library:
+            lib.record(tr, f"case {c} blocks {blocks}: library sampler kernel", lk.s6_sampler_error, q, kappa, blocks,
+                       v, n, law, tc)
         max_kl = max(max_kl, kl)
         tr.cases += 1
 
@@ -117,7 +123,12 @@ def check_s6(rng, cases: int, rate_dists: int = 6):
     lines, rates = _rate_study(rng, tr, measure, "KL(q || p_sampled)", rate_dists)
     extra += lines
     extra.append("asserted for kappa schedules, per q: KL >= 0, nonincreasing in T (1e-12 abs.), KL(T=64) <= KL(T=2) / 8")
-    return tr.row("S6", "factorization cost: KL == sum_blocks E[TC]; KL -> 0 in T", "enumeration", extra,
+    if library:
+        extra.append("library: block identity with the law propagated through dfm.samplers.transition_probabilities "
+                     "(exact denoiser, rates of dfm.schedules.from_kappa / block), kernel vs the formula on every "
+                     "state, on every case (float64)")
+    method = "enumeration + library" if library else "enumeration"
+    return tr.row("S6", "factorization cost: KL == sum_blocks E[TC]; KL -> 0 in T", method, extra,
                   {"rates": rates})
 
 
@@ -127,6 +138,7 @@ def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
     from proofs_check.report import Tracker
 
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
     for c in range(cases):
         v, n = random_size(rng)
         wm = c % 2 == 0
@@ -146,7 +158,10 @@ def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
         label = f"case {c} (vocab {v}, length {n}, T {num_steps})"
         tr.diff(euler, discrete, f"{label}: Euler != discrete kernel")
         if library:
-            lib.record(tr, f"{label}: library Euler step", lib.s7_step_error, post, kap, dk, h, v, wm, euler)
+            alive = post.sum(-1).min(-1) > 0
+            random_post = lrng.dirichlet(np.ones(v), size=post.shape[:2])  # for the unreachable states
+            lib.record(tr, f"{label}: library Euler step", lk.s7_step_error, post, alive, kap, dk, h, v, wm, euler,
+                       random_post)
         tr.error(tb.markov_kernel_error(euler), f"case {c}: Euler kernel not Markov")
         tr.cases += 1
 
@@ -158,8 +173,10 @@ def check_s7(rng, cases: int, rate_dists: int = 6, library: bool = False):
 
     extra, rates = _rate_study(rng, tr, measure, "TV(p_Euler, q)", rate_dists)
     if library:
-        extra.append("library: dfm.velocities.posterior_to_velocity as an Euler step on every case; "
-                     "dfm.samplers.euler_rates and dfm.schedules.discretize tables in the rate study (float64)")
+        extra.append("library: the sampler's kernel dfm.samplers.transition_probabilities as an Euler step on every "
+                     "state of every case (vs the formula; product kernel vs the engine's Euler kernel on reachable "
+                     "states); dfm.samplers.euler_rates and dfm.schedules.discretize tables in the rate study "
+                     "(float64)")
     extra.append("asserted for the Euler sampler, per q: TV nonincreasing in T (1e-12 abs.), TV(T=64) <= TV(T=2) / 8")
     method = "enumeration + library" if library else "enumeration"
     return tr.row("S7", "continuous-time limit: Euler == discrete kernel; error -> 0", method, extra, {"rates": rates})

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from dfm import tabular as tb
+from proofs_check import library as lib
+from proofs_check import library_decentral as ld
+from proofs_check import library_ensemble as le
 from proofs_check.cases import ar_kappa, random_dist, random_mixture, random_positive_dist, random_schedule, random_size
 from proofs_check.report import Row, Tracker
 
@@ -21,9 +24,13 @@ def expert_tables(experts, kappa, t, vocab, kwargs):
     return np.stack(paths), np.stack(posts), wm
 
 
-def check_s8(rng, cases: int) -> Row:
-    """S8: u = sum_k rho u^k, p_{1|t} = sum_k rho p^k_{1|t}, K = sum_k rho K^k (masked and uniform sources)."""
+def check_s8(rng, cases: int, library: bool = False) -> Row:
+    """S8: u = sum_k rho u^k, p_{1|t} = sum_k rho p^k_{1|t}, K = sum_k rho K^k (masked and uniform sources).
+    With ``library``: ``mix_log_probs`` of the experts' exact denoisers with the exact router == the mixture's
+    denoiser, and the ensemble (``ensemble_posterior_fn`` + ``CallableRouter``) inside ``sample_discrete``."""
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
+    visited = 0
     for c in range(cases):
         v, n = random_size(rng)
         d = v**n
@@ -50,14 +57,38 @@ def check_s8(rng, cases: int) -> Row:
         coord_k = np.stack([tb.coordinate_posteriors_from(pk, v, n) for pk in posts])
         tr.diff(coord[alive], tb.route(rho, coord_k)[alive], f"{label}: denoiser != sum_k rho p^k_(1|t)")
         tr.diff(post[alive], tb.route(rho, posts)[alive], f"{label}: posterior != sum_k rho p^k_t(x1|x)")
+        if library:
+            lib.record(tr, f"{label}: library mix_log_probs", ld.s8_mix_error, coord_k, rho, coord, alive)
+
+            def ensemble(*args):
+                nonlocal visited
+                err, count = le.s8_ensemble_error(*args)
+                visited += count
+                return err
+
+            lib.record(tr, f"{label}: library ensemble in sample_discrete", ensemble, int(lrng.integers(2**31)), w,
+                       experts, kappa, v, n, rho if wm else None, alive if wm else None)
         tr.cases += 1
-    return tr.row("S8", "velocity / denoiser / kernel decompose with router rho_t", "enumeration")
+    extra, method = [], "enumeration"
+    if library:
+        method = "enumeration + library"
+        extra.append("library: dfm.decentral.mix_log_probs(log p^k_{1|t}, rho_t) == p_{1|t} on every reachable state "
+                     "of every case (float64)")
+        extra.append(f"library: ensemble_posterior_fn + CallableRouter (exact router table) inside "
+                     f"dfm.samplers.sample_discrete (jit), mask source, the case's random schedule (from_kappa; "
+                     f"cases padded to vocab 4, length 4, 5 steps), "
+                     f"{le.BATCH} trajectories on every case: mixed output == exact mixture denoiser at "
+                     f"{visited} visited (state, step) pairs of positive probability")
+    return tr.row("S8", "velocity / denoiser / kernel decompose with router rho_t", method, extra)
 
 
-def check_s9(rng, cases: int) -> Row:
+def check_s9(rng, cases: int, library: bool = False) -> Row:
     """S9 (AR schedule): S8's router at (x^{<=t}, m..) == w_k q_k(x^{<=t}) / sum == online Bayes filter, and
-    q(x^{t+1} | x^{<=t}) == sum_k rho_t(k) q_k(x^{t+1} | x^{<=t})."""
+    q(x^{t+1} | x^{<=t}) == sum_k rho_t(k) q_k(x^{t+1} | x^{<=t}). With ``library``: ``BayesFilterRouter`` (online
+    and batch), ``mixture_token_log_probs`` and the Bayes-filter ensemble inside ``sample_discrete``."""
     tr = Tracker()
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
+    visited = 0
     for c in range(cases):
         v, n = random_size(rng)
         w, experts, q = random_mixture(rng, v**n)
@@ -87,12 +118,50 @@ def check_s9(rng, cases: int) -> Row:
             upd = upd.reshape(-1, w.shape[0])
             tot = upd.sum(1, keepdims=True)
             online = np.where(tot > 0, upd / np.where(tot > 0, tot, 1.0), 0.0)
+        if library:
+            label = f"case {c} (vocab {v}, length {n})"
+            lp, _ = ld.token_log_probs(experts, v, n)
+            x1s = tb.enumerate_states(v, n, with_mask=False)
+            prefix_post = np.empty((x1s.shape[0], n, w.shape[0]))
+            prefix_alive = np.empty((x1s.shape[0], n), dtype=bool)
+            next_lp = np.empty((x1s.shape[0], n))
+            for t in range(n):
+                pidx = x1s[:, :t] @ (v ** np.arange(t - 1, -1, -1)) if t else np.zeros(x1s.shape[0], dtype=np.int64)
+                joint = w[None, :] * np.stack([p[t] for p in pm_k], axis=1)[pidx]
+                prefix_alive[:, t] = pm[t][pidx] > 0
+                prefix_post[:, t] = joint / np.where(prefix_alive[:, t], joint.sum(1), 1.0)[:, None]
+                with np.errstate(divide="ignore"):
+                    next_lp[:, t] = np.log(nt[t][pidx, x1s[:, t]])
+            with np.errstate(divide="ignore"):
+                log_q = np.log(q)
+            lib.record(tr, f"{label}: library Bayes filter / mixture_token_log_probs", ld.s9_filter_error, w, lp,
+                       prefix_post, prefix_alive, next_lp, log_q)
+
+            def ensemble(*args):
+                nonlocal visited
+                err, count = le.s9_ensemble_error(*args)
+                visited += count
+                return err
+
+            lib.record(tr, f"{label}: library Bayes-filter ensemble in sample_discrete", ensemble,
+                       int(lrng.integers(2**31)), w, experts, v, n)
         tr.cases += 1
-    return tr.row("S9", "AR router is a Bayes filter (online == batch)", "enumeration")
+    extra, method = [], "enumeration"
+    if library:
+        method = "enumeration + library"
+        extra.append("library: BayesFilterRouter online (init/update/weights) and batch (posterior) == "
+                     "w_k q_k(prefix) / sum, mixture_token_log_probs(from_priors(w)) == log q(x^t | x^{<t}) "
+                     "(summed: log q(x)) with the "
+                     "same weights, on every sequence and position of every case (float64)")
+        extra.append(f"library: ensemble_posterior_fn + BayesFilterRouter inside dfm.samplers.sample_discrete (jit) "
+                     f"under dfm.schedules.autoregressive(4) (cases padded to vocab 4, length 4), {le.BATCH} "
+                     f"trajectories on every case: output == q(next | prefix) at {visited} visited (state, step) pairs")
+    return tr.row("S9", "AR router is a Bayes filter (online == batch)", method, extra)
 
 
-def check_s10(rng, cases: int) -> Row:
-    """S10: loss(rho) == H(K | X_t); loss(r) - loss(rho) == E_x KL(rho || r) >= 0 for random other routers r."""
+def check_s10(rng, cases: int, library: bool = False) -> Row:
+    """S10: loss(rho) == H(K | X_t); loss(r) - loss(rho) == E_x KL(rho || r) >= 0 for random other routers r.
+    With ``library``: ``dfm.decentral.router_objective`` on all enumerated (x_t, k) pairs gives the same."""
     tr = Tracker()
     min_gap = np.inf
     for c in range(cases):
@@ -114,6 +183,7 @@ def check_s10(rng, cases: int) -> Row:
         base = loss(rho)
         tr.diff(base, h_cond, f"case {c}: loss(rho) != H(K | X_t)")
         k = w.shape[0]
+        routers, losses, kls = [rho], [base], []
         for j, other in enumerate((
             random_positive_dist(rng, k, (joint.shape[0],)),
             0.5 * rho + 0.5 * random_positive_dist(rng, k, (joint.shape[0],)),
@@ -123,8 +193,18 @@ def check_s10(rng, cases: int) -> Row:
             gap = loss(other) - base
             kl = sum(p_x[x] * tb.kl_divergence(rho[x], other[x]) for x in np.flatnonzero(p_x > 0))
             tr.diff(gap, kl, f"case {c} router {j}: loss gap != E_x KL(rho || r)")
+            routers.append(other)
+            losses.append(loss(other))
+            kls.append(kl)
             tr.error(max(0.0, -gap), f"case {c} router {j}: a router beats rho")
             min_gap = min(min_gap, gap)
+        if library:
+            lib.record(tr, f"case {c}: library router_objective", ld.s10_errors, joint, routers, h_cond,
+                       np.array(losses), np.array(kls))
         tr.cases += 1
     extra = [f"min loss(r) - loss(rho) over perturbed routers: {min_gap:.3e} (>= 0)"]
-    return tr.row("S10", "router minimizes the classification loss (Gibbs gap = E KL)", "enumeration", extra)
+    if library:
+        extra.append("library: dfm.decentral.router_objective(log r, k, P(X_t = x, K = k)) on all enumerated pairs == "
+                     "H(K | X_t) for rho and H(K | X_t) + E_x KL(rho || r) for the perturbed routers, every case")
+    method = "enumeration + library" if library else "enumeration"
+    return tr.row("S10", "router minimizes the classification loss (Gibbs gap = E KL)", method, extra)

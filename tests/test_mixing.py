@@ -101,3 +101,17 @@ def test_bad_inputs_are_named():
         mixture_token_log_probs(CallableRouter(lambda x, t: None, 2), lp)
     with pytest.raises(ValueError, match="table rows must sum to 1"):
         FixedRouter(jnp.full((3, 2), 0.4))
+
+
+def test_a_float32_router_scores_float64_log_probs():
+    """A router built without x64 (float32 log-priors) scores float64 evidence under x64: the state
+    follows the evidence's dtype."""
+    rng = np.random.default_rng(5)
+    lp = _lp(rng, 2, 3, 4)
+    priors = np.array([0.3, 0.7])
+    router = BayesFilterRouter.from_priors(priors)                      # float32 state
+    with jax.enable_x64(True):
+        out = mixture_token_log_probs(router, jnp.asarray(lp))
+        total = np.asarray(out.log_probs).sum(axis=1)
+    assert out.log_probs.dtype == jnp.float64
+    np.testing.assert_allclose(total, logsumexp(np.log(priors)[:, None] + lp.sum(axis=2), axis=0), rtol=1e-6)

@@ -29,11 +29,49 @@ def test_every_statement_passes(rows):
 
 
 def test_library_cross_checks_pass_in_float64():
-    rows = proofs_check.run_checks(cases=6, seed=2, only=["S1", "S2", "S4", "S5", "S7"], library=True)
+    assert proofs_check.LIBRARY_ROWS == tuple(f"S{i}" for i in range(1, 14))
+    rows = proofs_check.run_checks(cases=4, seed=2, library=True)
+    assert [r.id for r in rows] == [f"S{i}" for i in range(1, 14)]
     for r in rows:
-        assert "library" in r.method
+        assert r.method.endswith("+ library"), (r.id, r.method)
         assert r.passed, (r.id, r.failures)
         assert r.max_error <= 1e-12
+        assert r.cases == 4
+        assert any(line.startswith("library") for line in r.extra), (r.id, r.extra)
+    by_id = {r.id: r for r in rows}
+    assert by_id["S3"].method == "both + library" and by_id["S5"].method == "both + library"
+
+
+def test_library_randomness_does_not_change_the_cases():
+    """The library checks draw from their own Generator: the enumeration sees the same cases either way."""
+    for sid in ("S4", "S7", "S12"):
+        off = proofs_check.CHECKS[sid](np.random.default_rng([0, 1]), 3)
+        on = proofs_check.CHECKS[sid](np.random.default_rng([0, 1]), 3, library=True)
+        assert off.max_error == on.max_error or on.max_error <= 1e-12, sid
+        if sid == "S12":
+            assert off.extra[0] == on.extra[0]  # same partitions (same empty-cluster count)
+
+
+@pytest.mark.parametrize("error, available", [
+    (SyntaxError("simulated syntax error in dfm"), True),
+    (ModuleNotFoundError("No module named 'dfm.decentral.x'", name="dfm.decentral.x"), True),
+    (ModuleNotFoundError("No module named 'jax'", name="jax"), False),
+])
+def test_only_a_missing_dependency_skips_the_library(monkeypatch, error, available):
+    """A missing third-party module skips the library checks; an error in dfm itself does not (the rows then
+    run the library and FAIL with the error)."""
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "dfm.decentral":
+            raise error
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    ok, reason = proofs_check.library.available()
+    assert ok is available and (reason == "") is available
 
 
 def test_wrong_library_velocity_makes_s4_fail(monkeypatch):
@@ -41,9 +79,9 @@ def test_wrong_library_velocity_makes_s4_fail(monkeypatch):
 
     real = dfm.velocities.posterior_to_velocity
     monkeypatch.setattr(dfm.velocities, "posterior_to_velocity", lambda *a, **k: 1.001 * real(*a, **k))
-    proofs_check.library._JITTED.clear()
+    proofs_check.library.JITTED.clear()
     row = proofs_check.s4_s5.check_s4(np.random.default_rng(0), 4, library=True)
-    proofs_check.library._JITTED.clear()
+    proofs_check.library.JITTED.clear()
     assert not row.passed
 
 

@@ -148,6 +148,9 @@ def mixture_token_log_probs(router: Any, expert_log_probs: Array, *, context: An
         raise ValueError(f"valid must have shape [batch, length] = {(batch, length)}, got {valid.shape}")
     if state is None:
         state = router.init(batch, context)
+    # the scan carry keeps one dtype: floating router state in the dtype of the log-probs
+    state = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, lp.dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, state)
 
     def step(st, xs):
         lp_j, ok_j, j = xs                                         # [K, batch], [batch], scalar
