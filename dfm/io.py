@@ -1,6 +1,6 @@
 """Atomic file writes: nothing is ever half-written under its final name.
 
-Every file the library and the experiments write (partitions, featurizers, run-directory JSON and
+Every file the library and the jobs write (partitions, featurizers, run-directory JSON and
 arrays, plots) goes through `atomic_path`: the content is written to a temporary file in the same
 directory, then moved into place with `os.replace` (atomic on POSIX within one filesystem).
 """
