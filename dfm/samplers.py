@@ -16,6 +16,10 @@ The model is a *posterior function* (``PosteriorFn``)::
 under the AR schedule (``max_moves = 1``) the model is asked for one position per step and a cached
 model does O(1) work per step; ``state`` (e.g. a KV cache, any pytree, or None) is threaded through
 the scan.
+
+Guards: with a mask source, logits whose class count ``vocab`` has ``mask_id < vocab`` are refused at
+trace time (ValueError naming ``posterior_fn``); ``check_finite=True`` reports the first step whose
+logits or transition probabilities are not finite (``FloatingPointError``; see ``sample_discrete``).
 """
 from __future__ import annotations
 
@@ -155,13 +159,17 @@ def transition_probabilities(logits: Array, x: Array, rate: Array, *, temperatur
 
 
 def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, *, temperature, mask_id, state,
-                  return_intermediates):
+                  return_intermediates, check_finite=False):
     """The one scan: rates/times/positions/valid are ``[T, length]``/``[T]``/``[T, m]``/``[T, m]``.
 
     ``positions = valid = None`` means every position may move at every step (the Euler sampler):
     ``posterior_fn`` gets ``arange(length)`` (a numpy array, so that ``posterior_fn_from_denoiser``
     can skip its gather) and the per-step gather/scatter of the moving coordinates is skipped
     (same law, same random draws).
+
+    ``check_finite`` adds a running ``first_bad`` step index (int32, -1 while all steps are finite) to
+    the carry and the step index to the scanned inputs, and reports it once after the scan
+    (``_report_non_finite``); without it the program is the one of earlier versions.
     """
     check_shape(x0, (None, None), "x0")
     if not is_tracer(temperature) and not float(temperature) >= 0:
@@ -178,7 +186,10 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, *, temp
     all_positions = np.arange(length, dtype=np.int32)                  # concrete: see _is_all_positions
 
     def step(carry, xs):
-        x, st = carry
+        if check_finite:
+            (x, st, first_bad), (xs, s) = carry, xs
+        else:
+            x, st = carry
         if dense:
             k, rate_row, t = xs
             pos = all_positions
@@ -189,6 +200,7 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, *, temp
             raise ValueError(
                 f"posterior_fn: returned logits of shape {tuple(logits.shape)}, expected "
                 f"[batch={batch}, positions={num_moves}, vocab]")
+        _check_classes(logits.shape[-1], mask_id)
         x_pos = x if dense else jnp.take(x, pos, axis=1)               # [batch, m]
         r = rate_row if dense else jnp.take(rate_row, pos)             # [m]
         kernel = transition_probabilities(logits, x_pos, r.astype(logits.dtype), temperature=temperature,
@@ -199,18 +211,62 @@ def _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, *, temp
         else:
             idx = jnp.where(ok, pos, length)                           # padded entries: dropped
             x = x.at[:, idx].set(new, mode="drop")
+        if check_finite:
+            finite = (~jnp.any(jnp.isnan(logits) | jnp.isposinf(logits))) & jnp.all(jnp.isfinite(kernel))
+            first_bad = jnp.where((first_bad < 0) & ~finite, s, first_bad)
+            return (x, st, first_bad), (x if return_intermediates else None)
         return (x, st), (x if return_intermediates else None)
 
     scanned = (keys, rates, times) if dense else (keys, rates, times, positions, valid)
-    (x, state), xs = jax.lax.scan(step, (x0, state), scanned)
+    if check_finite:
+        steps = jnp.arange(rates.shape[0], dtype=jnp.int32)
+        (x, state, first_bad), xs = jax.lax.scan(step, (x0, state, jnp.int32(-1)), (scanned, steps))
+        _report_non_finite(first_bad, posterior_fn, rates.shape[0])
+    else:
+        (x, state), xs = jax.lax.scan(step, (x0, state), scanned)
     if return_intermediates:
         return x, jnp.concatenate([x0[None], xs], axis=0)
     return x
 
 
+def _check_classes(vocab: int, mask_id) -> None:
+    """Trace-time check (shapes are static) that the posterior's class count leaves ``mask_id`` outside
+    the vocabulary: ``mask_id >= vocab``. Skipped when ``mask_id`` is None or traced."""
+    if mask_id is None or is_tracer(mask_id):
+        return
+    if int(mask_id) < int(vocab):
+        raise ValueError(
+            f"posterior_fn: returned logits over {vocab} classes, but mask_id={int(mask_id)} lies inside "
+            f"[0, {vocab}): the mask must lie outside the posterior's vocabulary (mask_id >= {vocab}), "
+            "else samples may hold the mask or ids outside the vocabulary")
+
+
+def _non_finite_message(posterior_fn, step: int, num_steps: int) -> str:
+    name = getattr(posterior_fn, "__qualname__", None) or type(posterior_fn).__name__
+    return (f"posterior_fn ({name}): non-finite logits (NaN or +inf) or transition probabilities, first "
+            f"at step {step} (steps 0..{num_steps - 1}); raised because check_finite=True")
+
+
+def _report_non_finite(first_bad, posterior_fn, num_steps: int) -> None:
+    """Raise ``FloatingPointError`` when ``first_bad >= 0``: now if it is concrete (an eager call), else
+    from a host callback when the compiled program runs (JAX re-raises it as its runtime error)."""
+    if not is_tracer(first_bad):
+        if int(first_bad) >= 0:
+            raise FloatingPointError(_non_finite_message(posterior_fn, int(first_bad), num_steps))
+        return
+
+    def report(bad):
+        bad = np.asarray(bad).reshape(-1)                              # [] (or [n] under vmap)
+        bad = bad[bad >= 0]
+        if bad.size:
+            raise FloatingPointError(_non_finite_message(posterior_fn, int(bad.min()), num_steps))
+
+    jax.debug.callback(report, first_bad)
+
+
 def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSchedule, x0: Array, *,
                     temperature: float = 1.0, mask_id: int | None = None, state: Any = None,
-                    return_intermediates: bool = False):
+                    return_intermediates: bool = False, check_finite: bool = False):
     """Discrete-time factorized sampler ``X_{t+1} ~ prod_i (delta + u_t^i)(. | X_t)`` (THEORY S4-S6).
 
     At step ``t = 0..T-1`` the coordinates ``schedule.moving_positions(t)`` draw their next value from
@@ -227,13 +283,26 @@ def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSch
       mask_id: mask token for a mask source (only masked coordinates move), None for a uniform source.
       state: initial model state (pytree or None), threaded through the scan.
       return_intermediates: also return all states ``xs [T + 1, batch, length]`` (``xs[0] = x0``).
+      check_finite: detect a bad posterior: a step is bad when its logits hold NaN or +inf, or its
+        transition probabilities a non-finite value (e.g. a moving coordinate whose logits are all
+        -inf); -inf logits alone (tokens of probability 0) are fine. A running flag is carried in
+        the scan and reported once after it (no per-step host callback). False (default): no check,
+        the compiled program is unchanged.
 
     Returns:
       ``x1 [batch, length]`` or ``(x1, xs)``.
 
     Raises:
-      ValueError: bad ``x0`` shape or length, negative ``temperature``, invalid ``mask_id``, or
-        ``posterior_fn`` returning logits of the wrong shape.
+      ValueError: bad ``x0`` shape or length, negative ``temperature``, invalid ``mask_id``,
+        ``posterior_fn`` returning logits of the wrong shape, or (at trace time) logits whose class
+        count ``vocab`` has ``mask_id < vocab`` (the message names ``posterior_fn``, ``vocab`` and
+        ``mask_id``).
+      FloatingPointError: with ``check_finite=True``, some step was bad; the message names
+        ``posterior_fn`` and the first bad step. Raised directly by an eager call. Inside ``jax.jit``
+        (or any trace) it is raised by a host callback when the compiled program runs, and JAX
+        re-raises it as ``jax.errors.JaxRuntimeError`` (a ``RuntimeError``; ``XlaRuntimeError`` in
+        older JAX) whose message contains ``FloatingPointError: posterior_fn ...``; it surfaces at
+        the call or, with asynchronous dispatch, when the result is first read.
     """
     # A concrete schedule closed over inside jit: build its tables now, not as constants that XLA
     # folds at compile time (seconds for an AR schedule of length 256; same values either way).
@@ -242,20 +311,23 @@ def sample_discrete(key: Array, posterior_fn: PosteriorFn, schedule: DiscreteSch
         rates = schedule.rates()
     times = jnp.arange(schedule.num_steps, dtype=jnp.int32)
     return _scan_sampler(key, posterior_fn, rates, times, positions, valid, x0, temperature=temperature,
-                         mask_id=mask_id, state=state, return_intermediates=return_intermediates)
+                         mask_id=mask_id, state=state, return_intermediates=return_intermediates,
+                         check_finite=check_finite)
 
 
 def sample_euler(key: Array, posterior_fn: PosteriorFn, scheduler: KappaScheduler, x0: Array,
                  num_steps: int, *, temperature: float = 1.0, mask_id: int | None = None,
-                 state: Any = None, return_intermediates: bool = False):
+                 state: Any = None, return_intermediates: bool = False, check_finite: bool = False):
     """Continuous-time Euler sampler of Gat et al. 2024 for the mixture path (THEORY S7).
 
     Step ``s`` (time ``t = s / T``) uses ``euler_rates``: ``min(1, h d_kappa / (1 - kappa))``, every
     position may move (``positions = arange(length)``), and ``posterior_fn`` gets the float time ``t``.
-    Same arguments, returns and errors as ``sample_discrete``.
+    Same arguments (``check_finite`` included), returns and errors as ``sample_discrete``; the step
+    named by a ``FloatingPointError`` is the step index ``s`` (time ``s / T``).
     """
     length = x0.shape[1]
     rates = euler_rates(scheduler, length, num_steps)
     times = jnp.arange(num_steps, dtype=rates.dtype) / num_steps
     return _scan_sampler(key, posterior_fn, rates, times, None, None, x0, temperature=temperature,
-                         mask_id=mask_id, state=state, return_intermediates=return_intermediates)
+                         mask_id=mask_id, state=state, return_intermediates=return_intermediates,
+                         check_finite=check_finite)

@@ -23,6 +23,7 @@ This module only parses arguments and dispatches; the job code is imported lazil
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -48,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--random-expert", type=int, metavar="K", help="control: random-partition expert K")
     which.add_argument("--router", action="store_true", help="the learned router (masked schedule)")
     train.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    sub.add_parser("evaluate", parents=[common], help="evaluate all systems, write the report")
-    sub.add_parser("run", parents=[common], help="all stages in order (default when no command)")
+    lost = argparse.ArgumentParser(add_help=False)
+    lost.add_argument("--skip-expert", type=int, action="append", default=[], metavar="K",
+                      help="leave cluster expert K out (e.g. its job failed for good): it is not trained, and "
+                           "the ensembles renormalise their routers over the remaining experts (repeatable)")
+    sub.add_parser("evaluate", parents=[common, lost], help="evaluate all systems, write the report")
+    sub.add_parser("run", parents=[common, lost], help="all stages in order (default when no command)")
     return parser
 
 
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     args = parser.parse_args(argv)
+    if args.out is not None and not args.out.strip():
+        print("dfm: error: --out: an empty directory name would write the run into the current "
+              "directory; give a directory", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")   # no "PyTorch was not found" notice
 
     from experiments.engine.config import ConfigError  # lazy: keeps `dfm --help` fast
     from experiments.engine.task import UsageError
@@ -116,11 +126,12 @@ def _run_command(args, task, config) -> None:
     from dfm.sharding import is_main_process
     from experiments.engine import stages
 
-    ctx = stages.open_context(task, config, args.out, progress=not args.quiet and is_main_process())
+    ctx = stages.open_context(task, config, args.out, progress=not args.quiet and is_main_process(),
+                              skip_experts=tuple(getattr(args, "skip_expert", ())))
     if args.command == "run":
         stages.run_all(ctx)
         return
-    data = task.prepare_data(ctx)
+    data = stages.load_data(ctx)
     if args.command == "partition":
         stages.run_until_partition(ctx, data)
     elif args.command == "train":

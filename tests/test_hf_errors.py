@@ -1,13 +1,19 @@
 """HF checkpoints, bad input: each error names the file, and the key or field involved."""
 import json
+import os
 import re
+import stat
 
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 
-from dfm.hf import CheckpointError, SafetensorsCheckpoint, UnsupportedModelError, load_pretrained, save_pretrained
+from dfm.hf import (CheckpointError, SafetensorsCheckpoint, UnsupportedModelError, assign_weights, load_pretrained,
+                    save_pretrained)
+from dfm.hf.mapping import DECODER_RULES
 from dfm.hf.safetensors_io import write_safetensors
+from dfm.io import atomic_path, current_umask
 from dfm.models import Decoder, DecoderConfig
 
 
@@ -132,3 +138,59 @@ def test_multimodal_config_errors_name_the_file_and_field(tmp_path):
     file.write_text(json.dumps(llava))                   # a valid config: now the weights are missing
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'language_model.model.embed_tokens"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_tensor_names_the_file_and_key(checkpoint, value):
+    tensors = tensors_of(checkpoint)
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 1] = value
+    file = checkpoint / "model.safetensors"
+    write_safetensors(file, tensors)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: tensor 'model.layers.0.mlp.up_proj.weight' holds "
+                                                        "1 non-finite values (NaN or inf)")):
+        load_pretrained(checkpoint)
+
+
+def test_non_finite_bfloat16_tensor_in_a_shard_names_the_shard(checkpoint):
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors_of(checkpoint).items()}
+    tensors["model.norm.weight"][:2] = np.nan
+    keys = sorted(tensors)
+    shard = checkpoint / "model-00002-of-00002.safetensors"
+    write_safetensors(checkpoint / "model-00001-of-00002.safetensors",
+                      {k: tensors[k] for k in keys if k != "model.norm.weight"})
+    write_safetensors(shard, {"model.norm.weight": tensors["model.norm.weight"]})
+    (checkpoint / "model.safetensors").unlink()
+    weight_map = {k: ("model-00002-of-00002.safetensors" if k == "model.norm.weight"
+                      else "model-00001-of-00002.safetensors") for k in keys}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: tensor 'model.norm.weight' holds 2 non-finite")):
+        load_pretrained(checkpoint)
+
+
+def test_non_finite_tensor_in_a_dict_names_the_source_and_key(checkpoint):
+    tensors = tensors_of(checkpoint)
+    model = load_pretrained(checkpoint)
+    assign_weights(model, tensors, DECODER_RULES, source="my weights")     # finite: loads
+    tensors["model.embed_tokens.weight"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=re.escape("my weights: tensor 'model.embed_tokens.weight' holds 1 "
+                                                   "non-finite values")) as info:
+        assign_weights(model, tensors, DECODER_RULES, source="my weights")
+    assert not isinstance(info.value, CheckpointError)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomically_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    """`dfm.io.atomic_path` (every run-directory file, safetensors included) gives `0o666 & ~umask`,
+    not mkstemp's 0o600."""
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with atomic_path(tmp_path / "run" / "metrics.json") as tmp:
+            with open(tmp, "w") as f:
+                f.write("{}")
+        write_safetensors(tmp_path / "w.safetensors", {"x": np.zeros(2, np.float32)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
+    for file in (tmp_path / "run" / "metrics.json", tmp_path / "w.safetensors"):
+        assert stat.S_IMODE(file.stat().st_mode) == mode, file

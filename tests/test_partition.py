@@ -247,3 +247,26 @@ def test_precomputed_featurizer(tmp_path):
     assert PrecomputedFeaturizer.load(tmp_path / "f.pkl").dim == 4
     with pytest.raises(ValueError, match="not a TextFeaturizer"):
         TextFeaturizer.load(tmp_path / "f.pkl")
+
+
+def test_subset_routes_among_the_remaining_clusters():
+    """A centroid router on `Partition.subset` is the full router's softmax renormalised over the
+    kept clusters, and its top-1 is the nearest kept centroid (a lost expert)."""
+    from dfm.decentral import CentroidRouter
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(4, 5))
+    part = Partition(c / np.linalg.norm(c, axis=1, keepdims=True), rng.normal(size=5) * 0.05, {}, np.arange(1, 5))
+    feats = rng.normal(size=(7, 5))
+    keep = [0, 2, 3]
+    sub = part.subset(keep)
+    full = np.asarray(CentroidRouter(part, 0.3).route(feats), np.float64)
+    want = full[:, keep] / full[:, keep].sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(CentroidRouter(sub, 0.3).route(feats)), want, atol=1e-6)
+    top1 = np.asarray(CentroidRouter(sub, 0.3, top_k=1).route(feats))
+    np.testing.assert_array_equal(np.argmax(top1, axis=1), np.argmax(part.cosine(feats)[:, keep], axis=1))
+    np.testing.assert_array_equal(sub.sizes, [1, 3, 4])
+    with pytest.raises(ValueError, match="clusters must be distinct indices"):
+        part.subset([0, 0])
+    with pytest.raises(ValueError, match="clusters must be distinct indices"):
+        part.subset([4])

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfm.decentral.mixing import mix_log_probs, mix_logits
-from dfm.decentral.routers import check_router, top_k as top_k_weights
-from dfm.decentral.validation import check_positive_int
+from dfm.decentral.mixing import (available_mask, available_weights, check_available_rows, mix_log_probs,
+                                  mix_logits, restrict_weights)
+from dfm.decentral.routers import FixedRouter, check_router, top_k as top_k_weights
+from dfm.decentral.validation import check_positive_int, is_concrete
 
 Array = jax.Array
 PosteriorFn = Callable[[Array, Any, Array, Any], tuple[Array, Any]]
@@ -127,9 +128,27 @@ def _called_experts(router: Any, num: int, top_k: int | None) -> tuple[int, ...]
     return tuple(int(i) for i in np.flatnonzero(support))
 
 
-def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: Any, *,
+def _available_called(router: Any, num: int, top_k: int | None, mask: np.ndarray) -> tuple[int, ...]:
+    """Experts to call when only `mask` is available. A `FixedRouter` with a concrete table: those
+    with weight in some row after the restriction and top-k (computed with the same jax operations
+    as at run time), and ValueError naming `available` for a row with no weight on any available
+    expert. Other routers: every available expert (a row that falls back to uniform weights over
+    the available experts needs them all)."""
+    if isinstance(router, FixedRouter) and is_concrete(router.table):
+        weights, empty = restrict_weights(router.weights(), mask)
+        check_available_rows(empty)
+        if top_k is not None:
+            weights = top_k_weights(weights, top_k)
+        keep = mask & np.asarray(weights > 0).any(axis=0)
+    else:
+        keep = mask
+    return tuple(int(i) for i in np.flatnonzero(keep))
+
+
+def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn | None], router: Any, *,
                           experts: Sequence[ExpertSpec] | None = None, mask_id: int | None = None,
-                          top_k: int | None = None, mixing: str = "probability") -> PosteriorFn:
+                          top_k: int | None = None, mixing: str = "probability",
+                          available: Any = None) -> PosteriorFn:
     """A `PosteriorFn` that mixes expert posterior functions with router weights at every step.
 
     `fn(x_t [batch, length], t, positions [m], state: EnsembleState) -> (log-probs [batch, m, vocab], state)`
@@ -144,9 +163,12 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
       3. call the experts, mix (`mix_log_probs`, or `mix_logits` if `mixing="logit"`), top-k.
          With a `FixedRouter` holding a concrete table only the experts that carry weight in some
          row (after top-k) are called.
+    The returned function has an attribute `missing`: the tuple of experts not available (() when
+    all are).
 
     Args:
-      expert_posterior_fns: K posterior functions, same vocabulary.
+      expert_posterior_fns: K posterior functions, same vocabulary (None allowed at the positions
+        of experts that are not `available`).
       router: a `dfm.decentral.Router` over K experts (`BayesFilterRouter`, `CentroidRouter`,
         `FixedRouter`, `CallableRouter`, `LearnedRouter`).
       experts: optional `ExpertSpec` per expert, checked with `check_compatible_experts`
@@ -154,12 +176,27 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
       mask_id: the mask token (required by routers that read evidence).
       top_k: mix only the k largest weights (renormalized); None: all.
       mixing: "probability" (exact, S8) or "logit" (approximate).
+      available: None (all experts), or the experts that can be used: a `[K]` bool mask or a
+        sequence of expert indices (`dfm.decentral.mixing.available_mask`; concrete, not traced).
+        Experts not available are never called. Before top-k the router's weights are multiplied
+        by the mask and renormalized over the available experts
+        (`dfm.decentral.mixing.available_weights`), so top-k picks among the available ones (a
+        `top_k` larger than their number keeps them all). An evidence-reading router (the Bayes
+        filter) gets zero evidence for missing experts: its weights over the available experts are
+        exactly `w_k q_k(prefix)` renormalized over them, the exact router of the mixture of the
+        available experts (THEORY S9). A router row with no weight on any available expert raises
+        ValueError naming `available` when the weights are concrete (a `FixedRouter` table, checked
+        here; a call outside any trace); on traced weights (inside the sampler's scan or `jit`:
+        e.g. a `CentroidRouter` built with its own top-k whose row picks a missing expert) that row
+        falls back to uniform weights over the available experts. All experts available: exactly
+        as None.
 
     Raises:
       ValueError: no experts; specs that differ or whose count differs from the functions;
         a router that is not a `Router` or whose expert count differs; an evidence-reading router
         without mask_id; bad `mixing`/`top_k`; at trace time, experts returning different
-        vocabularies.
+        vocabularies; bad `available`, an available expert whose posterior function is not
+        callable, or a (concrete) router row with no weight on any available expert.
     """
     fns = tuple(expert_posterior_fns)
     if not fns:
@@ -184,7 +221,18 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
     if evidence and mask_id is None:
         raise ValueError("mask_id is required with a router that reads evidence (the Bayes filter "
                          "detects revealed tokens by the mask)")
-    used = _called_experts(router, num, top_k)
+    mask = available_mask(available, num)
+    if mask is not None and mask.all():
+        mask = None                                          # all available: exactly as None
+    missing = () if mask is None else tuple(int(i) for i in np.flatnonzero(~mask))
+    if mask is None:
+        used = _called_experts(router, num, top_k)
+    else:
+        for i in np.flatnonzero(mask):
+            if not callable(fns[i]):
+                raise ValueError(f"expert_posterior_fns[{i}]: expert {i} is available but its posterior "
+                                 f"function is {fns[i]!r}")
+        used = _available_called(router, num, top_k, mask)
     mix = mix_log_probs if mixing == "probability" else mix_logits
 
     def posterior_fn(x_t, t, positions, state: EnsembleState):
@@ -194,7 +242,11 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
         router_state = state.router_state
         if evidence:
             router_state = router.update(router_state, _revealed_evidence(state, x_t, mask_id))
-        weights = router.weights(router_state, x_t, t)
+        if mask is None:
+            weights = router.weights(router_state, x_t, t)
+        else:
+            weights, empty = available_weights(router, router_state, x_t, t, mask)
+            check_available_rows(empty)                      # concrete weights only
         outs = {i: fns[i](x_t, t, positions, state.expert_states[i]) for i in used}
         first = outs[used[0]][0]
         for i, (lg, _) in outs.items():
@@ -212,6 +264,10 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn], router: A
             return mixed, EnsembleState(new_states, router_state)
         masked = jnp.take(x_t, positions, axis=1) == mask_id
         log_probs = jax.nn.log_softmax(logits, axis=-1).astype(state.prev_log_probs.dtype)
+        if len(used) < num:                                   # experts not called: zero evidence
+            log_probs = jnp.zeros((num,) + log_probs.shape[1:], log_probs.dtype).at[
+                jnp.asarray(used)].set(log_probs)
         return mixed, EnsembleState(new_states, router_state, positions.astype(jnp.int32), masked, log_probs)
 
+    posterior_fn.missing = missing
     return posterior_fn

@@ -12,6 +12,9 @@
   observed token (S9), centroid weights (S12, S13). Both jobs score held-out text and answers with
   it; the centroid router's temperature is fitted with it.
 All three reduce to one log-sum-exp, `_weighted_logsumexp`.
+- A lost expert: `available_mask` (the `available=` argument of `mixture_token_log_probs` and
+  `dfm.decentral.ensemble_posterior_fn`), `restrict_weights` / `available_weights` (router weights
+  renormalized over the available experts), `check_available_rows`.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dfm.decentral.routers import check_router, top_k as top_k_weights
-from dfm.decentral.validation import check_weights
+from dfm.decentral.routers import BayesFilterRouter, check_router, top_k as top_k_weights
+from dfm.decentral.validation import check_weights, is_concrete
 
 Array = jax.Array
 
@@ -90,6 +94,106 @@ def mix_logits(expert_logits: Array, weights: Array, *, top_k: int | None = None
     return jax.nn.log_softmax(jnp.sum(jnp.where(w > 0, w * log_p, 0.0), axis=0), axis=-1)
 
 
+def available_mask(available: Any, num_experts: int, name: str = "available") -> np.ndarray | None:
+    """The experts that can be used, as a `[K]` bool numpy mask (None for `available=None`: all).
+
+    Args:
+      available: None, a `[K]` bool mask, or a sequence (1-D array) of distinct expert indices in
+        `[0, K)`. Must be concrete (a Python / numpy value or a concrete jax array, not a tracer).
+      num_experts: K.
+
+    Raises:
+      ValueError naming `name`: a traced value, a mask of another length, indices that are not
+        integers, out of range or repeated, or an empty selection (no available expert).
+    """
+    if available is None:
+        return None
+    if not is_concrete(available):
+        raise ValueError(f"{name}: must be concrete (a [K] bool mask or expert indices known at trace "
+                         f"time), got a traced value")
+    a = np.asarray(available)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a [K={num_experts}] bool mask or a 1-D sequence of expert "
+                         f"indices, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name}: empty selection (at least one expert must be available)")
+    if a.dtype == np.bool_:
+        if a.shape != (num_experts,):
+            raise ValueError(f"{name}: bool mask of length {a.size}, expected one entry per expert "
+                             f"(K={num_experts})")
+        mask = a.copy()
+    elif np.issubdtype(a.dtype, np.integer):
+        if a.min() < 0 or a.max() >= num_experts:
+            raise ValueError(f"{name}: expert indices must lie in [0, {num_experts}), got {a.tolist()}")
+        if np.unique(a).size != a.size:
+            raise ValueError(f"{name}: repeated expert indices {a.tolist()}")
+        mask = np.zeros(num_experts, np.bool_)
+        mask[a] = True
+    else:
+        raise ValueError(f"{name}: expected a [K] bool mask or integer expert indices, got dtype {a.dtype}")
+    if not mask.any():
+        raise ValueError(f"{name}: empty selection (no expert is available)")
+    mask.setflags(write=False)
+    return mask
+
+
+def restrict_weights(weights: Array, mask: Any) -> tuple[Array, Array]:
+    """Router weights restricted to the available experts: `w * mask / sum(w * mask)` per row.
+
+    A row with no weight on any available expert (e.g. one-hot oracle weights on a missing one)
+    falls back to uniform weights over the available experts; it is flagged in `empty` (callers
+    raise on concrete values with `check_available_rows`). NaN weights stay NaN.
+
+    Args:
+      weights: `[..., K]` non-negative router weights.
+      mask: `[K]` bool, the available experts (`available_mask`).
+
+    Returns:
+      `(restricted [..., K], empty [...] bool)`; restricted is exactly 0 on missing experts.
+    """
+    m = jnp.asarray(mask, jnp.bool_)
+    w = jnp.where(m, weights, jnp.zeros((), weights.dtype))
+    total = jnp.sum(w, axis=-1, keepdims=True)
+    empty = total <= 0
+    uniform = m.astype(w.dtype) / jnp.sum(m).astype(w.dtype)
+    out = jnp.where(empty, uniform, w / jnp.where(empty, jnp.ones((), w.dtype), total))
+    return out, empty[..., 0]
+
+
+def available_weights(router: Any, state: Any, x_t: Array | None, t: Any, mask: Any) -> tuple[Array, Array]:
+    """`router.weights(state, x_t, t)` restricted to the available experts (`restrict_weights`).
+
+    For the Bayes filter the restriction is done on its log-weights (`softmax` of the log-weights
+    with -inf on missing experts), so weights that underflow to 0 in probability space (long
+    prefixes, missing experts that got no evidence) are still exact: `w_k q_k(prefix)` renormalized
+    over the available experts (THEORY S9).
+
+    Returns:
+      `(weights [batch, K], empty [batch] bool)` as `restrict_weights`.
+    """
+    if not isinstance(router, BayesFilterRouter):
+        return restrict_weights(router.weights(state, x_t, t), mask)
+    m = jnp.asarray(mask, jnp.bool_)
+    log_w = router.log_weights(state)
+    log_w = jnp.where(m, log_w, -jnp.inf)
+    empty = jnp.all(jnp.where(m, log_w == -jnp.inf, True), axis=-1)
+    log_w = jnp.where(empty[..., None], jnp.where(m, 0.0, -jnp.inf).astype(log_w.dtype), log_w)
+    return jax.nn.softmax(log_w, axis=-1), empty
+
+
+def check_available_rows(empty: Any, name: str = "available") -> None:
+    """ValueError naming `name` when a concrete `empty` flag (`restrict_weights`) is set anywhere:
+    some router row gives no weight to any available expert. Traced flags are not checked (the
+    weights then fall back to uniform over the available experts)."""
+    if not is_concrete(empty):
+        return
+    bad = np.argwhere(np.asarray(empty))
+    if bad.size:
+        raise ValueError(f"{name}: {len(bad)} router weight rows give no weight to any available expert "
+                         f"(first at index {tuple(int(i) for i in bad[0])}); route to the available "
+                         f"experts, or pass weights that cover them")
+
+
 class MixtureScores(NamedTuple):
     """Result of `mixture_token_log_probs`.
 
@@ -97,17 +201,21 @@ class MixtureScores(NamedTuple):
       log_probs: `[batch, length]` log-probability of each observed token under the mixture.
       weights: `[batch, length, K]` the router weights used for each token (before seeing it).
       final_state: the router state after the last token (the Bayes filter: the posterior over
-        clusters given the whole sequence, `router.weights(final_state)`).
+        clusters given the whole sequence, `router.weights(final_state)`; with missing experts,
+        `available_weights(router, final_state, None, None, mask)` restricts it to the available).
+      missing: the experts that were not available (`available=`), sorted; () when all were
+        (Python ints; a result returned from `jax.jit` holds them as int32 scalars).
     """
 
     log_probs: Array
     weights: Array
     final_state: Any
+    missing: tuple[int, ...] = ()
 
 
 def mixture_token_log_probs(router: Any, expert_log_probs: Array, *, context: Any = None,
                             state: Any = None, valid: Array | None = None,
-                            top_k: int | None = None) -> MixtureScores:
+                            top_k: int | None = None, available: Any = None) -> MixtureScores:
     """Teacher-forced mixture scoring of observed tokens (THEORY S8, S9).
 
     For each position j in order: `w = router.weights(state, None, j)`; the mixture's log-prob of
@@ -127,20 +235,38 @@ def mixture_token_log_probs(router: Any, expert_log_probs: Array, *, context: An
       valid: `[batch, length]` bool; False marks padding: its token adds no evidence to the router
         (its log-prob is still returned; mask it).
       top_k: keep each row's k largest weights, renormalized (THEORY S13).
+      available: None (all experts), or the experts that can be used: a `[K]` bool mask or a
+        sequence of expert indices (`available_mask`; concrete). A missing expert's rows of
+        `expert_log_probs` are ignored (pass anything, e.g. zeros); before top-k, the router's
+        weights are multiplied by the mask and renormalized over the available experts
+        (`available_weights`), so top-k picks among them; an evidence-reading router (the Bayes
+        filter) gets zero evidence for missing experts, which makes its weights exactly
+        `w_k q_k(x^{<j})` renormalized over the available experts: the mixture of the available
+        experts (THEORY S9). A row whose router gives no weight to any available expert raises
+        ValueError when the call is eager (concrete result); under `jit` (traced) that row falls
+        back to uniform weights over the available experts. All experts available: as None.
 
     Returns:
-      `MixtureScores(log_probs [batch, length], weights [batch, length, K], final_state)`, in the
-      dtype of `expert_log_probs` (float64 under `jax.enable_x64`).
+      `MixtureScores(log_probs [batch, length], weights [batch, length, K], final_state, missing)`,
+      in the dtype of `expert_log_probs` (float64 under `jax.enable_x64`); `weights` is 0 on
+      missing experts.
 
     Raises:
       ValueError: `expert_log_probs` not 3-D, a router that is not a `Router` or has another K,
-        `valid` of another shape.
+        `valid` of another shape; bad `available` (naming it), or (eager) a router row with no
+        weight on any available expert (naming `available`).
     """
     lp = jnp.asarray(expert_log_probs)
     if lp.ndim != 3:
         raise ValueError(f"expert_log_probs must be [K, batch, length], got shape {lp.shape}")
     num, batch, length = lp.shape
     check_router(router, num)
+    mask = available_mask(available, num)
+    if mask is not None and mask.all():
+        mask = None                                               # all available: exactly as None
+    missing = () if mask is None else tuple(int(i) for i in np.flatnonzero(~mask))
+    if mask is not None:                                          # missing rows: anything -> 0
+        lp = jnp.where(jnp.asarray(mask)[:, None, None], lp, jnp.zeros((), lp.dtype))
     if valid is None:
         valid = jnp.ones((batch, length), jnp.bool_)
     valid = jnp.asarray(valid, jnp.bool_)
@@ -154,15 +280,23 @@ def mixture_token_log_probs(router: Any, expert_log_probs: Array, *, context: An
 
     def step(st, xs):
         lp_j, ok_j, j = xs                                         # [K, batch], [batch], scalar
-        w = router.weights(st, None, j)
+        if mask is None:
+            w = router.weights(st, None, j)
+        else:
+            w, empty = available_weights(router, st, None, j, mask)
         if top_k is not None:
             w = top_k_weights(w, top_k)
         w = w.astype(lp.dtype)
         mix = _weighted_logsumexp(w.T, lp_j)
         if router.uses_evidence:
             st = router.update(st, jnp.where(ok_j[None, :], lp_j, 0.0))
-        return st, (mix, w)
+        return st, ((mix, w) if mask is None else (mix, w, empty))
 
     positions = jnp.arange(length, dtype=jnp.int32)
-    final, (mix, w) = jax.lax.scan(step, state, (jnp.moveaxis(lp, 2, 0), valid.T, positions))
-    return MixtureScores(mix.T, jnp.swapaxes(w, 0, 1), final)
+    final, out = jax.lax.scan(step, state, (jnp.moveaxis(lp, 2, 0), valid.T, positions))
+    if mask is None:
+        mix, w = out
+        return MixtureScores(mix.T, jnp.swapaxes(w, 0, 1), final)
+    mix, w, empty = out
+    check_available_rows(jnp.swapaxes(empty, 0, 1))                # [batch, length]; eager only
+    return MixtureScores(mix.T, jnp.swapaxes(w, 0, 1), final, missing)

@@ -101,6 +101,21 @@ class Partition:
     def dim(self) -> int:
         return int(self.centroids.shape[1])
 
+    def subset(self, clusters: Any) -> "Partition":
+        """The partition restricted to `clusters` (indices, in order): same feature map, those
+        centroids. A `CentroidRouter` on it routes among those clusters only: its softmax over their
+        cosines is the full router's softmax renormalised over them, and top-k picks among them
+        (e.g. when an expert is lost).
+
+        Raises:
+          ValueError: no cluster, or an index outside [0, K) or repeated.
+        """
+        idx = np.asarray(clusters, dtype=np.int64).reshape(-1)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= self.num_clusters or len(set(idx.tolist())) != idx.size:
+            raise ValueError(f"clusters must be distinct indices in [0, {self.num_clusters}), got {idx.tolist()}")
+        config = dict(self.config) | {"subset_of": self.num_clusters, "clusters": idx.tolist()}
+        return Partition(self.centroids[idx], self.mean, config, self.sizes[idx])
+
     def transform(self, features: Any, name: str = "features") -> np.ndarray:
         """Map raw features `[N, D]` to the partition's unit sphere (see `spherical_features`)."""
         return spherical_features(features, self.mean, name, dim=self.dim)

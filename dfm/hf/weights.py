@@ -24,6 +24,16 @@ def _get(weights: Any, key: str) -> np.ndarray:
     return weights.get(key) if isinstance(weights, SafetensorsCheckpoint) else np.asarray(weights[key])
 
 
+def _check_finite(value: np.ndarray, weights: Any, key: str, source: Any, error: type) -> None:
+    """`error` naming the file holding `key` (a checkpoint) or `source` (a dict) and `key` when a
+    floating tensor (bfloat16 included) holds NaN or inf. One `np.isfinite(...).all()` per tensor."""
+    if not jnp.issubdtype(value.dtype, jnp.floating) or np.isfinite(value).all():
+        return
+    where = weights.file_of(key) if isinstance(weights, SafetensorsCheckpoint) else source
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    raise error(f"{where}: tensor {key!r} holds {bad} non-finite values (NaN or inf) of {value.size}")
+
+
 def assign_weights(model: nnx.Module, weights: Mapping[str, Any] | SafetensorsCheckpoint,
                    rules: Sequence[Rule], *, source: Any = "weights", adapt: Adapt | None = None) -> set[str]:
     """Fill every `nnx.Param` of `model` (concrete or from `nnx.eval_shape`) from HF-named tensors.
@@ -40,8 +50,9 @@ def assign_weights(model: nnx.Module, weights: Mapping[str, Any] | SafetensorsCh
 
     Raises:
       ValueError (CheckpointError for a checkpoint): a parameter with no tensor (naming `source`,
-        the canonical key and the parameter), or a tensor of the wrong shape (naming the key and
-        both shapes).
+        the canonical key and the parameter), a tensor of the wrong shape (naming the key and
+        both shapes), or a floating tensor holding NaN or inf (naming the file that holds it, for a
+        checkpoint, else `source`, and the key).
     """
     error = CheckpointError if isinstance(weights, SafetensorsCheckpoint) else ValueError
     used = set()
@@ -53,6 +64,7 @@ def assign_weights(model: nnx.Module, weights: Mapping[str, Any] | SafetensorsCh
             also = f"; also tried {candidates[1:]}" if len(candidates) > 1 else ""
             raise error(f"{source}: missing tensor {candidates[0]!r} for parameter {name}{also}")
         value = _get(weights, key)
+        _check_finite(value, weights, key, source, error)
         stored = value.shape
         if adapt is not None:
             value = adapt(path, value)

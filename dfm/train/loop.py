@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,21 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm import tqdm
 
+from dfm.progress import progress_bar
 from dfm.sharding.distributed import is_main_process
 from dfm.train.checkpoint import abstract_tree, model_state_dict, open_manager, restore_into, MODEL_STATE
 from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 from dfm.train.steps import LossFn, make_train_step
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf; the message names the stage, the step, the last good checkpoint
+    and what to try (a lower learning rate)."""
+
+
+class CheckpointFallbackWarning(RuntimeWarning):
+    """The latest checkpoint did not restore; an earlier one (or a fresh start) was used instead."""
 
 
 @dataclass
@@ -93,7 +103,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
       desc: progress bar label.
       stop_after: stop once this many steps are done in total (restored steps count), after
         saving a checkpoint; None = run to `config.steps`.
-      progress: show a tqdm bar with the loss (on process 0 only).
+      progress: report progress with the loss (on process 0 only): a tqdm bar on a terminal, a
+        line every 10% of the steps otherwise (`dfm.progress.progress_bar`).
       mesh: None = train on one device (default). A mesh from `dfm.sharding.make_mesh`: the
         model and optimizer state are moved onto it as their logical axis names say (the model
         stays sharded after the call), each step is jitted with `NamedSharding` inputs/outputs
@@ -108,7 +119,13 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
     Raises:
       ValueError: `checkpoint_dir` not writable or holding a run longer than `config.steps`;
         `stop_after` < 1; `config` not a TrainConfig.
-      FloatingPointError: the loss becomes NaN or inf (reported at a logged step).
+      TrainingDiverged (a FloatingPointError): the loss became NaN or inf (checked at every logged
+        and every checkpointed step, so no diverged state is ever saved); the message names the
+        step, the last good checkpoint and suggests a lower learning rate.
+
+    Warns:
+      CheckpointFallbackWarning: the latest checkpoint does not restore (truncated, corrupt);
+        it is deleted and the previous one is tried, down to a fresh start.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -121,7 +138,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
     manager = None if checkpoint_dir is None else open_manager(checkpoint_dir)
     start, history, wall_before = 0, [], 0.0
     if manager is not None and manager.latest_step() is not None:
-        start, history, wall_before = _restore(manager, model, optimizer)
+        start, history, wall_before = _restore_latest_good(manager, model, optimizer, desc)
         if start > config.steps:
             raise ValueError(
                 f"checkpoint_dir: {str(checkpoint_dir)!r} holds a run at step {start} > config.steps={config.steps}")
@@ -132,24 +149,27 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         return TrainResult(model, history, start, time.perf_counter() - t_start)
 
     base_key = jax.random.PRNGKey(config.seed)
-    bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()),
-               leave=False)
+    bar = progress_bar(config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()))
     t_loop = time.perf_counter()
     try:
         for step in range(start, end):
             loss, metrics, grad_norm = step_fn(batch_fn(step), jax.random.fold_in(base_key, step),
                                                learning_rate=learning_rates[step])
             done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                row = {"step": done, "loss": float(loss), "lr": float(learning_rates[step]), "grad_norm": float(grad_norm)}
+            logging_step = done % config.log_every == 0 or done == config.steps
+            saving_step = manager is not None and (done % config.checkpoint_every == 0 or done == end)
+            if logging_step or saving_step:          # never log or save a diverged state
+                value = float(loss)
+                if not math.isfinite(value):
+                    raise TrainingDiverged(_diverged_message(desc, value, done, manager, config))
+            if logging_step:
+                row = {"step": done, "loss": value, "lr": float(learning_rates[step]), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in metrics.items()})
                 row["wall"] = wall_before + time.perf_counter() - t_loop
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"{desc}: loss is {row['loss']} at step {done}")
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
-            if manager is not None and (done % config.checkpoint_every == 0 or done == end):
+            if saving_step:
                 _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop)
     finally:
         bar.close()
@@ -165,8 +185,33 @@ def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, 
     manager.wait_until_finished()
 
 
-def _restore(manager: ocp.CheckpointManager, model, optimizer) -> tuple[int, list[dict], float]:
-    step = manager.latest_step()
+def _diverged_message(desc: str, value: float, step: int, manager, config: TrainConfig) -> str:
+    where = "no checkpoint yet"
+    if manager is not None and manager.latest_step() is not None:
+        where = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
+    return (f"{desc}: the loss is {value} at step {step} ({where}); the learning rate "
+            f"{config.learning_rate:g} is probably too high: lower it (or the warmup's peak) and re-run")
+
+
+def _restore_latest_good(manager: ocp.CheckpointManager, model, optimizer, desc: str) -> tuple[int, list[dict], float]:
+    """`_restore` of the newest checkpoint that restores; a broken one is deleted (with a warning)
+    and the next older one tried; none restores: a fresh start (with a warning)."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore(manager, step, model, optimizer)
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back, say why
+            warnings.warn(f"{desc}: checkpoint step {step} in {manager.directory} does not restore "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); deleting it and trying "
+                          f"an earlier one", CheckpointFallbackWarning, stacklevel=3)
+            manager.delete(step)
+    if manager.all_steps():  # pragma: no cover - delete failed
+        raise ValueError(f"checkpoint_dir: {manager.directory}: broken checkpoints could not be removed")
+    warnings.warn(f"{desc}: no checkpoint in {manager.directory} restores; starting the stage over",
+                  CheckpointFallbackWarning, stacklevel=3)
+    return 0, [], 0.0
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, model, optimizer) -> tuple[int, list[dict], float]:
     target = abstract_tree(_train_state(model, optimizer))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -17,9 +17,12 @@ Every file is written to a temporary name in the same directory and moved into p
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,12 @@ from experiments.engine.config import ConfigError, JobConfig
 
 
 class RunDirError(RuntimeError):
-    """The run directory cannot be used (unwritable, or pinned to another config)."""
+    """The run directory cannot be used (unwritable, pinned to another config, or a file in it is
+    unreadable); the message names the directory or file."""
+
+
+UNREADABLE_HINT = ("it was probably cut short by a crash or edited; delete it (and what was built from it) "
+                   "and re-run to rebuild it")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -53,8 +61,86 @@ def _json_default(o):
 
 
 def read_json(path: Path):
-    """Parse a JSON file."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file of the run directory.
+
+    Raises:
+      RunDirError: the file is missing, unreadable or not valid JSON (naming the file).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc}); {UNREADABLE_HINT}") from None
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a `.npz` file of the run directory, read into memory.
+
+    Raises:
+      RunDirError: the file is missing, truncated or not an npz archive (naming the file).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise RunDirError(f"{path}: unreadable arrays ({type(exc).__name__}: {exc}); {UNREADABLE_HINT}") from None
+
+
+def load_file(path: Path, loader, what: str = "file"):
+    """`loader(path)` for a file of the run directory that a library class reads (a partition, a
+    featurizer, a tokenizer), with any failure turned into a RunDirError naming the file.
+
+    Raises:
+      RunDirError: the file is missing or `loader` fails on it.
+    """
+    if not Path(path).exists():
+        raise RunDirError(f"{path}: missing")
+    try:
+        return loader(path)
+    except Exception as exc:  # noqa: BLE001 - any reader's error: name the file
+        raise RunDirError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          f"{UNREADABLE_HINT}") from None
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run's numbers depend on (to compare runs across
+    machines: a run is reproducible bit for bit only with the same versions)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "scikit-learn", "scikit-image", "pillow",
+                 "tokenizers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def arrays_digest(arrays: dict) -> str:
+    """sha256 (hex) of named numpy arrays (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over a directory's files (relative names and contents, in sorted order), hex."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
@@ -110,13 +196,38 @@ class RunDir:
         """True if `stage` wrote its completion marker."""
         return self.marker(stage).is_file()
 
-    def mark_done(self, stage: str, info: dict) -> None:
-        """Write the completion marker of `stage` (atomic), with `info` (wall time, metrics...)."""
-        atomic_write_json(self.marker(stage), {"stage": stage, **info})
+    def mark_done(self, stage: str, info: dict, *, model: bool = False) -> None:
+        """Write the completion marker of `stage` (atomic), with `info` (wall time, metrics...);
+        with `model=True` it also records the sha256 of ``models/<stage>`` (`stage_problem`)."""
+        extra = {"model_sha256": directory_digest(self.model(stage))} if model else {}
+        atomic_write_json(self.marker(stage), {"stage": stage, **info, **extra})
 
     def stage_info(self, stage: str) -> dict:
-        """Contents of the completion marker of `stage`."""
+        """Contents of the completion marker of `stage` (RunDirError naming it if unreadable)."""
         return read_json(self.marker(stage))
+
+    def stage_problem(self, stage: str) -> str | None:
+        """Why the finished `stage` cannot be trusted, or None: an unreadable marker, or a model
+        that is missing or does not match the checksum its marker recorded."""
+        try:
+            info = self.stage_info(stage)
+        except RunDirError as exc:
+            return str(exc)
+        digest = info.get("model_sha256")
+        if digest is None:
+            return None
+        model = self.model(stage)
+        if not model.is_dir():
+            return f"its model {model} is missing"
+        if directory_digest(model) != digest:
+            return f"its model {model} does not match the checksum in {self.marker(stage)} (truncated or changed)"
+        return None
+
+    def forget(self, stage: str) -> None:
+        """Remove the marker (and the saved model) of `stage`, so that it runs again; its training
+        checkpoints stay, so a re-run resumes from them."""
+        self.marker(stage).unlink(missing_ok=True)
+        shutil.rmtree(self.model(stage), ignore_errors=True)
 
     @property
     def report_json(self) -> Path:

@@ -26,6 +26,7 @@ communicate.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from experiments.engine.config import JobConfig
-from experiments.engine.rundir import RunDir, atomic_write_json, prepare_run_dir, read_json
+from experiments.engine.locks import stage_lock
+from experiments.engine.rundir import RunDir, RunDirError, atomic_write_json, prepare_run_dir, read_json
 from experiments.engine.task import Task
 
 
@@ -45,24 +47,43 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Context:
-    """What every stage needs: the task, its config, the run directory and how to report progress."""
+    """What every stage needs: the task, its config, the run directory and how to report progress.
+
+    Attributes:
+      skip_experts: cluster experts left out (lost, e.g. a failed job): not trained, not required by
+        the evaluation, whose ensembles renormalise their routers over the remaining experts.
+    """
 
     task: Task
     config: JobConfig
     run: RunDir
     progress: bool = True
     log: Callable[..., None] = print
+    skip_experts: tuple[int, ...] = ()
+
+    @property
+    def available(self) -> np.ndarray:
+        """``[K]`` bool: the cluster experts that are not skipped."""
+        mask = np.ones(self.config.partition.num_clusters, bool)
+        mask[list(self.skip_experts)] = False
+        return mask
 
 
 def open_context(task: Task, config: JobConfig, out: str | Path | None = None, *, progress: bool = True,
-                 log=print) -> Context:
+                 log=print, skip_experts: tuple[int, ...] = ()) -> Context:
     """Prepare the run directory (default ``runs/<config name>``; `prepare_run_dir`) and a `Context`.
 
     Raises:
       RunDirError: the directory is not writable or holds a run of another config.
+      StageError: a skipped expert index outside [0, K), or every expert skipped.
     """
+    k = config.partition.num_clusters
+    bad = [i for i in skip_experts if not 0 <= i < k]
+    if bad or len(set(skip_experts)) >= k:
+        raise StageError(f"--skip-expert {bad or list(skip_experts)}: expert indices must be in 0..{k - 1} and at "
+                         f"least one expert must remain")
     root = Path(out) if out is not None else Path("runs") / config.name
-    return Context(task, config, prepare_run_dir(root, config), progress, log)
+    return Context(task, config, prepare_run_dir(root, config), progress, log, tuple(sorted(set(skip_experts))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,10 +97,10 @@ def expert_names(config: JobConfig, random: bool = False) -> list[str]:
 
 
 def training_stages(ctx: Context) -> list[str]:
-    """All training stages of the run, in the order `run_all` runs them."""
+    """All training stages of the run (skipped experts left out), in the order `run_all` runs them."""
     c = ctx.config
-    return [ctx.task.stage1, "dense", *expert_names(c), *expert_names(c, random=True),
-            *ctx.task.extra_stages(c)]
+    experts = [e for i, e in enumerate(expert_names(c)) if i not in ctx.skip_experts]
+    return [ctx.task.stage1, "dense", *experts, *expert_names(c, random=True), *ctx.task.extra_stages(c)]
 
 
 def expert_stage(ctx: Context, k: int, random: bool = False) -> str:
@@ -130,9 +151,24 @@ def load_assignments(ctx: Context) -> Assignments:
     """
     if not ctx.run.is_done("partition"):
         raise StageError(f"{ctx.run.root}: no partition yet; run `dfm partition` first")
-    raw = read_json(ctx.run.partition / "assignments.json")
-    units = {k: np.asarray(v, np.int64) for k, v in raw.items() if k != "example_unit"}
-    return Assignments(units, np.asarray(raw["example_unit"], np.int64))
+    path = ctx.run.partition / "assignments.json"
+    raw = read_json(path)
+    k = ctx.config.partition.num_clusters
+    try:
+        units = {name: np.asarray(raw[name], np.int64) for name in ("train", "random", "val", "test")}
+        example_unit = np.asarray(raw["example_unit"], np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirError(f"{path}: not a partition's assignments ({type(exc).__name__}: {exc}); "
+                          f"delete the partition directory and its marker to rebuild it") from None
+    for name, labels in units.items():
+        if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= k)):
+            raise RunDirError(f"{path}: {name!r} must be cluster labels in [0, {k}); delete the partition "
+                              f"directory and its marker to rebuild it")
+    if example_unit.ndim != 1 or (example_unit.size and not 0 <= example_unit.min() <= example_unit.max()
+                                  < len(units["train"])):
+        raise RunDirError(f"{path}: 'example_unit' must index the train units; delete the partition directory "
+                          f"and its marker to rebuild it")
+    return Assignments(units, example_unit)
 
 
 def run_partition(ctx: Context, data) -> dict:
@@ -143,6 +179,13 @@ def run_partition(ctx: Context, data) -> dict:
     """
     if ctx.run.is_done("partition"):
         return ctx.run.stage_info("partition")
+    with stage_lock(ctx.run, "partition", ctx.log):
+        if ctx.run.is_done("partition"):          # finished by another process meanwhile
+            return ctx.run.stage_info("partition")
+        return _partition(ctx, data)
+
+
+def _partition(ctx: Context, data) -> dict:
     from dfm.decentral import assign, balanced_kmeans
 
     t0 = time.perf_counter()
@@ -233,7 +276,12 @@ def load_stage_model(ctx: Context, data, stage: str, factory: Callable[[], Any] 
 
     if not ctx.run.is_done(stage):
         raise StageError(f"stage {stage!r} has not finished in {ctx.run.root}; run `dfm train` for it first")
-    return load_model(factory or (lambda: ctx.task.new_model(ctx, data)), ctx.run.model(stage))
+    try:
+        return load_model(factory or (lambda: ctx.task.new_model(ctx, data)), ctx.run.model(stage))
+    except Exception as exc:  # noqa: BLE001 - orbax raises many types; name the model instead
+        raise StageError(f"stage {stage!r}: its model {ctx.run.model(stage)} does not load "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); re-run `dfm run` to "
+                         f"re-train it (the stage is re-run when its model fails its checksum)") from None
 
 
 def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int, num_examples: int, *,
@@ -258,7 +306,7 @@ def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int
         "history": [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in h],
         **(extra or {}),
     }
-    ctx.run.mark_done(stage, info)
+    ctx.run.mark_done(stage, info, model=True)
     took = f" (this call {time.perf_counter() - t0:.1f} s)" if t0 is not None else ""
     ctx.log(f"[{stage}] {tc.steps} steps on {num_examples} examples, loss {info['final_loss']:.4f}, "
             f"{info['wall_time_s']:.1f} s{took}")
@@ -279,17 +327,42 @@ def run_train(ctx: Context, data, stage: str, *, stop_after: int | None = None) 
     Raises:
       StageError: an unknown stage, or a prerequisite stage is missing.
     """
-    from dfm.train import train
-    from experiments.engine.batches import EpochBatches
+    from dfm.train import TrainingDiverged
 
-    if ctx.run.is_done(stage):
-        ctx.log(f"[{stage}] already finished, skipped")
-        return ctx.run.stage_info(stage)
     names = training_stages(ctx)
     if stage not in names:
         raise StageError(f"unknown stage {stage!r}; stages of this config: {', '.join(names)}")
-    if stage in ctx.task.extra_stages(ctx.config):
-        return ctx.task.run_extra(ctx, data, stage, stop_after=stop_after)
+    if _finished(ctx, stage):
+        ctx.log(f"[{stage}] already finished, skipped")
+        return ctx.run.stage_info(stage)
+    with stage_lock(ctx.run, stage, ctx.log):
+        if ctx.run.is_done(stage):               # finished by another process meanwhile
+            return ctx.run.stage_info(stage)
+        try:
+            if stage in ctx.task.extra_stages(ctx.config):
+                return ctx.task.run_extra(ctx, data, stage, stop_after=stop_after)
+            return _train_stage(ctx, data, stage, stop_after)
+        except TrainingDiverged as exc:
+            raise StageError(str(exc)) from None
+
+
+def _finished(ctx: Context, stage: str) -> bool:
+    """The stage's marker exists and its model passes the recorded checksum; a marker that cannot be
+    trusted is removed (with a log line) so that the stage runs again."""
+    if not ctx.run.is_done(stage):
+        return False
+    problem = ctx.run.stage_problem(stage)
+    if problem is None:
+        return True
+    ctx.log(f"[{stage}] the finished stage cannot be trusted: {problem}; re-running it (from its checkpoints)")
+    ctx.run.forget(stage)
+    return False
+
+
+def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict | None:
+    from dfm.train import train
+    from experiments.engine.batches import EpochBatches
+
     t0 = time.perf_counter()
     if stage == ctx.task.stage1:
         steps = stage_steps(ctx, stage)
@@ -326,19 +399,25 @@ def run_evaluate(ctx: Context, data) -> dict:
     Raises:
       StageError: a training stage has not finished.
     """
-    if ctx.run.is_done("evaluate") and ctx.run.report_json.is_file():
-        ctx.log("[evaluate] already finished, skipped")
-        rep = read_json(ctx.run.report_json)
-        ctx.task.print_summary(rep)
-        return rep
+    if ctx.run.is_done("evaluate"):
+        try:
+            rep = read_json(ctx.run.report_json)
+            ctx.log("[evaluate] already finished, skipped")
+            ctx.task.print_summary(rep)
+            return rep
+        except RunDirError as exc:
+            ctx.log(f"[evaluate] the finished report cannot be read: {exc}; evaluating again")
+            ctx.run.marker("evaluate").unlink(missing_ok=True)
     missing = [s for s in training_stages(ctx) if not ctx.run.is_done(s)]
     if missing:
         raise StageError(f"cannot evaluate: unfinished stages {', '.join(missing)}; run `dfm run` "
                          f"or `dfm train` for them")
-    t0 = time.perf_counter()
-    results = ctx.task.evaluate(ctx, data)
-    rep = ctx.task.write_report(ctx, data, results)
-    ctx.run.mark_done("evaluate", {"wall_time_s": time.perf_counter() - t0})
+    with stage_lock(ctx.run, "evaluate", ctx.log):
+        t0 = time.perf_counter()
+        results = ctx.task.evaluate(ctx, data)
+        rep = ctx.task.write_report(ctx, data, results)
+        ctx.run.mark_done("evaluate", {"wall_time_s": time.perf_counter() - t0,
+                                       "skipped_experts": list(ctx.skip_experts)})
     ctx.task.print_summary(rep)
     return rep
 
@@ -355,10 +434,44 @@ def run_export(ctx: Context, data) -> dict | None:
         return ctx.run.stage_info("export")
     if not ctx.run.is_done("evaluate"):
         raise StageError("export needs the evaluation (its fitted router temperature): run `dfm evaluate`")
-    t0 = time.perf_counter()
-    info = ctx.task.export(ctx, data) | {"wall_time_s": time.perf_counter() - t0}
-    ctx.run.mark_done("export", info)
+    with stage_lock(ctx.run, "export", ctx.log):
+        t0 = time.perf_counter()
+        info = ctx.task.export(ctx, data) | {"wall_time_s": time.perf_counter() - t0}
+        ctx.run.mark_done("export", info)
     return info
+
+
+def load_data(ctx: Context):
+    """The task's data (its data stage under the "data" lock when not yet done), then the checks
+    that need no training: K against the train units, and the memory a training stage needs
+    against this machine's RAM (a warning).
+
+    Raises:
+      StageError: more clusters than train units.
+    """
+    if ctx.run.data_summary.is_file():
+        data = ctx.task.prepare_data(ctx)
+    else:
+        with stage_lock(ctx.run, "data", ctx.log):
+            data = ctx.task.prepare_data(ctx)
+    k, units = ctx.config.partition.num_clusters, ctx.task.num_train_units(data)
+    if k > units:
+        raise StageError(f"partition.num_clusters: K={k} experts but only {units} train units to partition; "
+                         f"lower partition.num_clusters")
+    need, ram = ctx.task.training_memory_bytes(ctx, data), physical_memory_bytes()
+    if need is not None and ram is not None and need > ram:
+        ctx.log(f"[data] warning: a training stage needs about {need / 2**30:.1f} GiB (parameters, AdamW state "
+                f"and float32 activations of one batch) but this machine has {ram / 2**30:.1f} GiB of RAM; "
+                f"lower the sequence length or the batch size")
+    return data
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
 
 
 def run_until_partition(ctx: Context, data) -> dict:
@@ -371,7 +484,7 @@ def run_until_partition(ctx: Context, data) -> dict:
 def run_all(ctx: Context) -> dict:
     """Every stage in order, in this process; finished stages are skipped."""
     t0 = time.perf_counter()
-    data = ctx.task.prepare_data(ctx)
+    data = load_data(ctx)
     run_until_partition(ctx, data)
     for stage in training_stages(ctx):
         run_train(ctx, data, stage)

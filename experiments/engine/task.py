@@ -94,6 +94,15 @@ class Task(abc.ABC):
     def num_train_examples(self, data) -> int:
         """Number of training examples (sequences, conversations) of stage 1 and the dense model."""
 
+    @abc.abstractmethod
+    def num_train_units(self, data) -> int:
+        """Number of train units the partition clusters (documents, images)."""
+
+    def training_memory_bytes(self, ctx, data) -> int | None:
+        """Estimated bytes of one training step (`experiments.engine.memory`), or None (no check)."""
+        del ctx, data
+        return None
+
     # ---------------------------------------------------------------- partition
     @abc.abstractmethod
     def partition_input(self, ctx, data, stage1_model) -> PartitionInput:

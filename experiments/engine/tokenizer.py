@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.engine.rundir import load_file
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 
@@ -75,11 +77,15 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
 
 
 def load_tokenizer(directory: Path):
-    """``transformers.AutoTokenizer.from_pretrained(directory)`` (a PreTrainedTokenizerFast)."""
+    """``transformers.AutoTokenizer.from_pretrained(directory)`` (a PreTrainedTokenizerFast).
+
+    Raises:
+      RunDirError: the directory is missing or holds no readable tokenizer (naming it).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    return load_file(Path(directory), lambda d: AutoTokenizer.from_pretrained(str(d)), "tokenizer")
 
 
 def encode_documents(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:

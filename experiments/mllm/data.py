@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.engine.rundir import atomic_save_npz, atomic_write_json, read_json
+from experiments.engine.rundir import (arrays_digest, atomic_save_npz, atomic_write_json, load_npz, read_json,
+                                       software_versions)
 from experiments.engine.task import DataError as EngineDataError
 from experiments.engine.tokenizer import load_tokenizer, save_tokenizer
 from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, encode_conversation, image_token_id,
@@ -146,6 +147,7 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
         "train_sequences": len(ids), "train_answer_tokens": int(arrays["loss_mask"].sum()),
         "questions": {s: len(questions[s]) for s in ("val", "test")},
         "test_question_types": {t: sum(q["question_type"] == t for q in questions["test"]) for t in types},
+        "arrays_sha256": arrays_digest(arrays), "versions": software_versions(),
         "wall_time_s": time.perf_counter() - t0,
     }
     atomic_write_json(summary_path, summary)
@@ -156,8 +158,7 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
 
 def load_arrays(run_root: Path) -> dict[str, np.ndarray]:
     """The arrays written by `prepare_data`."""
-    with np.load(Path(run_root) / "data" / "arrays.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(Path(run_root) / "data" / "arrays.npz")
 
 
 def load_questions(run_root: Path) -> dict[str, list[dict]]:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import numpy as np
 import jax.numpy as jnp
-from tqdm import tqdm
+import numpy as np
 
+from dfm.progress import progress_bar
+from experiments.engine.rundir import load_file, load_npz
 from experiments.engine.stages import (Context, expert_names, load_assignments, load_stage_model,
                                        training_stages)
 from experiments.mllm import modeling
@@ -151,32 +152,38 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     test = QuestionSet(test_rows, tok, a["images_test"], nit, img_id)
     val = QuestionSet(val_rows, tok, a["images_val"], nit, img_id)
     k = c.partition.num_clusters
-    experts, randoms = expert_names(c), expert_names(c, random=True)
+    avail = np.flatnonzero(ctx.available)
+    experts, randoms = [expert_names(c)[i] for i in avail], expert_names(c, random=True)
     names = ["stage1", "dense"] + experts + randoms
     models = {n: load_stage_model(ctx, data, n) for n in names}
     bs = c.eval.batch_size
 
     t0 = time.perf_counter()
     lp_a = {}   # answer-token log-probs [n, A] of every model
-    for n in tqdm(names, desc="score", disable=not ctx.progress, leave=False):
+    bar = progress_bar(len(names), desc="score", disable=not ctx.progress)
+    for n in names:
         lp_a[n] = test.split_log_probs(test.log_probs(models[n], bs))[1]
+        bar.update(1)
+    bar.close()
     val_ll = np.stack([val.split_log_probs(val.log_probs(models[e], bs))[1].sum(1) for e in experts], axis=1)
     score_s = time.perf_counter() - t0
 
-    feats = np.load(ctx.run.partition / "features.npz")
+    feats = load_npz(ctx.run.partition / "features.npz")
     assignments = load_assignments(ctx)
-    partition = Partition.load(ctx.run.partition / "partition.npz")
+    partition = load_file(ctx.run.partition / "partition.npz", Partition.load, "partition")
+    routed = partition if len(avail) == k else partition.subset(avail)   # lost experts: route among the rest
     f_test = feats["test"][test.image]
-    top1 = CentroidRouter(partition, temperature=1.0, top_k=1)
-    topk = fit_centroid_router(CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k),
+    top1 = CentroidRouter(routed, temperature=1.0, top_k=1)
+    topk = fit_centroid_router(CentroidRouter(routed, temperature=1.0, top_k=min(c.eval.top_k, len(avail))),
                                feats["val"][val.image], val_ll)
-    priors = assignments.priors(k)
+    priors = assignments.priors(k)[avail]
     test_clusters = assignments.units["test"][test.image]
     # top-1 keeps one expert with weight exactly 1 (float32 renormalization would leave 1 - 6e-8)
-    weights = {"centroid-top1": np.eye(k)[np.asarray(top1.route(f_test)).argmax(axis=1)]}
+    weights = {"centroid-top1": np.eye(len(avail))[np.asarray(top1.route(f_test)).argmax(axis=1)]}
     if c.eval.top_k > 1:
         weights[f"centroid-top{c.eval.top_k}"] = np.asarray(topk.route(f_test), np.float64)
-    weights["oracle"] = np.eye(k)[test_clusters]
+    if len(avail) == k:                     # the oracle needs every cluster's expert
+        weights["oracle"] = np.eye(k)[test_clusters]
 
     def fixed(w):
         return lambda rows: FixedRouter(jnp.asarray(w[rows], jnp.float32))
@@ -195,13 +202,13 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         random_bayes = BayesFilterRouter.from_priors(assignments.priors(k, random=True))
         plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", randoms,
                      lambda rows: random_bayes))
-    bar = tqdm(total=len(plan) * len(test_rows), desc="generate", disable=not ctx.progress, leave=False)
+    bar = progress_bar(len(plan) * len(test_rows), desc="generate", disable=not ctx.progress)
     preds, systems, final_states = {}, [], {}
     all_rows = np.arange(len(test_rows))
     for name, kind, router, members, router_for in plan:
         t1 = time.perf_counter()
         ms = [models[m] for m in members]
-        if name == "ensemble/oracle" and np.array_equal(weights["oracle"], weights["centroid-top1"]):
+        if name == "ensemble/oracle" and np.array_equal(weights.get("oracle"), weights["centroid-top1"]):
             preds[name] = preds["ensemble/centroid-top1"]   # identical weights (THEORY S12): same answers
             bar.update(len(test_rows))
         else:
@@ -216,6 +223,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     bar.close()
     return {
         "systems": systems, "num_test_questions": len(test_rows), "num_val_questions": len(val_rows),
+        "skipped_experts": list(ctx.skip_experts),
         "temperature": float(topk.temperature), "priors": priors.tolist(), "score_s": score_s,
         "weights": {n: w.tolist() for n, w in weights.items()},
         "bayes_weights_after_answer": np.asarray(bayes.weights(final_states["ensemble/bayes"]), np.float64).tolist(),

@@ -155,7 +155,8 @@ def _mixture_decode(graphdefs, states, starts, prompt_length, max_new_tokens, ro
                                mask_id=vocab)
     state = ensemble_init_state(router, starts, batch=batch, num_moving=1, vocab=vocab)
     return sample_discrete(jax.random.PRNGKey(0), fn, autoregressive(max_new_tokens),
-                           mask_source((batch, max_new_tokens), vocab), temperature=0.0, mask_id=vocab, state=state)
+                           mask_source((batch, max_new_tokens), vocab), temperature=0.0, mask_id=vocab, state=state,
+                           check_finite=True)
 
 
 def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, router, *,

@@ -45,6 +45,7 @@ def build_report(ctx: Context, results: dict) -> dict:
         "config": ctx.config.to_dict(), "systems": systems, "question_types": _types(systems),
         "num_test_questions": results["num_test_questions"], "num_val_questions": results["num_val_questions"],
         "temperature": results["temperature"], "priors": results["priors"],
+        "skipped_experts": results.get("skipped_experts", []),
         "routing_by_source": {"sources": sources, "weights": routing},
         "train_clusters_by_source": results["train_clusters_by_source"],
         "partition": results["partition"], "data": results["data"],
@@ -62,6 +63,9 @@ def markdown(rep: dict) -> str:
              f"{rep['num_test_questions']} test questions; K = {rep['config']['partition']['num_clusters']} experts "
              f"(spherical balanced k-means on stage-1 image features); top-k temperature fitted on "
              f"{rep['num_val_questions']} val questions: T = {rep['temperature']:.4g}.", "",
+             *([f"**WARNING: expert(s) {rep['skipped_experts']} were skipped (lost); every ensemble routes among "
+                "the remaining experts (renormalised routers) and the oracle is not reported.**", ""]
+               if rep.get("skipped_experts") else []),
              "Exact match (%) per question type, VQA accuracy (%) and answer NLL (nats/token, teacher-forced "
              "reference answer); MME acc / acc+ (%) on the paired yes/no questions.", ""]
     head = ["system", "router"] + [f"EM {t}" for t in types] + ["EM all", "VQA acc", "MME acc", "MME acc+",
@@ -143,3 +147,6 @@ def print_summary(rep: dict) -> None:
                       _pct(mme.get("acc_plus")) if mme else "—", f"{s['answer_nll']:.4f}",
                       f"{100 * s['delta_exact_match_vs_dense']:+.1f}")
     Console().print(table)
+    if rep.get("skipped_experts"):
+        Console().print(f"WARNING: expert(s) {rep['skipped_experts']} skipped; ensembles renormalised over the "
+                        "remaining experts")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.engine.config import StageConfig
+from experiments.engine.memory import count_parameters, training_memory_bytes
 from experiments.engine.rundir import atomic_save_npz, read_json
 from experiments.engine.stages import Context, expert_names, load_assignments, load_stage_model
 from experiments.engine.task import PartitionInput, Task, UsageError
@@ -42,6 +43,18 @@ class MultimodalTask(Task):
 
     def num_train_examples(self, data: MultimodalData) -> int:
         return len(data.arrays["tokens"])
+
+    def num_train_units(self, data: MultimodalData) -> int:
+        return len(data.arrays["images_train"])
+
+    def training_memory_bytes(self, ctx: Context, data: MultimodalData) -> int:
+        """The decoder's estimate at `data.max_length` (image tokens included) plus the tower's
+        parameters (its activations are small next to the decoder's at these sizes)."""
+        c = ctx.config
+        params = count_parameters(lambda: self.new_model(ctx, data))
+        batch = max(c.stage1.batch_size, c.stage2.batch_size)
+        return training_memory_bytes(params, batch=batch, seq_len=c.data.max_length, hidden=c.text.hidden_size,
+                                     layers=c.text.num_layers, heads=c.text.num_heads, vocab=data.vocab_size)
 
     def partition_input(self, ctx: Context, data: MultimodalData, stage1_model) -> PartitionInput:
         """Pooled stage-1 tower features of every image (saved as features.npz for routing)."""
@@ -99,6 +112,9 @@ class MultimodalTask(Task):
         for stage in ("stage1", "dense"):
             out[stage] = str(save_pretrained(load_stage_model(ctx, data, stage), ctx.run.root / "hf" / stage,
                                              tokenizer=tok_dir, overwrite=True))
+        if ctx.skip_experts:
+            ctx.log(f"[export] expert(s) {list(ctx.skip_experts)} skipped: no decentralized directory written")
+            return out | {"decentralized": None, "skipped_experts": list(ctx.skip_experts)}
         partition = Partition.load(ctx.run.partition / "partition.npz")
         temperature = read_json(ctx.run.report_json)["temperature"]
         router = CentroidRouter(partition, temperature=temperature, top_k=c.eval.top_k)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.engine.rundir import RunDir, atomic_save_npz, atomic_write_json, atomic_write_text, read_json
+from experiments.engine.rundir import (UNREADABLE_HINT, RunDir, RunDirError, atomic_save_npz, atomic_write_json,
+                                       atomic_write_text, arrays_digest, load_npz, read_json, software_versions)
 from experiments.engine.task import DataError
 from experiments.engine.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
 from experiments.text import corpus as corpus_mod
@@ -77,6 +78,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, log=print) -> dict:
         "vocab_size": len(tok), "seq_len": dc.seq_len, "bos_id": tok.bos_token_id,
         "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
         "fingerprint": corpus_mod.fingerprint(docs), "python": platform.python_version(),
+        "tokens_sha256": arrays_digest(arrays), "versions": software_versions(),
         "seconds": round(time.perf_counter() - t0, 2),
     })
     atomic_write_json(run.data_summary, summary)
@@ -89,21 +91,27 @@ def load_split(run: RunDir, split: str) -> Split:
     """Ids, texts and token ids of one split, read from the run directory.
 
     Raises:
-      FileNotFoundError: if the data stage has not run (message says which command runs it).
+      RunDirError: ``data/tokens.npz`` or ``data/corpus.jsonl`` missing, truncated or inconsistent
+        (naming the file).
     """
-    if not run.tokens.is_file():
-        raise FileNotFoundError(f"{run.tokens} is missing: run `dfm partition` (data stage) first")
-    with np.load(run.tokens) as z:
+    z = load_npz(run.tokens)
+    try:
         ids = [str(x) for x in z[f"{split}_ids"]]
         tokens = unpack_tokens(z[f"{split}_tokens"], z[f"{split}_offsets"])
+    except KeyError as exc:
+        raise RunDirError(f"{run.tokens}: no array {exc} (not this job's token file); {UNREADABLE_HINT}") from None
     texts = {}
-    with open(run.corpus, encoding="utf-8") as f:
-        wanted = set(ids)
-        for line in f:
-            row = json.loads(line)
-            if row["id"] in wanted:
-                texts[row["id"]] = row["text"]
-    return Split(ids, [texts[i] for i in ids], tokens)
+    try:
+        with open(run.corpus, encoding="utf-8") as f:
+            wanted = set(ids)
+            for line in f:
+                row = json.loads(line)
+                if row["id"] in wanted:
+                    texts[row["id"]] = row["text"]
+        return Split(ids, [texts[i] for i in ids], tokens)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunDirError(f"{run.corpus}: unreadable or missing documents ({type(exc).__name__}: {exc}); "
+                          f"{UNREADABLE_HINT}") from None
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
+from dfm.progress import progress_bar
+from experiments.engine.rundir import load_file
 from experiments.engine.stages import (Assignments, Context, expert_names, load_assignments, load_stage_model,
                                        training_stages)
 from experiments.text import scoring
@@ -136,10 +138,14 @@ class EvalInputs:
 
     Attributes:
       models: stage name -> trained model (base, dense, experts, random experts).
-      test, val: the evaluation sets; experts, randoms: expert stage names ([] without control).
-      priors, random_priors: ``[K]`` shares of the train sequences per cluster (w_k).
-      top1, topk: the centroid routers (temperature 1; top-k is fitted on val here).
+      test, val: the evaluation sets; experts: the available experts' stage names (all K unless
+        some are skipped); randoms: random-partition experts ([] without control).
+      priors: ``[K']`` shares of the train sequences of the available experts' clusters (w_k; the
+        Bayes filter renormalises them); random_priors: ``[K]`` of the random partition.
+      top1, topk: the centroid routers over the available experts' centroids (temperature 1; top-k
+        is fitted on val here).
       n_tokens: scored tokens; train_s: training wall time of each system's stages.
+      position: ``[K]`` each cluster's index in `experts`, -1 for a skipped expert.
     """
 
     models: dict
@@ -153,6 +159,12 @@ class EvalInputs:
     topk: object
     n_tokens: int
     train_s: dict
+    position: np.ndarray
+
+    @property
+    def complete(self) -> bool:
+        """Every cluster has its expert (no expert skipped)."""
+        return bool((self.position >= 0).all())
 
 
 def evaluate(ctx: Context, data: TextData) -> dict:
@@ -162,25 +174,29 @@ def evaluate(ctx: Context, data: TextData) -> dict:
     c, run = ctx.config, ctx.run
     k, seq_len = c.partition.num_clusters, c.data.seq_len
     assignments = load_assignments(ctx)
-    featurizer = TextFeaturizer.load(run.partition / "featurizer.pkl")
-    partition = Partition.load(run.partition / "partition.npz")
+    featurizer = load_file(run.partition / "featurizer.pkl", TextFeaturizer.load, "featurizer")
+    partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
     test = eval_set(data, assignments, "test", featurizer, seq_len, c.data.max_eval_docs, c.eval.max_scored_per_doc)
     val = eval_set(data, assignments, "val", featurizer, seq_len, 0, c.eval.max_scored_per_doc)
-    experts, randoms = expert_names(c), expert_names(c, random=True)
+    avail = np.flatnonzero(ctx.available)
+    experts, randoms = [expert_names(c)[i] for i in avail], expert_names(c, random=True)
+    position = np.full(k, -1)
+    position[avail] = np.arange(len(avail))
+    routed = partition if len(avail) == k else partition.subset(avail)   # lost experts: route among the rest
     models = {n: load_stage_model(ctx, data, n) for n in ["base", "dense", *experts, *randoms]}
     wall = {n: run.stage_info(n)["wall_time_s"] for n in training_stages(ctx)}
     train_s = {"base": wall["base"], "dense": wall["base"] + wall["dense"],
                "experts": wall["base"] + sum(wall[e] for e in experts),
                "random": wall["base"] + sum(wall[e] for e in randoms),
                "router": wall.get("router", 0.0)}
-    inputs = EvalInputs(models, test, val, experts, randoms, assignments.priors(k), assignments.priors(k, random=True),
-                        CentroidRouter(partition, temperature=1.0, top_k=1),
-                        CentroidRouter(partition, temperature=1.0, top_k=c.eval.top_k),
-                        int(test.scored.sum()) * seq_len, train_s)
+    inputs = EvalInputs(models, test, val, experts, randoms, assignments.priors(k)[avail],
+                        assignments.priors(k, random=True), CentroidRouter(routed, temperature=1.0, top_k=1),
+                        CentroidRouter(routed, temperature=1.0, top_k=min(c.eval.top_k, len(avail))),
+                        int(test.scored.sum()) * seq_len, train_s, position)
     t_eval = time.perf_counter()
     evaluate_schedule = _evaluate_ar if c.schedule == "ar" else _evaluate_masked
     systems, per_seq, weights_doc, temperature = evaluate_schedule(ctx, data, inputs)
-    clusters, s11 = _s11_terms(per_seq, test, k, seq_len, inputs.n_tokens)
+    clusters, s11 = _s11_terms(per_seq, test, k, seq_len)
     samples = generate(ctx, data, models, experts, inputs.priors)
     arrays = {"x1": test.x1, "doc": test.doc, "context": test.context, "labels": test.labels,
               "priors": inputs.priors, "random_priors": inputs.random_priors}
@@ -197,6 +213,7 @@ def evaluate(ctx: Context, data: TextData) -> dict:
                  "documents_without_context_features": int((~test.has_features).sum()),
                  "val_documents": len(val.ids), "priors": inputs.priors.tolist(),
                  "centroid_topk_temperature": temperature, "top_k": c.eval.top_k,
+                 "skipped_experts": list(ctx.skip_experts),
                  "wall_time_s": time.perf_counter() - t_eval},
         "systems": systems,
         "clusters": clusters,
@@ -209,32 +226,45 @@ def evaluate(ctx: Context, data: TextData) -> dict:
     }
 
 
-def _s11_terms(per_seq: dict, test: EvalSet, k: int, seq_len: int, n_tokens: int) -> tuple[list, dict]:
-    """Per-cluster expert-on-own-cluster and dense losses on the same scored tokens (THEORY S11)."""
+def _s11_terms(per_seq: dict, test: EvalSet, k: int, seq_len: int) -> tuple[list, dict]:
+    """Per-cluster expert-on-own-cluster and dense losses on the same scored tokens (THEORY S11).
+    A cluster whose expert is skipped (own loss NaN) has no expert loss and is left out of the
+    weighted sum (whose weights are then the shares among the clusters with an expert)."""
     dense_nll = per_seq["dense"]  # [n_scored] per-sequence nll sums
     seq_labels = test.labels[test.doc[test.scored]]
     clusters = []
     for i in range(k):
         m = seq_labels == i
         tok_i = int(m.sum()) * seq_len
+        has_expert = bool(tok_i) and bool(np.isfinite(per_seq["own"][m]).all())
         clusters.append({
             "cluster": i, "tokens": tok_i, "documents": int(np.sum(test.labels == i)),
-            "expert_loss": float(per_seq["own"][m].sum() / tok_i) if tok_i else None,
+            "expert_loss": float(per_seq["own"][m].sum() / tok_i) if has_expert else None,
             "dense_loss": float(dense_nll[m].sum() / tok_i) if tok_i else None,
         })
         for key in ("expert", "dense"):
             loss = clusters[-1][f"{key}_loss"]
             clusters[-1][f"{key}_perplexity"] = None if loss is None else float(math.exp(loss))
-    w = np.array([cl["tokens"] for cl in clusters], np.float64) / n_tokens
-    dense_loss = float(dense_nll.sum() / n_tokens)
-    weighted = float(sum(wi * cl["expert_loss"] for wi, cl in zip(w, clusters) if cl["tokens"]))
+    counted = np.array([cl["tokens"] if cl["expert_loss"] is not None else 0 for cl in clusters], np.float64)
+    w = counted / counted.sum()
+    dense_loss = float(sum(wi * cl["dense_loss"] for wi, cl in zip(w, clusters) if wi))
+    weighted = float(sum(wi * cl["expert_loss"] for wi, cl in zip(w, clusters) if wi))
     s11 = {"dense_loss": dense_loss, "cluster_weights": w.tolist(), "weighted_expert_loss": weighted,
            "dense_minus_weighted_expert_loss": dense_loss - weighted,
-           "note": "nats per scored token; w_k = share of scored tokens in cluster k; "
-                   "weighted_expert_loss equals the oracle ensemble's loss. At the optimum the difference "
-                   "is I(X; K) >= 0 (THEORY S11); for trained experts it is only an estimate of it and "
-                   "can be negative"}
+           "note": "nats per scored token; w_k = share of scored tokens in cluster k (clusters with an "
+                   "expert); weighted_expert_loss equals the oracle ensemble's loss. At the optimum the "
+                   "difference is I(X; K) >= 0 (THEORY S11); for trained experts it is only an estimate "
+                   "of it and can be negative"}
     return clusters, s11
+
+
+def _own_cluster_nll(lp_experts: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Each scored sequence's NLL under its own cluster's expert ``[n]`` (NaN where that expert is
+    skipped), from the available experts' token log-probs ``[K', n, L]`` and each sequence's
+    cluster position among them ``[n]`` (-1: skipped)."""
+    rows = np.arange(lp_experts.shape[1])
+    own = -lp_experts[np.maximum(position, 0), rows].sum(axis=1)
+    return np.where(position >= 0, own, np.nan)
 
 
 def _fixed_mixture_nll(lp_experts: np.ndarray, weights_seq: np.ndarray) -> np.ndarray:
@@ -277,7 +307,7 @@ def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
 
     c, models, test, val = ctx.config, inp.models, inp.test, inp.val
     bs, experts, randoms = c.eval.batch_size, inp.experts, inp.randoms
-    bar = tqdm(total=len(models) + len(experts), desc="evaluate", disable=not ctx.progress, leave=False)
+    bar = progress_bar(len(models) + len(experts), desc="evaluate", disable=not ctx.progress)
     lp, secs = scoring.ar_log_probs(models, test.x1, data.bos_id, bs, progress=bar.update)
     lp_val, _ = scoring.ar_log_probs({e: models[e] for e in experts}, val.x1, data.bos_id, bs, progress=bar.update)
     bar.close()
@@ -293,14 +323,16 @@ def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
     doc = test.doc[scored]
     lp_e = np.stack([lp[e] for e in experts])  # [K, n, L]
     nll, weights_doc, systems = {}, {}, []
-    own = -lp_e[test.labels[doc], np.flatnonzero(scored)].sum(axis=1)  # each sequence, its cluster's expert
+    own = _own_cluster_nll(np.stack([lp[e][scored] for e in experts]), inp.position[test.labels[doc]])
     t0 = time.perf_counter()
-    oracle = np.eye(len(experts))[test.labels]
-    for name, wd in (("centroid-top1", centroid_weights(inp.top1, test)),
-                     (f"centroid-top{c.eval.top_k}", centroid_weights(topk, test)), ("oracle", oracle)):
+    fixed = [("centroid-top1", centroid_weights(inp.top1, test)),
+             (f"centroid-top{c.eval.top_k}", centroid_weights(topk, test))]
+    if inp.complete:                        # the oracle needs every cluster's expert
+        fixed.append(("oracle", np.eye(len(experts))[test.labels]))
+    for name, wd in fixed:
         weights_doc[name] = wd
         nll[name] = _fixed_mixture_nll(lp_e[:, scored], wd[doc])
-    mix_s = (time.perf_counter() - t0) / 3
+    mix_s = (time.perf_counter() - t0) / len(fixed)
     t0 = time.perf_counter()
     nll["bayes"], weights_doc["bayes"] = _bayes_mixture_nll(lp_e, inp.priors, test, c.data.seq_len)
     bayes_s = time.perf_counter() - t0
@@ -316,8 +348,9 @@ def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
     systems.append(scoring_system(f"ensemble/centroid-top{c.eval.top_k}", "ensemble",
                                   f"centroid top-{c.eval.top_k}, T={topk.temperature:.4g} fitted on val",
                                   nll[f"centroid-top{c.eval.top_k}"], n_tok, ts["experts"], expert_s + mix_s))
-    systems.append(scoring_system("ensemble/oracle", "ensemble", "oracle (true cluster)", nll["oracle"], n_tok,
-                                  ts["experts"], expert_s + mix_s))
+    if "oracle" in nll:
+        systems.append(scoring_system("ensemble/oracle", "ensemble", "oracle (true cluster)", nll["oracle"], n_tok,
+                                      ts["experts"], expert_s + mix_s))
     if randoms:
         t0 = time.perf_counter()
         lp_r = np.stack([lp[e] for e in randoms])
@@ -343,7 +376,7 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
     n_val_batches = -(-int(vs.sum()) // bs) * c.masked.elbo_samples
     scored = test.scored
     n_test_batches = -(-int(scored.sum()) // bs) * c.masked.elbo_samples
-    bar = tqdm(total=n_val_batches + n_test_batches, desc="evaluate", disable=not ctx.progress, leave=False)
+    bar = progress_bar(n_val_batches + n_test_batches, desc="evaluate", disable=not ctx.progress)
     elbo_val, _, _ = scoring.masked_elbo({e: models[e] for e in experts}, val.x1[vs], schedule, vocab,
                                          ensembles={}, progress=bar.update, **draws)
     ll = np.zeros((len(val.ids), len(experts)))
@@ -352,7 +385,9 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
     topk = fit_centroid_router(inp.topk, val.features[val.has_features], ll[val.has_features])
     doc = test.doc[scored]
     router = load_stage_model(ctx, data, "router", router_factory(c, vocab))
-    learned_weights = nnx.jit(lambda r, x_t, t: r.weights(None, x_t, t))
+    kept = jnp.asarray(np.flatnonzero(inp.position >= 0))
+    # the classifier over the available experts: its softmax restricted to their logits
+    learned_weights = nnx.jit(lambda r, x_t, t: jax.nn.softmax(r.logits(x_t, t)[:, kept], axis=-1))
     learned = CallableRouter(lambda x_t, t: learned_weights(router, x_t, t), len(experts))
 
     def fixed(weights_seq):
@@ -362,22 +397,25 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
     ensembles = {
         "centroid-top1": (experts, fixed(centroid_weights(inp.top1, test)[doc])),
         f"centroid-top{c.eval.top_k}": (experts, fixed(centroid_weights(topk, test)[doc])),
-        "oracle": (experts, fixed(np.eye(len(experts))[test.labels][doc])),
         "learned": (experts, lambda start, stop, b: learned),
     }
+    if inp.complete:                        # the oracle needs every cluster's expert
+        ensembles["oracle"] = (experts, fixed(np.eye(len(experts))[test.labels][doc]))
     if randoms:
         ensembles["random-uniform"] = (randoms, fixed(np.full((len(doc), len(randoms)), 1.0 / len(randoms))))
     elbo, secs, mean_w = scoring.masked_elbo(models, test.x1[scored], schedule, vocab, ensembles=ensembles,
                                              progress=bar.update, **draws)
     bar.close()
-    own = np.stack([elbo[e] for e in experts])[test.labels[doc], np.arange(len(doc))]
+    pos = inp.position[test.labels[doc]]
+    own = np.where(pos >= 0, np.stack([elbo[e] for e in experts])[np.maximum(pos, 0), np.arange(len(doc))], np.nan)
     expert_s, n_tok, ts = sum(secs[e] for e in experts), inp.n_tokens, inp.train_s
     systems = [scoring_system("dense", "dense", None, elbo["dense"], n_tok, ts["dense"], secs["dense"]),
                scoring_system("base", "base", None, elbo["base"], n_tok, ts["base"], secs["base"])]
     labels = {"centroid-top1": "centroid top-1",
               f"centroid-top{c.eval.top_k}": f"centroid top-{c.eval.top_k}, T={topk.temperature:.4g} fitted on val",
               "oracle": "oracle (true cluster)", "learned": "learned router (S10)"}
-    for name in ("learned", "centroid-top1", f"centroid-top{c.eval.top_k}", "oracle"):
+    routed = [n for n in ("learned", "centroid-top1", f"centroid-top{c.eval.top_k}", "oracle") if n in ensembles]
+    for name in routed:
         extra = ts["experts"] + (ts["router"] if name == "learned" else 0.0)
         systems.append(scoring_system(f"ensemble/{name}", "ensemble", labels[name], elbo[name], n_tok,
                                       extra, expert_s + secs[name]))
@@ -385,7 +423,7 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
         systems.append(scoring_system("random-ensemble/uniform", "random ensemble", "uniform", elbo["random-uniform"],
                                       n_tok, ts["random"], sum(secs[e] for e in randoms) + secs["random-uniform"]))
     weights_doc = {}
-    for name in ("learned", "centroid-top1", f"centroid-top{c.eval.top_k}", "oracle"):
+    for name in routed:
         wd = np.zeros((len(test.ids), len(experts)))
         np.add.at(wd, doc, mean_w[name])
         weights_doc[name] = wd / np.bincount(doc, minlength=len(test.ids))[:, None]

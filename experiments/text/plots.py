@@ -18,10 +18,11 @@ def router_heatmaps(weights: dict, path: Path) -> Path:
     for i_ax, (ax, name) in enumerate(zip(axes[0], names)):
         rows = weights[name]
         k = len(rows)
-        m = np.array([r if r is not None else [np.nan] * k for r in rows], dtype=float)
+        width = len(next((r for r in rows if r is not None), [np.nan] * k))
+        m = np.array([r if r is not None else [np.nan] * width for r in rows], dtype=float)
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         for i in range(k):
-            for j in range(k):
+            for j in range(width):
                 if np.isfinite(m[i, j]):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if m[i, j] < 0.6 else "black")
@@ -29,7 +30,7 @@ def router_heatmaps(weights: dict, path: Path) -> Path:
         ax.set_xlabel("expert")
         if i_ax == 0:
             ax.set_ylabel("true cluster")
-        ax.set_xticks(range(k))
+        ax.set_xticks(range(width))
         ax.set_yticks(range(k))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     return save_figure(fig, path)

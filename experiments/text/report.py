@@ -85,6 +85,10 @@ def markdown(rep: dict) -> str:
         f"{rep['eval']['scored_tokens']:,} scored tokens (first chunk of each document is context only).",
         "",
     ]
+    skipped = rep["eval"].get("skipped_experts") or []
+    if skipped:
+        lines += [f"**WARNING: expert(s) {skipped} were skipped (lost); every ensemble routes among the remaining "
+                  "experts (renormalised routers) and the oracle is not reported.**", ""]
     if masked:
         lines += ["**Masked schedule: the loss is the DFM loss, an ELBO (THEORY S5(e)); its perplexity is an "
                   "UPPER BOUND on the sampler's perplexity, not an exact perplexity.**", ""]
@@ -168,6 +172,9 @@ def print_summary(rep: dict) -> None:
         table.add_row(s["name"], _fmt(s["loss"]), _fmt(s["perplexity"], 2), f"{s['loss'] - dense:+.4f}")
     console = Console()
     console.print(table)
+    if rep["eval"].get("skipped_experts"):
+        console.print(f"WARNING: expert(s) {rep['eval']['skipped_experts']} skipped; ensembles renormalised over "
+                      "the remaining experts")
     s11 = rep["s11"]
     console.print(f"S11: dense {s11['dense_loss']:.4f} - experts on own clusters {s11['weighted_expert_loss']:.4f} "
                   f"= {s11['dense_minus_weighted_expert_loss']:.4f} nats/token")

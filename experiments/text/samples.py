@@ -38,10 +38,11 @@ def _ar_sampler(graphdefs, priors, num: int, length: int, bos: int, vocab: int, 
         x0 = mask_source((num, length), vocab)
         if router is None:
             return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab,
-                                   state=caches[0])
+                                   state=caches[0], check_finite=True)
         fn = ensemble_posterior_fn(fns, router, mask_id=vocab)
         state = ensemble_init_state(router, caches, batch=num, num_moving=1, vocab=vocab)
-        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state)
+        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state,
+                              check_finite=True)
 
     return go
 
@@ -59,11 +60,13 @@ def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, 
         fns = [posterior_fn_from_denoiser(m) for m in models]
         x0 = mask_source((num, length), vocab)
         if router_graphdef is None:
-            return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab)
+            return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab,
+                                   check_finite=True)
         router = nnx.merge(router_graphdef, router_state)
         fn = ensemble_posterior_fn(fns, router, mask_id=vocab)
         state = ensemble_init_state(router, [None] * len(models), batch=num, num_moving=length, vocab=vocab)
-        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state)
+        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state,
+                              check_finite=True)
 
     return go
 

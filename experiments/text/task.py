@@ -16,6 +16,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.engine.memory import count_parameters, training_memory_bytes
 from experiments.engine.stages import Context, finish_training, load_assignments
 from experiments.engine.task import PartitionInput, Task
 from experiments.text import evaluate, modeling, report
@@ -42,6 +43,16 @@ class TextTask(Task):
 
     def num_train_examples(self, data: TextData) -> int:
         return len(data.sequences["train"])
+
+    def num_train_units(self, data: TextData) -> int:
+        return len(data.splits["train"].ids)
+
+    def training_memory_bytes(self, ctx: Context, data: TextData) -> int:
+        c = ctx.config
+        params = count_parameters(lambda: modeling.new_model(c, data.vocab_size, c.seed))
+        batch = max(getattr(c, self.stage1).batch_size, c.stage2.batch_size)
+        return training_memory_bytes(params, batch=batch, seq_len=c.data.seq_len, hidden=c.model.hidden_size,
+                                     layers=c.model.num_layers, heads=c.model.num_heads, vocab=data.vocab_size)
 
     def partition_input(self, ctx: Context, data: TextData, stage1_model=None) -> PartitionInput:
         """tf-idf + SVD features of whole documents (fitted on train; saved as featurizer.pkl for
