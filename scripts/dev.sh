@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
   # torch (peer extra) must be the CPU wheel: install it first, pinned, so nothing pulls CUDA builds.
   if [ -n "$need_extras" ]; then "$venv/bin/python" -m pip install -q "torch==2.13.0"; fi
-  "$venv/bin/python" -m pip install -q -e ".${need_extras}"
+  # constraints.txt pins every dependency's exact version: fresh clones compute with the same software.
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".${need_extras}"
   touch "$stamp"
 fi
 case "$cmd" in

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm.decentral.mixing import (available_mask, available_weights, check_available_rows, mix_log_probs,
-                                  mix_logits, restrict_weights)
-from dfm.decentral.routers import FixedRouter, check_router, top_k as top_k_weights
-from dfm.decentral.validation import check_positive_int, is_concrete
+                                  mix_logits)
+from dfm.decentral.routers import check_router, top_k as top_k_weights
+from dfm.decentral.validation import check_positive_int
 
 Array = jax.Array
 PosteriorFn = Callable[[Array, Any, Array, Any], tuple[Array, Any]]
@@ -118,31 +118,16 @@ def _revealed_evidence(state: EnsembleState, x_t: Array, mask_id: int) -> Array:
     return jnp.sum(jnp.where(revealed[None], lp, 0.0), axis=-1)
 
 
-def _called_experts(router: Any, num: int, top_k: int | None) -> tuple[int, ...]:
-    """Experts to call: those `router.support(top_k)` marks (all when it returns None). A
-    `FixedRouter` with a concrete table marks the experts with weight in some row after top-k,
-    so top-k decoding costs about k experts, not K."""
-    support = router.support(top_k)
+def _called_experts(router: Any, num: int, top_k: int | None, mask: np.ndarray | None) -> tuple[int, ...]:
+    """Experts to call: those `router.support(top_k, available=mask)` marks; when it returns None
+    (unknown: traced or state-dependent weights), every available expert. A `FixedRouter` with a
+    concrete table marks the experts with weight in some row after the restriction and top-k, so
+    top-k decoding costs about k experts, not K (and it raises naming `available` for a row with
+    no weight on any available expert)."""
+    support = router.support(top_k, available=mask)
     if support is None:
-        return tuple(range(num))
+        support = np.ones(num, bool) if mask is None else mask
     return tuple(int(i) for i in np.flatnonzero(support))
-
-
-def _available_called(router: Any, num: int, top_k: int | None, mask: np.ndarray) -> tuple[int, ...]:
-    """Experts to call when only `mask` is available. A `FixedRouter` with a concrete table: those
-    with weight in some row after the restriction and top-k (computed with the same jax operations
-    as at run time), and ValueError naming `available` for a row with no weight on any available
-    expert. Other routers: every available expert (a row that falls back to uniform weights over
-    the available experts needs them all)."""
-    if isinstance(router, FixedRouter) and is_concrete(router.table):
-        weights, empty = restrict_weights(router.weights(), mask)
-        check_available_rows(empty)
-        if top_k is not None:
-            weights = top_k_weights(weights, top_k)
-        keep = mask & np.asarray(weights > 0).any(axis=0)
-    else:
-        keep = mask
-    return tuple(int(i) for i in np.flatnonzero(keep))
 
 
 def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn | None], router: Any, *,
@@ -225,14 +210,12 @@ def ensemble_posterior_fn(expert_posterior_fns: Sequence[PosteriorFn | None], ro
     if mask is not None and mask.all():
         mask = None                                          # all available: exactly as None
     missing = () if mask is None else tuple(int(i) for i in np.flatnonzero(~mask))
-    if mask is None:
-        used = _called_experts(router, num, top_k)
-    else:
+    if mask is not None:
         for i in np.flatnonzero(mask):
             if not callable(fns[i]):
                 raise ValueError(f"expert_posterior_fns[{i}]: expert {i} is available but its posterior "
                                  f"function is {fns[i]!r}")
-        used = _available_called(router, num, top_k, mask)
+    used = _called_experts(router, num, top_k, mask)
     mix = mix_log_probs if mixing == "probability" else mix_logits
 
     def posterior_fn(x_t, t, positions, state: EnsembleState):

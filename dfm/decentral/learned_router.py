@@ -77,8 +77,12 @@ class LearnedRouter(StatelessRouter, nnx.Module):
     def __call__(self, x_t: Array, t: Any = None) -> Array:
         return self.logits(x_t, t)
 
-    def log_weights(self, x_t: Array, t: Any = None) -> Array:
-        """`[batch, K]` log router weights."""
+    def log_weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:
+        """`[batch, K]` log router weights (`log_softmax` of the logits); `state` is not used."""
+        del state
+        if x_t is None:
+            raise ValueError("x_t: the learned router classifies the noised state x_t; it does not "
+                             "apply to teacher-forced scoring")
         return jax.nn.log_softmax(self.logits(x_t, t), axis=-1)
 
     def weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfm.decentral.routers import BayesFilterRouter, check_router, top_k as top_k_weights
+from dfm.decentral.routers import check_router, top_k as top_k_weights
 from dfm.decentral.validation import check_weights, is_concrete
 
 Array = jax.Array
@@ -161,20 +161,18 @@ def restrict_weights(weights: Array, mask: Any) -> tuple[Array, Array]:
 
 
 def available_weights(router: Any, state: Any, x_t: Array | None, t: Any, mask: Any) -> tuple[Array, Array]:
-    """`router.weights(state, x_t, t)` restricted to the available experts (`restrict_weights`).
-
-    For the Bayes filter the restriction is done on its log-weights (`softmax` of the log-weights
-    with -inf on missing experts), so weights that underflow to 0 in probability space (long
-    prefixes, missing experts that got no evidence) are still exact: `w_k q_k(prefix)` renormalized
-    over the available experts (THEORY S9).
+    """The router's weights restricted to the available experts: `softmax` of its log-weights
+    (`Router.log_weights`) with -inf on the missing experts, i.e. `weights * mask` renormalized.
+    Done in log space, so weights that underflow to 0 in probability space (the Bayes filter after
+    a long prefix whose mass sits on missing experts) stay exact: `w_k q_k(prefix)` renormalized
+    over the available experts (THEORY S9). A row with no weight on any available expert falls
+    back to uniform weights over them and is flagged.
 
     Returns:
       `(weights [batch, K], empty [batch] bool)` as `restrict_weights`.
     """
-    if not isinstance(router, BayesFilterRouter):
-        return restrict_weights(router.weights(state, x_t, t), mask)
     m = jnp.asarray(mask, jnp.bool_)
-    log_w = router.log_weights(state)
+    log_w = router.log_weights(state, x_t, t)
     log_w = jnp.where(m, log_w, -jnp.inf)
     empty = jnp.all(jnp.where(m, log_w == -jnp.inf, True), axis=-1)
     log_w = jnp.where(empty[..., None], jnp.where(m, 0.0, -jnp.inf).astype(log_w.dtype), log_w)

@@ -3,7 +3,7 @@
 One interface (`Router`), the router `rho_t(k | c, x_t)` of THEORY S8 as a small state machine:
 
     state = router.init(batch, context)          # context: conditioning input c (e.g. features) or None
-    w = router.weights(state, x_t, t)            # [batch, K], rows sum to 1
+    w = router.weights(state, x_t, t)            # [batch, K], rows sum to 1 (log_weights: their log)
     state = router.update(state, token_log_probs)  # evidence [K, batch]: each expert's log-prob of
                                                    # the tokens revealed since the last call
 
@@ -50,16 +50,25 @@ class Router(Protocol):
 
     def update(self, state: Any, token_log_probs: Array) -> Any: ...
 
-    def support(self, top_k: int | None = None) -> np.ndarray | None: ...
+    def support(self, top_k: int | None = None, available: np.ndarray | None = None) -> np.ndarray | None: ...
+
+    def log_weights(self, state: Any, x_t: Array | None = None, t: Any = None) -> Array: ...
 
 
 class RouterBase:
-    """Default of `Router.support`: None (any expert may get weight)."""
+    """Defaults of `Router.support` (None: any expert may get weight) and `Router.log_weights`
+    (the log of `weights`; routers with a log-space state override it, so that restricting them
+    to some experts never underflows)."""
 
-    def support(self, top_k: int | None = None) -> np.ndarray | None:
-        """`[K]` bool of the experts that can get weight (after top-k), or None when unknown (all)."""
-        del top_k
+    def support(self, top_k: int | None = None, available: np.ndarray | None = None) -> np.ndarray | None:
+        """`[K]` bool of the experts that can get weight (restricted to the `available` mask, then
+        top-k), or None when unknown (any available expert may)."""
+        del top_k, available
         return None
+
+    def log_weights(self, state: Any, x_t: Array | None = None, t: Any = None) -> Array:
+        """`log weights(state, x_t, t)`, `[batch, K]` (-inf where a weight is 0)."""
+        return jnp.log(self.weights(state, x_t, t))
 
 
 class StatelessRouter(RouterBase):
@@ -237,8 +246,9 @@ class BayesFilterRouter(RouterBase):
                              f"and {self.num_experts} experts")
         return jax.nn.log_softmax(state + lp, axis=-1)
 
-    def log_weights(self, state: Array) -> Array:
-        """Normalized log-weights `[batch, K]`."""
+    def log_weights(self, state: Array, x_t: Array | None = None, t: Any = None) -> Array:
+        """Normalized log-weights `[batch, K]` (exact where `weights` underflows to 0)."""
+        del x_t, t
         return jax.nn.log_softmax(state, axis=-1)
 
     def weights(self, state: Array, x_t: Array | None = None, t: Any = None) -> Array:
@@ -383,12 +393,24 @@ class FixedRouter(StatelessRouter):
     def num_experts(self) -> int:
         return int(np.shape(self.table)[1])
 
-    def support(self, top_k: int | None = None) -> np.ndarray | None:
-        """`[K]` bool: experts with weight in some row after top-k (None when the table is traced).
-        Ties as `jax.lax.top_k`: the lower index is kept."""
+    def support(self, top_k: int | None = None, available: np.ndarray | None = None) -> np.ndarray | None:
+        """`[K]` bool: experts with weight in some row once restricted to the `available` mask
+        (renormalizing keeps the order) and after top-k (ties as `jax.lax.top_k`: the lower index is
+        kept); None when the table is traced.
+
+        Raises:
+          ValueError: naming `available`, for a row with no weight on any available expert.
+        """
         if not is_concrete(self.table):
             return None
-        w = np.asarray(self.table)
+        w = np.asarray(self.table, dtype=np.float64)
+        if available is not None:
+            w = np.where(np.asarray(available, bool), w, 0.0)
+            empty = np.flatnonzero(~(w > 0).any(axis=1))
+            if empty.size:
+                raise ValueError(f"available: {empty.size} router weight rows give no weight to any available "
+                                 f"expert (first at index ({int(empty[0])},)); route to the available experts, "
+                                 f"or pass weights that cover them")
         keep = w > 0
         if top_k is not None:
             order = np.argsort(-w, axis=1, kind="stable")[:, :top_k]
