@@ -9,7 +9,9 @@ Layout of ``runs/<config-name>/``::
                              the task's feature files
     checkpoints/<stage>/     orbax checkpoints of a training stage (resume)
     models/<stage>/          final parameters of a finished stage
-    stages/<stage>.json      completion marker of a stage: wall time, steps, loss history
+    stages/<stage>.json      completion marker of a stage: wall time, steps, loss history, the sha256 of
+                             its model (a missing or changed model re-runs the stage)
+    locks/<stage>.lock       held while a process writes the stage (`experiments.engine.locks`)
     report.json, report.md, plots/*.png
 
 Every file is written to a temporary name in the same directory and moved into place with
