@@ -37,6 +37,13 @@ def _params(run_dir: Path, stage: str) -> dict:
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def _assert_same_params(run_dir: Path, reference: Path, stage: str) -> None:
+    a, b = _params(run_dir, stage), _params(reference, stage)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{stage} {key}")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted tiny run (the data stage is copied from it into the faulty runs)."""
@@ -70,9 +77,7 @@ def test_killed_stage_and_a_corrupt_latest_checkpoint_resume_to_the_same_run(ref
     fallback = [w for w in caught if issubclass(w.category, CheckpointFallbackWarning)]
     assert fallback and "checkpoint step 20" in str(fallback[0].message) and "does not restore" in str(fallback[0].message)
     assert _losses(out) == _losses(reference)
-    a, b = _params(out, "base"), _params(reference, "base")
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    _assert_same_params(out, reference, "base")
 
 
 def test_missing_or_truncated_model_behind_a_marker_is_retrained(reference, tmp_path, capsys):
@@ -86,9 +91,7 @@ def test_missing_or_truncated_model_behind_a_marker_is_retrained(reference, tmp_
     assert "[expert-1] the finished stage cannot be trusted: its model" in log and "is missing" in log
     assert "[dense] the finished stage cannot be trusted" in log and "does not match the checksum" in log
     for stage in ("expert-1", "dense"):
-        a, b = _params(out, stage), _params(reference, stage)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{stage} {key}")
+        _assert_same_params(out, reference, stage)
 
 
 def test_truncated_report_is_rebuilt_and_bad_files_are_named(reference, tmp_path, capsys):
@@ -137,9 +140,7 @@ def test_two_writers_of_one_stage(reference, tmp_path, capsys):
     assert _run("train", "--base", "--out", str(out)) == 0
     assert f"taking over the stale lock {lock} of process {holder.pid}" in capsys.readouterr().out
     assert not lock.exists()
-    a, b = _params(out, "base"), _params(reference, "base")
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    _assert_same_params(out, reference, "base")
 
 
 def test_a_lost_expert_is_survived(reference, tmp_path, capsys):

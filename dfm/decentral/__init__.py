@@ -16,7 +16,7 @@ from dfm.decentral.ensemble import (EnsembleState, ExpertSpec, check_compatible_
 from dfm.decentral.features import PrecomputedFeaturizer, TextFeaturizer
 from dfm.decentral.learned_router import LearnedRouter, router_loss, router_objective, train_learned_router
 from dfm.decentral.mixing import (MixtureScores, available_mask, available_weights, mix_log_probs, mix_logits,
-                                  mix_probabilities, mixture_token_log_probs, restrict_weights)
+                                  mix_probabilities, mixture_token_log_probs)
 from dfm.decentral.partition import (Partition, assign, assign_balanced, balanced_kmeans,
                                      two_stage_balanced_kmeans)
 from dfm.decentral.routers import (BayesFilterRouter, CallableRouter, CentroidRouter, FixedRouter, Router,
@@ -26,7 +26,7 @@ from dfm.decentral.temperature import fit_centroid_router, fit_temperature, mixt
 
 __all__ = [
     "BayesFilterRouter", "CallableRouter", "CentroidRouter", "EnsembleState", "ExpertSpec", "FixedRouter",
-    "LearnedRouter", "MixtureScores", "available_mask", "available_weights", "restrict_weights", "Partition", "PrecomputedFeaturizer", "Router", "StatelessRouter",
+    "LearnedRouter", "MixtureScores", "available_mask", "available_weights", "Partition", "PrecomputedFeaturizer", "Router", "StatelessRouter",
     "TextFeaturizer", "apply_threshold", "assign", "assign_balanced", "balanced_assignment", "balanced_kmeans",
     "centroid_weights", "check_compatible_experts", "check_router", "ensemble_init_state",
     "ensemble_posterior_fn", "fit_centroid_router", "fit_temperature", "mix_log_probs", "mix_logits",

@@ -13,8 +13,8 @@
   it; the centroid router's temperature is fitted with it.
 All three reduce to one log-sum-exp, `_weighted_logsumexp`.
 - A lost expert: `available_mask` (the `available=` argument of `mixture_token_log_probs` and
-  `dfm.decentral.ensemble_posterior_fn`), `restrict_weights` / `available_weights` (router weights
-  renormalized over the available experts), `check_available_rows`.
+  `dfm.decentral.ensemble_posterior_fn`), `available_weights` (router weights renormalized over
+  the available experts), `check_available_rows`.
 """
 from __future__ import annotations
 
@@ -137,29 +137,6 @@ def available_mask(available: Any, num_experts: int, name: str = "available") ->
     return mask
 
 
-def restrict_weights(weights: Array, mask: Any) -> tuple[Array, Array]:
-    """Router weights restricted to the available experts: `w * mask / sum(w * mask)` per row.
-
-    A row with no weight on any available expert (e.g. one-hot oracle weights on a missing one)
-    falls back to uniform weights over the available experts; it is flagged in `empty` (callers
-    raise on concrete values with `check_available_rows`). NaN weights stay NaN.
-
-    Args:
-      weights: `[..., K]` non-negative router weights.
-      mask: `[K]` bool, the available experts (`available_mask`).
-
-    Returns:
-      `(restricted [..., K], empty [...] bool)`; restricted is exactly 0 on missing experts.
-    """
-    m = jnp.asarray(mask, jnp.bool_)
-    w = jnp.where(m, weights, jnp.zeros((), weights.dtype))
-    total = jnp.sum(w, axis=-1, keepdims=True)
-    empty = total <= 0
-    uniform = m.astype(w.dtype) / jnp.sum(m).astype(w.dtype)
-    out = jnp.where(empty, uniform, w / jnp.where(empty, jnp.ones((), w.dtype), total))
-    return out, empty[..., 0]
-
-
 def available_weights(router: Any, state: Any, x_t: Array | None, t: Any, mask: Any) -> tuple[Array, Array]:
     """The router's weights restricted to the available experts: `softmax` of its log-weights
     (`Router.log_weights`) with -inf on the missing experts, i.e. `weights * mask` renormalized.
@@ -169,7 +146,8 @@ def available_weights(router: Any, state: Any, x_t: Array | None, t: Any, mask: 
     back to uniform weights over them and is flagged.
 
     Returns:
-      `(weights [batch, K], empty [batch] bool)` as `restrict_weights`.
+      `(weights [batch, K], empty [batch] bool)`: the restricted weights (exactly 0 on missing
+      experts) and the rows that had no weight on any available expert.
     """
     m = jnp.asarray(mask, jnp.bool_)
     log_w = router.log_weights(state, x_t, t)
@@ -180,7 +158,7 @@ def available_weights(router: Any, state: Any, x_t: Array | None, t: Any, mask: 
 
 
 def check_available_rows(empty: Any, name: str = "available") -> None:
-    """ValueError naming `name` when a concrete `empty` flag (`restrict_weights`) is set anywhere:
+    """ValueError naming `name` when a concrete `empty` flag (`available_weights`) is set anywhere:
     some router row gives no weight to any available expert. Traced flags are not checked (the
     weights then fall back to uniform over the available experts)."""
     if not is_concrete(empty):

@@ -443,8 +443,8 @@ def run_export(ctx: Context, data) -> dict | None:
 
 def load_data(ctx: Context):
     """The task's data (its data stage under the "data" lock when not yet done), then the checks
-    that need no training: K against the train units, and the memory a training stage needs
-    against this machine's RAM (a warning).
+    that need no training: K against the train units, and (while a training stage is left) the
+    memory a training stage needs against this machine's RAM (a warning).
 
     Raises:
       StageError: more clusters than train units.
@@ -458,6 +458,8 @@ def load_data(ctx: Context):
     if k > units:
         raise StageError(f"partition.num_clusters: K={k} experts but only {units} train units to partition; "
                          f"lower partition.num_clusters")
+    if all(ctx.run.is_done(stage) for stage in training_stages(ctx)):
+        return data                               # nothing left to train: no estimate needed
     need, ram = ctx.task.training_memory_bytes(ctx, data), physical_memory_bytes()
     if need is not None and ram is not None and need > ram:
         ctx.log(f"[data] warning: a training stage needs about {need / 2**30:.1f} GiB (parameters, AdamW state "
