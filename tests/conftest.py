@@ -1,14 +1,21 @@
-"""Shared pytest configuration: 8 simulated CPU devices, hypothesis profiles.
+"""Shared pytest configuration: 8 simulated CPU devices, the `gpu` marker, hypothesis profiles.
 
 `ci` (default) keeps property tests fast; run `pytest --hypothesis-profile=deep` for many more examples.
+
+On a GPU machine (docs/accelerators.md) `jax.devices()` is the GPU(s) while the 8 simulated CPU
+devices stay available as `jax.devices("cpu")`: the sharding tests build their meshes from those
+(`tiny_models.cpu_devices`). Tests marked `gpu` run only when `jax.default_backend() == "gpu"`.
 """
 import os
+
+import pytest
+from hypothesis import HealthCheck, settings
 
 # Simulate 8 CPU devices for the sharding tests; must be set before jax is first imported.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-
-from hypothesis import HealthCheck, settings
+# `pytest -n N` on one GPU: without this each worker process would reserve 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
@@ -18,3 +25,18 @@ settings.register_profile(
     "deep", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests unless JAX's default backend is a GPU."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not marked:
+        return
+    import jax  # here, not at the top: XLA_FLAGS above must be set before jax initializes
+
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU backend (jax.default_backend() is {backend!r})")
+    for item in marked:
+        item.add_marker(skip)

@@ -103,14 +103,18 @@ def test_invalid_toml_is_a_config_error(tmp_path):
         load_config(str(path))
 
 
-def test_mesh_section_default_is_unsharded_and_fills_devices_when_asked():
-    import jax
+def test_mesh_section_default_is_unsharded_and_fills_devices_when_asked(monkeypatch):
+    from tiny_models import cpu_devices
 
+    import dfm.sharding
     from experiments.engine.stages import training_mesh
 
     assert training_mesh(from_dict({}).mesh) is None                  # default 1 x 1 x 1: no mesh
+    devices = cpu_devices(8)    # the simulated CPU devices, also on a machine with one GPU
+    make_mesh = dfm.sharding.make_mesh
+    monkeypatch.setattr(dfm.sharding, "make_mesh", lambda config: make_mesh(config, devices=devices))
     mesh = training_mesh(from_dict({"mesh": {"data": -1, "tensor": 2}}).mesh)
-    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     with pytest.raises(ConfigError, match=r"^mesh\.fsdp: must be -1 \(fill\) or >= 1"):
         from_dict({"mesh": {"fsdp": 0}})
     with pytest.raises(ConfigError, match=r"unknown key 'pipeline' in section \[mesh\]"):

@@ -14,7 +14,9 @@ VOCAB = 50
 
 
 def tiny(**kw) -> DecoderConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    """Full float32 matmuls ("highest"): the exactness and HF-parity checks here hold on GPU / TPU too."""
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                matmul_precision="highest")
     base.update(kw)
     return DecoderConfig(**base)
 
@@ -153,7 +155,8 @@ def test_tied_embeddings_and_output_size(tokens):
     logits = forward(model, tokens.at[0, 0].set(VOCAB))  # the mask id is a valid input
     assert logits.shape == (2, 10, VOCAB)
     hidden = nnx.jit(lambda m, t: m.norm(m.hidden_states(t)))(model, tokens)
-    np.testing.assert_allclose(logits[1], hidden[1] @ model.embed_tokens.embedding[...][:VOCAB].T, atol=1e-5)
+    table = np.asarray(model.embed_tokens.embedding[...])[:VOCAB]
+    np.testing.assert_allclose(logits[1], np.asarray(hidden[1]) @ table.T, atol=1e-5)   # numpy: full float32
 
 
 def test_default_init_and_qkv_bias_only_when_configured():

@@ -5,6 +5,9 @@ CPU devices, a `jax.distributed` coordinator on 127.0.0.1 (free port), cross-pro
 over gloo (jax's default CPU collectives), an FSDP mesh over the 4 global devices, and two
 `dfm.train.train` steps fed by `jax.make_array_from_process_local_data`. Both processes must report
 the same losses, equal to one process training on the whole batch.
+
+The workers run with `JAX_PLATFORMS=cpu` and the one-process reference on this process's first CPU
+device, so on a GPU machine the test compares CPU with CPU (as it does everywhere else).
 """
 import json
 import os
@@ -142,11 +145,13 @@ def test_two_processes_on_loopback_train_with_equal_losses(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     # meanwhile: the same two steps in this process, on one device, with the whole batch
     import jax.numpy as jnp
+    from tiny_models import on_cpu
 
     from dfm.train import train
 
-    reference = train(_new_model(), _lm_loss, lambda step: jnp.asarray(_global_batch(step)), _train_config(),
-                      progress=False)
+    with on_cpu():
+        reference = train(_new_model(), _lm_loss, lambda step: jnp.asarray(_global_batch(step)), _train_config(),
+                          progress=False)
     logs = []
     try:
         for proc in procs:

@@ -15,8 +15,9 @@ from dfm.hf.experts import load_decentralized, save_decentralized
 from dfm.hf.tokenizers import tokenizer_fingerprint
 from dfm.models import Decoder, DecoderConfig
 
+# "highest", the import default: loaded experts compute exactly like these originals on any backend
 CONFIG = DecoderConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, matmul_precision="highest")
 
 
 def partition(k=2):
@@ -49,6 +50,11 @@ def test_save_load_centroid_router_and_mix(tmp_path):
 
     dm = load_decentralized(root)
     assert dm.num_experts == 2 and dm.mask_id is None
+    assert all(m.config.matmul_precision == "highest" and m.config.attention == "auto" for m in dm.experts)
+    fast = load_decentralized(root, matmul_precision="default", attention="xla")
+    assert all((m.config.matmul_precision, m.config.attention) == ("default", "xla") for m in fast.experts)
+    with pytest.raises(ValueError, match="^matmul_precision: must be one of"):
+        load_decentralized(tmp_path / "nothing", matmul_precision="fast")   # checked before any file is read
     assert [s.vocab_size for s in dm.specs] == [12, 12]
     assert dm.specs[0].tokenizer_fingerprint == tokenizer_fingerprint(tok)
     np.testing.assert_array_equal(dm.partition.centroids, part.centroids)

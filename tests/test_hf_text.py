@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from dfm.hf import SafetensorsCheckpoint, load_pretrained, save_pretrained
+from dfm.hf.configs import RUNTIME_FIELDS
 from dfm.hf.tokenizers import (expand_internvl_prompt, expand_llava_prompt, load_tokenizer,
                                tokenizer_fingerprint)
 from dfm.models import Decoder, DecoderConfig
@@ -72,7 +73,8 @@ def test_bf16_checkpoint_loads_as_bf16_or_cast_to_float32(tmp_path):
 def test_export_masked_denoiser_round_trips_in_our_format(tmp_path):
     """A bidirectional denoiser with a mask state (vocab + 1 embeddings, vocab outputs) survives export."""
     config = DecoderConfig(vocab_size=41, output_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
-                           num_heads=4, num_kv_heads=2, causal=False, attention_bias=True, rope_theta=1e4)
+                           num_heads=4, num_kv_heads=2, causal=False, attention_bias=True, rope_theta=1e4,
+                           matmul_precision="highest")     # the import default: `back` computes alike
     model = Decoder(config, rngs=nnx.Rngs(0))
     save_pretrained(model, tmp_path / "m", dtype="bfloat16")
     hf_config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -94,6 +96,67 @@ def test_export_masked_denoiser_round_trips_in_our_format(tmp_path):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 41, (2, 7)))
     np.testing.assert_array_equal(np.asarray(exact(tokens)), np.asarray(model(tokens)))
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["m"]    # no temporary directories left
+
+
+def runtime_fields_in(hf_config: dict) -> set:
+    """Our runtime-only field names anywhere in an HF config dict (nested ones too)."""
+    found = set(RUNTIME_FIELDS) & set(hf_config)
+    for value in hf_config.values():
+        if isinstance(value, dict):
+            found |= runtime_fields_in(value)
+    return found
+
+
+def test_import_knobs_go_into_the_config_and_never_into_config_json(tmp_path):
+    config = DecoderConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                           attention="xla", matmul_precision="high", remat="dots", scan_layers=True)
+    save_pretrained(Decoder(config, rngs=nnx.Rngs(0)), tmp_path / "m")
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert runtime_fields_in(written) == set() and written["num_hidden_layers"] == 2
+    with SafetensorsCheckpoint(tmp_path / "m") as ckpt:         # stacked layers are written per layer
+        assert ckpt.shape("model.layers.1.mlp.up_proj.weight") == (32, 16)
+    imported = load_pretrained(tmp_path / "m").config
+    assert (imported.matmul_precision, imported.attention, imported.remat, imported.scan_layers) == (
+        "highest", "auto", "none", False)
+    assert imported == config.replace(attention="auto", matmul_precision="highest", remat="none", scan_layers=False)
+    chosen = load_pretrained(tmp_path / "m", matmul_precision="default", attention="xla", scan_layers=True).config
+    assert (chosen.matmul_precision, chosen.attention, chosen.scan_layers) == ("default", "xla", True)
+    with pytest.raises(ValueError, match="^matmul_precision: must be one of"):
+        load_pretrained(tmp_path / "nothing", matmul_precision="fast")     # before any file is read
+    with pytest.raises(ValueError, match="^attention: must be one of"):
+        load_pretrained(tmp_path / "m", attention="flash")
+
+
+@pytest.mark.peer
+def test_scan_layers_import_and_export_match_per_layer_and_transformers(tmp_path):
+    pytest.importorskip("torch")
+    import transformers
+
+    from dfm.hf.load import load_decoder
+    from dfm.hf.parity_tools import hf_logits, tiny_text_model
+
+    hf = tiny_text_model("qwen2", seed=5)       # 2 layers, GQA, q/k/v biases
+    hf.save_pretrained(tmp_path / "hf")
+    per_layer = load_decoder(tmp_path / "hf")
+    scanned = load_pretrained(tmp_path / "hf", scan_layers=True)
+    assert scanned.config == per_layer.config.replace(scan_layers=True) and not per_layer.config.scan_layers
+    assert scanned.layers.mlp.up_proj.kernel[...].shape == (2, 32, 64)    # [layers, in, out]
+    tokens = np.random.default_rng(2).integers(0, 128, (2, 9))
+    ref, a = hf_logits(hf, tokens), np.asarray(per_layer(jnp.asarray(tokens)))
+    b = np.asarray(scanned(jnp.asarray(tokens)))
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)      # scan vs loop: float rounding
+    assert np.abs(b - ref).max() < 1e-4
+    save_pretrained(per_layer, tmp_path / "per_layer")
+    save_pretrained(scanned, tmp_path / "scanned")
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("per_layer", "scanned")]
+    assert configs[0] == configs[1] and runtime_fields_in(configs[1]) == set()
+    with SafetensorsCheckpoint(tmp_path / "per_layer") as want, SafetensorsCheckpoint(tmp_path / "scanned") as got:
+        keys = sorted(want.keys())
+        assert sorted(got.keys()) == keys
+        for key in keys:
+            np.testing.assert_array_equal(got.get(key), want.get(key), err_msg=key)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "scanned").eval()
+    assert np.abs(hf_logits(back, tokens) - b).max() < 1e-4
 
 
 def tiny_tokenizer(words):

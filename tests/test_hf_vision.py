@@ -67,8 +67,50 @@ def test_llava_full_strategy_last_layer_tied_qwen2(tmp_path):
     result = multimodal_parity("llava full", hf, tmp_path, seed=1, full=False)
     ours = load_pretrained(tmp_path / "hf")
     assert ours.config.num_image_tokens == 17 and ours.config.text.tie_word_embeddings
+    assert ours.config.text.matmul_precision == ours.config.vision.matmul_precision == "highest"   # the default
+    knobs = load_pretrained(tmp_path / "hf", matmul_precision="default", attention="xla").config
+    assert (knobs.text.matmul_precision, knobs.vision.matmul_precision, knobs.text.attention,
+            knobs.vision.attention) == ("default", "default", "xla", "xla")
+    with pytest.raises(ValueError, match="^scan_layers: only a text decoder"):
+        load_pretrained(tmp_path / "hf", scan_layers=True)
     assert ours.config.text.attention_bias and ours.language_model.lm_head is None
     assert result.import_max_abs < 1e-4
+
+
+def test_llava_with_a_scanned_language_model_exports_per_layer(tmp_path):
+    import json
+
+    from flax import nnx
+
+    from dfm.hf import save_pretrained
+    from dfm.hf.configs import RUNTIME_FIELDS
+    from dfm.models import MultimodalModel, stack_layers
+
+    hf = tiny_llava(seed=2)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    config = ours.config.replace(text=ours.config.text.replace(scan_layers=True))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MultimodalModel(config, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(nnx.state(ours))
+    pure["language_model"] = nnx.to_pure_dict(nnx.state(stack_layers(ours.language_model)))
+    nnx.replace_by_pure_dict(state, pure)
+    scanned = nnx.merge(graphdef, state)
+    tokens, pixels = prompt_with_images(16, seed=2), images(2, seed=2)
+    nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+    logits = np.asarray(scanned(jnp.asarray(tokens), nhwc))
+    np.testing.assert_allclose(logits, np.asarray(ours(jnp.asarray(tokens), nhwc)), atol=1e-5, rtol=0)
+    save_pretrained(ours, tmp_path / "per_layer")
+    save_pretrained(scanned, tmp_path / "scanned")
+    written = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("per_layer", "scanned")]
+    assert written[0] == written[1]
+    assert not set(RUNTIME_FIELDS) & (set(written[1]) | set(written[1]["text_config"]) | set(written[1]["vision_config"]))
+    with SafetensorsCheckpoint(tmp_path / "per_layer") as want, SafetensorsCheckpoint(tmp_path / "scanned") as got:
+        keys = sorted(want.keys())
+        assert sorted(got.keys()) == keys
+        for key in keys:
+            np.testing.assert_array_equal(got.get(key), want.get(key), err_msg=key)
+    back = type(hf).from_pretrained(tmp_path / "scanned").eval()
+    assert np.abs(hf_logits(back, tokens, pixel_values=pixels) - logits).max() < 1e-4
 
 
 @pytest.mark.parametrize("variant", ["base", "qk_norm"])

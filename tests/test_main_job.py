@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import logsumexp
+from tiny_models import assert_same_run, same_numbers
 
 from experiments.cli import main
 from experiments.engine import stages
@@ -170,11 +171,12 @@ def test_stopped_stage_resumes_to_identical_parameters(data_dir, tmp_path, capsy
     assert main(["train", "--base", "--config", "tiny", "--out", str(straight), "--quiet"]) == 0
     a, b = _params(interrupted), _params(straight)
     assert a.keys() == b.keys() and len(a) > 3
+    # bit-identical (on a GPU without --xla_gpu_deterministic_ops: to float rounding, tiny_models)
     for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert_same_run(a[key], b[key], err_msg=key)
     hist_a = json.loads((interrupted / "stages" / "base.json").read_text())["history"]
     hist_b = json.loads((straight / "stages" / "base.json").read_text())["history"]
-    assert hist_a == hist_b
+    assert same_numbers(hist_a, hist_b)
 
 
 def test_masked_schedule_end_to_end(data_dir, tmp_path):

@@ -2,6 +2,7 @@
 import json
 import tomllib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -262,7 +263,10 @@ def _run_model(run_dir, stage):
 def test_exported_decentralized_directory_rebuilds_the_ensemble(run_dir):
     from dfm.hf import load_decentralized
 
-    dec = load_decentralized(run_dir / "decentralized")
+    # the trained models' own matmul precision (the import default is "highest"): same numerics on any backend
+    trained = _run_model(run_dir, "expert-0").config.text.matmul_precision
+    dec = load_decentralized(run_dir / "decentralized", matmul_precision=trained)
+    assert all(e.config.text.matmul_precision == trained for e in dec.experts)
     _, tokens, px = _inputs(run_dir)
     rep = json.loads((run_dir / "report.json").read_text())
     assert dec.router.top_k == 2 and dec.router.temperature == pytest.approx(rep["temperature"])
@@ -282,7 +286,8 @@ def test_exported_dense_model_loads_in_transformers_with_the_same_logits(run_dir
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                     pixel_values=torch.tensor(px.transpose(0, 3, 1, 2))).logits.numpy()
-    ours = np.asarray(_run_model(run_dir, "dense")(jnp.asarray(tokens), jnp.asarray(px)))
+    with jax.default_matmul_precision("highest"):      # a parity check: full float32 on any backend
+        ours = np.asarray(_run_model(run_dir, "dense")(jnp.asarray(tokens), jnp.asarray(px)))
     assert np.abs(theirs - ours).max() < 1e-4
     tok = AutoTokenizer.from_pretrained(run_dir / "hf" / "dense")
     assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_index

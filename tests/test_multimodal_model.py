@@ -11,8 +11,11 @@ from dfm.models import (Decoder, DecoderConfig, MultimodalConfig, MultimodalMode
                         multimodal_greedy_generate, pixel_shuffle)
 
 VOCAB, IMG = 64, 5
-VISION = dict(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
-TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+# full float32 matmuls: the exactness and HF-parity checks hold on GPU / TPU too
+VISION = dict(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+              matmul_precision="highest")
+TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+            matmul_precision="highest")
 
 
 def llava_config(**kw) -> MultimodalConfig:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from dfm.models import Decoder, DecoderConfig
-from tiny_models import lm_loss, tiny_decoder
+from tiny_models import assert_same_run, lm_loss, same_numbers, tiny_decoder
 from dfm.train import TrainConfig, learning_rate_schedule, load_model, make_optimizer, save_model, train
 
 CONFIG = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -59,9 +59,11 @@ def test_resume_is_exact(tmp_path):
     # a fresh model object with different initial values: everything must come from the checkpoint
     resumed = train(new_model(seed=1), lm_loss, batches, config, checkpoint_dir=ckpt, progress=False)
     assert resumed.steps_done == 10
-    assert no_wall(resumed.history) == no_wall(straight.history)
+    # bit-exact on CPU, and on a GPU with XLA_FLAGS=--xla_gpu_deterministic_ops=true; otherwise GPU
+    # reductions are nondeterministic and the two runs agree to float rounding (tiny_models.assert_same_run)
+    assert same_numbers(no_wall(resumed.history), no_wall(straight.history))
     for a, b in zip(params(straight.model), params(resumed.model), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same_run(a, b)
     walls = [row["wall"] for row in resumed.history]
     assert walls == sorted(walls)
 
@@ -71,8 +73,8 @@ def test_resume_is_exact(tmp_path):
 
     again = train(new_model(seed=2), lm_loss, no_batches, config, checkpoint_dir=ckpt, progress=False)
     assert again.steps_done == 10 and again.history == resumed.history
-    for a, b in zip(params(straight.model), params(again.model), strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(params(resumed.model), params(again.model), strict=True):
+        np.testing.assert_array_equal(a, b)          # restored from the final checkpoint: always exact
 
 
 def test_key_changes_with_seed():

@@ -7,7 +7,9 @@ from flax import nnx
 
 from dfm.models import CLIPVisionTower, InternVisionTower, VisionConfig
 
-TINY = dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
+# full float32 matmuls: the exactness and HF-parity checks hold on GPU / TPU too
+TINY = dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+            matmul_precision="highest")
 
 
 def tiny(**kw) -> VisionConfig:

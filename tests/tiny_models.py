@@ -1,10 +1,16 @@
-"""Tiny decoders shared by the training, sharding and multi-process tests.
+"""Tiny decoders shared by the training, sharding and multi-process tests, and the backend helpers
+those tests need to run on a GPU machine too.
 
 `tiny_decoder` draws the default-init distribution (normal(0.02) weights, unit norm scales) from a
 seeded numpy Generator into an abstract module, which avoids compiling `jax.random` once per
-parameter shape. Importable from tests (pytest puts tests/ on sys.path) and from test files run as
-scripts (their folder is sys.path[0]).
+parameter shape. `cpu_devices(n)` gives the simulated CPU devices (conftest) for meshes whatever the
+default backend; `bit_exact_reruns` / `assert_same_run` / `same_numbers` state what a resumed or
+repeated run must reproduce (docs/accelerators.md). Importable from tests (pytest puts tests/ on
+sys.path) and from test files run as scripts (their folder is sys.path[0]).
 """
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,3 +36,67 @@ def lm_loss(model, batch, key):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
     noise = 1e-3 * jax.random.normal(key, ()) * jnp.sum(model.norm.scale[...])
     return nll + noise, {"nll": nll, "tokens": batch[:, 1:].size}
+
+
+# ------------------------------------------------------------------------------------ backends
+def cpu_devices(n: int) -> list:
+    """The first `n` CPU devices (conftest simulates 8), also when the default backend is a GPU.
+
+    Skips the calling test when fewer exist (XLA_FLAGS set by hand without
+    `--xla_force_host_platform_device_count`).
+    """
+    import pytest
+
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        pytest.skip(f"needs {n} CPU devices, have {len(devices)} (XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={n}, set by tests/conftest.py unless XLA_FLAGS has it)")
+    return devices[:n]
+
+
+def on_cpu():
+    """Context: computations on uncommitted arrays (and fresh arrays) run on the first CPU device."""
+    return jax.default_device(jax.devices("cpu")[0])
+
+
+_DETERMINISTIC = re.compile(r"--xla_gpu_deterministic_ops(=(true|1))?(\s|$)")
+RESUME_RTOL, RESUME_ATOL = 1e-4, 5e-5
+
+
+def bit_exact_reruns() -> bool:
+    """True when the same jitted training step on the same data gives bit-identical results run
+    after run: always off GPU; on a GPU only with `XLA_FLAGS=--xla_gpu_deterministic_ops=true`.
+
+    Without that flag XLA:GPU reduces some sums (scatter-add of the embedding gradient, split
+    reductions) with atomics in a varying order, so a resumed run agrees with an uninterrupted one
+    to float rounding only (observed: parameters 4e-9 .. 6e-6 apart after a few steps).
+    """
+    if jax.default_backend() != "gpu":
+        return True
+    return bool(_DETERMINISTIC.search(os.environ.get("XLA_FLAGS", "")))
+
+
+def assert_same_run(actual, desired, err_msg: str = "") -> None:
+    """Arrays two runs of the same training must agree on: bit-identical where `bit_exact_reruns()`,
+    else within rtol 1e-4 / atol 5e-5 (nondeterministic GPU reductions; parameters are ~2e-2 and
+    Adam can turn a rounding-level gradient difference on a near-zero entry into a larger step)."""
+    if bit_exact_reruns():
+        np.testing.assert_array_equal(actual, desired, err_msg=err_msg)
+    else:
+        np.testing.assert_allclose(actual, desired, rtol=RESUME_RTOL, atol=RESUME_ATOL, err_msg=err_msg)
+
+
+def same_numbers(a, b) -> bool:
+    """`a == b` for numbers, or dicts / lists of them (losses, history rows): exact where
+    `bit_exact_reruns()`, else within a relative 1e-4 (see `assert_same_run`)."""
+    if bit_exact_reruns():
+        return a == b
+    import pytest
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a == pytest.approx(b, rel=RESUME_RTOL)
+    return a == b

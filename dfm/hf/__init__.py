@@ -1,6 +1,8 @@
 """HF checkpoints: import / export of Llama, Qwen2, CLIP vision, LLaVA and InternVL, and expert directories.
 
-- `load_pretrained(path, *, dtype=None)`: a local HF model directory -> our NNX model (no torch).
+- `load_pretrained(path, *, dtype=None, matmul_precision="highest", attention="auto", scan_layers=False)`:
+  a local HF model directory -> our NNX model (no torch); full float32 matmuls by default, so the
+  parity with transformers holds on GPU / TPU too (docs/accelerators.md).
 - `save_pretrained(model, path)`: our model -> an HF directory that transformers loads.
 - `SafetensorsCheckpoint`: lazy numpy reads of single-file or sharded safetensors checkpoints.
 - `load_tokenizer`, `tokenizer_fingerprint`, image-placeholder expansion (`dfm.hf.tokenizers`).

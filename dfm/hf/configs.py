@@ -25,6 +25,9 @@ TEXT_MODEL_TYPES = ("llama", "qwen2")
 VISION_MODEL_TYPES = ("clip_vision_model", "clip")
 MULTIMODAL_MODEL_TYPES = ("llava", "internvl")
 SUPPORTED_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_MODEL_TYPES + MULTIMODAL_MODEL_TYPES
+RUNTIME_FIELDS = ("attention", "matmul_precision", "remat", "scan_layers")
+"""Config fields that say how our model computes (kernels, precision, memory, layout), not what the
+checkpoint holds: chosen at import (`dfm.hf.load_pretrained`), never written to `config.json`."""
 
 
 class UnsupportedModelError(CheckpointError):
@@ -90,13 +93,16 @@ def torch_dtype_name(config: dict) -> str | None:
 
 
 def decoder_config_from_hf(config: dict, source: Any, *, dtype: str | None = None,
-                           param_dtype: str | None = None, where: str = "") -> DecoderConfig:
+                           param_dtype: str | None = None, where: str = "", attention: str = "auto",
+                           matmul_precision: str = "highest") -> DecoderConfig:
     """`DecoderConfig` of an HF `LlamaConfig` / `Qwen2Config` dict.
 
     Args:
       config: the config dict (for LLaVA / InternVL: its `text_config`).
       source: the file, for messages; where: prefix for field names in messages ("text_config.").
       dtype, param_dtype: our compute / parameter dtype names (default "float32").
+      attention, matmul_precision: our runtime knobs (`DecoderConfig`; no HF field holds them;
+        "highest" by default on import, see `dfm.hf.load_pretrained`).
 
     Raises:
       UnsupportedModelError: a model_type other than llama / qwen2, or an unsupported feature
@@ -137,6 +143,8 @@ def decoder_config_from_hf(config: dict, source: Any, *, dtype: str | None = Non
         dtype=dtype or "float32",
         param_dtype=param_dtype or dtype or "float32",
         initializer_range=float(config.get("initializer_range", 0.02)),
+        attention=attention,
+        matmul_precision=matmul_precision,
     )
 
 
@@ -150,7 +158,9 @@ def decoder_config_to_hf(config: DecoderConfig, *, torch_dtype: str | None = Non
     """HF config dict (`LlamaConfig` / `Qwen2Config`, via transformers' config class) of `config`.
 
     `torch_dtype` is written as `dtype` (default: `config.param_dtype`). A bidirectional decoder or
-    `output_size != vocab_size` adds the `"dfm"` object (module doc).
+    `output_size != vocab_size` adds the `"dfm"` object (module doc). The runtime-only fields
+    (`attention`, `matmul_precision`, `remat`, `scan_layers`) describe how our model computes, not
+    the checkpoint, and are never written.
     """
     import transformers
 

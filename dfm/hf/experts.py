@@ -58,7 +58,7 @@ import numpy as np
 from dfm.decentral import (BayesFilterRouter, CentroidRouter, ExpertSpec, Partition, centroid_weights,
                            check_compatible_experts, uniform_weights)
 from dfm.hf.export import default_permissions, swap_into_place, save_pretrained
-from dfm.hf.load import load_pretrained
+from dfm.hf.load import check_runtime_knobs, load_pretrained
 from dfm.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 
 MANIFEST = "decentral.json"
@@ -338,8 +338,8 @@ def _read_manifest(root: Path) -> tuple[dict, Path]:
     return manifest, file
 
 
-def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None,
-                       missing_ok: bool = False) -> DecentralizedModel:
+def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None, missing_ok: bool = False,
+                       matmul_precision: str = "highest", attention: str = "auto") -> DecentralizedModel:
     """Load a directory written by `save_decentralized` (or by hand, following the module doc).
 
     Args:
@@ -348,6 +348,9 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None,
       missing_ok: skip expert directories that do not exist or hold no weights (no
         `model.safetensors` nor index): `experts` keeps None at their positions, `.missing` and
         `.available` say which (module docstring). False: such a directory is an error.
+      matmul_precision, attention: the experts' runtime knobs (`load_pretrained`): "highest" by
+        default, full float32 matmuls on GPU / TPU as on CPU (training code may pass "default"
+        for speed; bf16 compute is unaffected); "auto" attention kernel.
 
     Returns:
       `DecentralizedModel` with experts, specs, partition, priors (all K, as stored), router,
@@ -360,11 +363,12 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None,
         directory or file and key; a missing directory without `missing_ok`), or, with
         `missing_ok`, no expert at all.
       ValueError: experts whose vocabularies, mask ids or tokenizers differ
-        (`check_compatible_experts`).
+        (`check_compatible_experts`); an unknown `matmul_precision` / `attention`.
     """
     from dfm.decentral.features import PrecomputedFeaturizer, TextFeaturizer
     from dfm.hf.tokenizers import load_tokenizer, tokenizer_fingerprint
 
+    check_runtime_knobs(attention, matmul_precision)
     root = Path(root)
     manifest, file = _read_manifest(root)
     partition_file = root / str(manifest["partition"])
@@ -387,7 +391,8 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None,
     if not any(present):
         raise CheckpointError(f"{file}: none of the {k} expert directories exists with weights "
                               f"(missing_ok=True needs at least one), e.g. {expert_dirs[0]}")
-    experts = [load_pretrained(d, dtype=dtype) if ok else None for d, ok in zip(expert_dirs, present)]
+    experts = [load_pretrained(d, dtype=dtype, matmul_precision=matmul_precision, attention=attention) if ok
+               else None for d, ok in zip(expert_dirs, present)]
     mask_id = manifest.get("mask_id")
 
     def fingerprint(directory: Path) -> str | None:   # an expert's own tokenizer files, else the shared one

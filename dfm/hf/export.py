@@ -5,6 +5,10 @@ fields are the installed version's) and `model.safetensors` (torch layout, `{"fo
 metadata), plus the tokenizer when one is given. The directory is built beside `path` and renamed
 into place, so `path` never holds a half-written checkpoint.
 
+A decoder with stacked layers (`scan_layers=True`) is written per layer, as HF stores it; the
+runtime-only config fields (`dfm.hf.configs.RUNTIME_FIELDS`: attention, matmul_precision, remat,
+scan_layers) are not written, and `load_pretrained` chooses them again.
+
 A decoder with `output_size < vocab_size` and its own `lm_head` gets zero rows appended to
 `lm_head.weight` up to `vocab_size` (transformers' `LlamaForCausalLM` needs `[vocab_size, hidden]`);
 the `"dfm"` config object records `output_size`, and `dfm.hf.load_pretrained` drops the rows again.
@@ -29,7 +33,12 @@ from dfm.hf.weights import hf_state_dict
 
 
 def decoder_state_dict(model, *, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """HF `LlamaForCausalLM` / `Qwen2ForCausalLM` state dict of a `Decoder` (lm_head padded, module doc)."""
+    """HF `LlamaForCausalLM` / `Qwen2ForCausalLM` state dict of a `Decoder` (lm_head padded, module
+    doc). A model with stacked layers (`config.scan_layers`) is unstacked first (`layers.{i}.` keys)."""
+    from dfm.models import unstack_layers
+
+    if model.config.scan_layers:
+        model = unstack_layers(model)
     c = model.config
     tensors = hf_state_dict(model, DECODER_RULES, dtype=dtype)
     head = tensors.get("lm_head.weight")

@@ -8,6 +8,9 @@ it with `save_pretrained`, loads it with `dfm.hf.load_pretrained`, and prints a 
   directory back in transformers,
 - greedy: whether 16 greedy tokens (`greedy_generate` vs `generate(do_sample=False)`) are identical.
 
+Ours runs at `matmul_precision="highest"` (the import default): full float32 matmuls, so the
+table reads the same on a GPU / TPU backend as on CPU (docs/accelerators.md).
+
 The tests (tests/test_hf_text.py, tests/test_hf_vision.py) assert on the same functions
 (`dfm.hf.parity_tools`, `dfm.hf.vision_parity`).
 """

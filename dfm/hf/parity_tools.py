@@ -94,7 +94,7 @@ def text_parity(family: str, directory: str | Path, *, tie: bool = False, sharde
     directory = Path(directory)
     hf = tiny_text_model(family, tie=tie, seed=seed)
     hf.save_pretrained(directory / "hf", **({"max_shard_size": "20KB"} if sharded else {}))
-    ours = load_pretrained(directory / "hf")
+    ours = load_pretrained(directory / "hf", matmul_precision="highest")   # full float32 on any backend
     tokens = np.random.default_rng(seed).integers(0, hf.config.vocab_size, (2, 9))
     ref = hf_logits(hf, tokens)
     logits = np.asarray(ours(jnp.asarray(tokens, jnp.int32)))

@@ -43,9 +43,10 @@ def _act(config: dict, name: str, default: str, source: Any, where: str) -> str:
 
 
 def vision_config_from_hf(config: dict, source: Any, *, dtype: str = "float32", param_dtype: str = "float32",
-                          where: str = "") -> VisionConfig:
+                          where: str = "", attention: str = "auto", matmul_precision: str = "highest") -> VisionConfig:
     """`VisionConfig` of a CLIP ("clip_vision_model", or "clip" via its `vision_config`) or InternViT
-    ("internvl_vision") config dict.
+    ("internvl_vision") config dict. `attention` / `matmul_precision`: our runtime knobs (no HF
+    field; "highest" by default on import, see `dfm.hf.load_pretrained`).
 
     Raises UnsupportedModelError (another model_type, non-square sizes, unknown activation) or
     CheckpointError (missing field), naming `source` and the field.
@@ -54,7 +55,8 @@ def vision_config_from_hf(config: dict, source: Any, *, dtype: str = "float32", 
     if kind == "clip":
         vision = {"model_type": "clip_vision_model", **_get(config, "vision_config", source, where)}
         return vision_config_from_hf(vision, source, dtype=dtype, param_dtype=param_dtype,
-                                     where=where + "vision_config.")
+                                     where=where + "vision_config.", attention=attention,
+                                     matmul_precision=matmul_precision)
     common = dict(
         image_size=_square(_get(config, "image_size", source, where), "image_size", source, where),
         patch_size=_square(_get(config, "patch_size", source, where), "patch_size", source, where),
@@ -64,7 +66,7 @@ def vision_config_from_hf(config: dict, source: Any, *, dtype: str = "float32", 
         num_heads=int(_get(config, "num_attention_heads", source, where)),
         num_channels=int(config.get("num_channels", 3)),
         initializer_range=float(config.get("initializer_range", 0.02)),
-        dtype=dtype, param_dtype=param_dtype)
+        dtype=dtype, param_dtype=param_dtype, attention=attention, matmul_precision=matmul_precision)
     if kind == "clip_vision_model":
         return VisionConfig(**common, arch="clip", layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
                             hidden_act=_act(config, "hidden_act", "quick_gelu", source, where))
@@ -85,7 +87,8 @@ def vision_config_from_hf(config: dict, source: Any, *, dtype: str = "float32", 
 
 
 def vision_config_to_hf(config: VisionConfig) -> dict:
-    """HF config dict of `config` (via transformers' `CLIPVisionConfig` / `InternVLVisionConfig`)."""
+    """HF config dict of `config` (via transformers' `CLIPVisionConfig` / `InternVLVisionConfig`);
+    the runtime knobs (`attention`, `matmul_precision`) are not written."""
     import transformers
 
     common = dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -114,9 +117,10 @@ def _tied(config: dict, kind: str, text: dict) -> bool:
     return bool(config.get("tie_word_embeddings", False)) or bool(text.get("tie_word_embeddings", False))
 
 
-def multimodal_config_from_hf(config: dict, source: Any, *, dtype: str = "float32",
-                              param_dtype: str = "float32") -> MultimodalConfig:
-    """`MultimodalConfig` of an HF "llava" / "internvl" config dict (module doc).
+def multimodal_config_from_hf(config: dict, source: Any, *, dtype: str = "float32", param_dtype: str = "float32",
+                              attention: str = "auto", matmul_precision: str = "highest") -> MultimodalConfig:
+    """`MultimodalConfig` of an HF "llava" / "internvl" config dict (module doc); `attention` and
+    `matmul_precision` go into both the vision and the text config.
 
     Raises UnsupportedModelError / CheckpointError naming `source` and the field.
     """
@@ -128,12 +132,15 @@ def multimodal_config_from_hf(config: dict, source: Any, *, dtype: str = "float3
     text_hf = dict(_get(config, "text_config", source, ""))
     text_hf.setdefault("model_type", "llama" if kind == "llava" else "qwen2")
     text_hf["tie_word_embeddings"] = _tied(config, kind, text_hf)
-    vision = vision_config_from_hf(vision_hf, source, dtype=dtype, param_dtype=param_dtype, where="vision_config.")
+    knobs = {"attention": attention, "matmul_precision": matmul_precision}
+    vision = vision_config_from_hf(vision_hf, source, dtype=dtype, param_dtype=param_dtype, where="vision_config.",
+                                   **knobs)
     want = "clip" if kind == "llava" else "internvit"
     if vision.arch != want:
         raise UnsupportedModelError(f"{source}: vision_config.model_type {vision_hf['model_type']!r} is not "
                                     f"supported for {kind}")
-    text = decoder_config_from_hf(text_hf, source, dtype=dtype, param_dtype=param_dtype, where="text_config.")
+    text = decoder_config_from_hf(text_hf, source, dtype=dtype, param_dtype=param_dtype, where="text_config.",
+                                  **knobs)
     layer = config.get("vision_feature_layer", -2 if kind == "llava" else -1)
     if not isinstance(layer, int):
         raise UnsupportedModelError(f"{source}: vision_feature_layer {layer!r} is not supported (one int layer only)")

@@ -38,7 +38,8 @@ def multimodal_rules(vision_arch: str) -> tuple[Rule, ...]:
 
 
 def load_vision_or_multimodal(path: str | os.PathLike, kind: str, hf_config: dict, file: Any, *,
-                              dtype: str | None, param_dtype: str | None, strict: bool) -> nnx.Module:
+                              dtype: str | None, param_dtype: str | None, strict: bool,
+                              matmul_precision: str = "highest", attention: str = "auto") -> nnx.Module:
     """`load_pretrained` for "clip_vision_model" / "clip" (-> `CLIPVisionTower`) and "llava" /
     "internvl" (-> `MultimodalModel`). Arguments and errors as `dfm.hf.load_pretrained`."""
     from dfm.hf import vision_configs
@@ -47,14 +48,16 @@ def load_vision_or_multimodal(path: str | os.PathLike, kind: str, hf_config: dic
 
     with SafetensorsCheckpoint(path) as ckpt:
         compute, params = checkpoint_dtypes(ckpt, hf_config, dtype, param_dtype)
+        knobs = {"attention": attention, "matmul_precision": matmul_precision}
         if kind in ("clip_vision_model", "clip"):
-            config = vision_configs.vision_config_from_hf(hf_config, file, dtype=compute, param_dtype=params)
+            config = vision_configs.vision_config_from_hf(hf_config, file, dtype=compute, param_dtype=params, **knobs)
             model = abstract_model(lambda rngs: CLIPVisionTower(config, rngs=rngs))
             used = assign_weights(model, ckpt, CLIP_RULES, source=ckpt.source)
             ignore = [k for k in ckpt.keys() if not k.startswith(("vision_model.", "embeddings.", "encoder.",
                                                                    "pre_layrnorm.", "post_layernorm."))]
         else:
-            config = vision_configs.multimodal_config_from_hf(hf_config, file, dtype=compute, param_dtype=params)
+            config = vision_configs.multimodal_config_from_hf(hf_config, file, dtype=compute, param_dtype=params,
+                                                              **knobs)
             model = abstract_model(lambda rngs: MultimodalModel(config, rngs=rngs))
             used = assign_weights(model, ckpt, multimodal_rules(config.vision.arch), source=ckpt.source)
             ignore = [k for k in ckpt.keys() if k.endswith("lm_head.weight")] if config.text.tie_word_embeddings else []
@@ -74,8 +77,27 @@ def export_contents(model: nnx.Module, *, dtype: str | None = None) -> tuple[dic
             config["dtype"] = dtype
         return config, hf_state_dict(model, CLIP_RULES, dtype=dtype)
     if isinstance(model, MultimodalModel):
+        model = per_layer_multimodal(model)
         c = model.config
         config = vision_configs.multimodal_config_to_hf(c, torch_dtype=dtype)
         return config, hf_state_dict(model, multimodal_rules(c.vision.arch), dtype=dtype)
     raise TypeError(f"model: cannot export a {type(model).__name__} (supported: Decoder, CLIPVisionTower, "
                     "MultimodalModel)")
+
+
+def per_layer_multimodal(model: nnx.Module) -> nnx.Module:
+    """`model` (a `MultimodalModel`) with its language model's layers per layer, as HF stores them: a
+    new model holding the same weights when `config.text.scan_layers` (`dfm.models.unstack_layers`),
+    else `model` itself."""
+    from dfm.models import unstack_layers
+    from dfm.models.multimodal import MultimodalModel
+
+    c = model.config
+    if not c.text.scan_layers:
+        return model
+    config = c.replace(text=c.text.replace(scan_layers=False))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MultimodalModel(config, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(nnx.state(model))
+    pure["language_model"] = nnx.to_pure_dict(nnx.state(unstack_layers(model.language_model)))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

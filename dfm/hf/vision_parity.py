@@ -102,7 +102,7 @@ def clip_parity(directory: str | Path, seed: int = 0) -> ParityResult:
     directory = Path(directory)
     hf = tiny_clip_vision(seed)
     hf.save_pretrained(directory / "hf")
-    ours = load_pretrained(directory / "hf")
+    ours = load_pretrained(directory / "hf", matmul_precision="highest")   # full float32 on any backend
     pixels = images(2, seed)
     nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))
 
@@ -130,7 +130,7 @@ def multimodal_parity(name: str, hf, directory: str | Path, seed: int = 0, *, fu
 
     directory = Path(directory)
     hf.save_pretrained(directory / "hf")
-    ours = load_pretrained(directory / "hf")
+    ours = load_pretrained(directory / "hf", matmul_precision="highest")   # full float32 on any backend
     tokens = prompt_with_images(ours.config.num_image_tokens, seed)
     pixels = images(2, seed)
     nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))

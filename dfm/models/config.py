@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from dfm.models.numerics import ATTENTION_IMPLEMENTATIONS, MATMUL_PRECISIONS, REMAT_POLICIES, check_choice
+
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -40,6 +42,21 @@ class DecoderConfig:
       dtype: computation dtype name ("float32", "bfloat16", ...). Logits are always float32.
       param_dtype: parameter storage dtype name.
       initializer_range: std of the normal initializer (HF `initializer_range`).
+      attention: "auto" | "xla" | "cudnn": the `jax.nn.dot_product_attention` implementation
+        (`dfm.models.attention`; "auto" = cuDNN flash attention on a GPU in bf16 / fp16).
+      matmul_precision: "default" | "high" | "highest": matmul precision of the forward pass
+        (`dfm.models.numerics`; "highest" = full float32 on GPU / TPU, for HF parity).
+      remat: "none" | "full" | "dots": activation rematerialisation of each block in the
+        backward pass (`jax.checkpoint`; "dots" keeps the matmul outputs).
+      scan_layers: True = the blocks' parameters are stacked on a leading "layers" axis and run
+        with `nnx.scan` (compile time independent of depth); `dfm.models.stack_layers` /
+        `unstack_layers` convert a model between the two layouts (HF import / export use the
+        per-layer one).
+
+    Mixed precision (the usual policy for accelerators): `dtype="bfloat16"`, `param_dtype="float32"`
+    computes in bfloat16 with float32 master weights; norms' statistics, RoPE, attention scores
+    and softmax, the logits and the loss stay float32, and the optimizer moments follow the
+    float32 parameters (`dfm.train.make_optimizer`).
 
     Raises:
       ValueError: naming the field, when a size is not positive, a divisibility requirement fails,
@@ -62,6 +79,10 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    attention: str = "auto"
+    matmul_precision: str = "default"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
@@ -98,6 +119,12 @@ class DecoderConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _FLOAT_DTYPES:
                 raise ValueError(f"{name}: must be one of {_FLOAT_DTYPES}, got {getattr(self, name)!r}")
+
+        check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        check_choice("remat", self.remat, REMAT_POLICIES)
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers: must be a bool, got {self.scan_layers!r}")
 
     @property
     def kv_heads(self) -> int:

@@ -25,11 +25,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfm.models.config import DecoderConfig
-from dfm.models.layers import DecoderLayer, RMSNorm, attention_weights_mask, dense, dense_init, rope_cos_sin
+from dfm.models.layers import (
+    RMSNorm,
+    attention_weights_mask,
+    dense,
+    dense_init,
+    make_layers,
+    rope_cos_sin,
+)
+from dfm.models.numerics import precision_scope, remat_policy
 from dfm.sharding.rules import constrain
 
 Array = jax.Array
-Cache = dict  # {"k": tuple of [batch, kv_heads, max_length, head_dim], "v": same} (HF layout)
+# {"k": per-layer tuple of [batch, kv_heads, max_length, head_dim], "v": same} (HF layout); with
+# `scan_layers` one stacked array [num_layers, batch, kv_heads, max_length, head_dim] each.
+Cache = dict
 RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")   # [batch, length, hidden]
 LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")     # [batch, length, output_size]
 
@@ -51,7 +61,7 @@ class Decoder(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
             param_dtype=config.parameter_dtype, embedding_init=dense_init(config, ("vocab", "embed")), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = make_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.parameter_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -76,6 +86,10 @@ class Decoder(nnx.Module):
         The projection runs on `[batch * length, hidden]` (`dfm.models.layers.dense`; faster weight
         gradients on XLA:CPU), reshaped back before the sharding constraint.
         """
+        with precision_scope(self.config.matmul_precision):
+            return self._logits(hidden)
+
+    def _logits(self, hidden: Array) -> Array:
         h = self.norm(hidden)
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...][: self.config.num_outputs].astype(h.dtype)
@@ -97,6 +111,7 @@ class Decoder(nnx.Module):
         `dfm.models.MultimodalModel`); `tokens` may then be None (if given it is only checked).
         """
         x, b, n = self._input_embeddings(tokens, inputs_embeds)
+        default_positions = positions is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         elif jnp.shape(positions) != (b, n):
@@ -105,12 +120,32 @@ class Decoder(nnx.Module):
             raise ValueError(f"attention_mask: expected shape {(b, n)}, got {jnp.shape(attention_mask)}")
         if extra_embedding is not None:
             x = x + extra_embedding.astype(x.dtype)
-        x = constrain(x, RESIDUAL_AXES)
-        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
-        mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, mask)
+        with precision_scope(self.config.matmul_precision):
             x = constrain(x, RESIDUAL_AXES)
+            cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
+            if default_positions and attention_mask is None:
+                # index order = position order: the kernel's own causal mask, no mask array (cuDNN-able)
+                return self._run_layers(x, cos, sin, causal=self.config.causal, mask=None)
+            mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask)
+            return self._run_layers(x, cos, sin, causal=False, mask=mask)
+
+    def _run_layers(self, x: Array, cos: Array, sin: Array, *, causal: bool, mask: Array | None) -> Array:
+        """The blocks over `x [batch, length, hidden]` (no cache): a loop or `nnx.scan`, each block
+        under `nnx.remat` when `config.remat` asks."""
+        config = self.config
+
+        def block(graphdef, layer_state, x):
+            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, causal=causal, mask=mask)
+            return constrain(x, RESIDUAL_AXES)
+
+        if config.remat != "none":
+            block = jax.checkpoint(block, policy=remat_policy(config.remat), static_argnums=0)
+        if not config.scan_layers:
+            for layer in self.layers:
+                x = block(*nnx.split(layer), x)
+            return x
+        graphdef, stacked = nnx.split(self.layers)
+        x, _ = jax.lax.scan(lambda x, layer_state: (block(graphdef, layer_state, x), None), x, stacked)
         return x
 
     def __call__(self, tokens: Array | None, *, positions: Array | None = None,
@@ -149,7 +184,8 @@ class Decoder(nnx.Module):
 
         Returns a plain pytree `{"k": (k_0, ..), "v": (v_0, ..)}`, one
         `[batch, kv_heads, max_length, head_dim]` array (compute dtype) per layer (HF's cache
-        layout; axis 2 = position), so a decode step reads it without a transpose.
+        layout; axis 2 = position). With `config.scan_layers` `"k"` and `"v"` are single stacked
+        arrays `[num_layers, batch, kv_heads, max_length, head_dim]`.
         Raises ValueError for a bidirectional model (a cache needs causal attention).
         """
         if not self.config.causal:
@@ -158,6 +194,9 @@ class Decoder(nnx.Module):
             raise ValueError(f"init_cache: batch and max_length must be >= 1, got {batch}, {max_length}")
         c = self.config
         shape = (batch, c.kv_heads, max_length, c.head_size)
+        if c.scan_layers:
+            stacked = (c.num_layers, *shape)
+            return {"k": jnp.zeros(stacked, c.compute_dtype), "v": jnp.zeros(stacked, c.compute_dtype)}
         zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))
         return {"k": zeros, "v": tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.num_layers))}
 
@@ -179,20 +218,36 @@ class Decoder(nnx.Module):
             x, b, n = self.embed(tokens), tokens.shape[0], tokens.shape[1]
         else:
             x, b, n = self._input_embeddings(tokens, inputs_embeds)
-        max_length = cache["k"][0].shape[2]
+        max_length = cache["k"][0].shape[-2]
         if not isinstance(start, jax.core.Tracer) and int(start) + n > max_length:
             raise ValueError(f"start: positions up to {int(start) + n - 1} exceed the cache max_length {max_length}")
         start = jnp.asarray(start, jnp.int32)
         positions = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
         k_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (b, max_length))
-        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
-        mask = attention_weights_mask(positions, k_positions, causal=True)
+        with precision_scope(self.config.matmul_precision):
+            cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
+            mask = attention_weights_mask(positions, k_positions, causal=True)
+            x, cache = self._run_cached(x, cos, sin, mask, cache, start)
+        return self.logits(x), cache
+
+    def _run_cached(self, x: Array, cos: Array, sin: Array, mask: Array, cache: Cache, start) -> tuple[Array, Cache]:
+        """The blocks over `x [batch, n, hidden]`, each reading and writing its cache slice."""
+        if self.config.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def block(x, per_layer):
+                layer_state, k_cache, v_cache = per_layer
+                x, (k, v) = nnx.merge(graphdef, layer_state)(x, cos, sin, mask=mask, kv=(k_cache, v_cache, start))
+                return x, (k, v)
+
+            x, (ks, vs) = jax.lax.scan(block, x, (stacked, cache["k"], cache["v"]))
+            return x, {"k": ks, "v": vs}
         new_k, new_v = [], []
         for layer, k_cache, v_cache in zip(self.layers, cache["k"], cache["v"]):
-            x, (k, v) = layer(x, cos, sin, mask, kv=(k_cache, v_cache, start))
+            x, (k, v) = layer(x, cos, sin, mask=mask, kv=(k_cache, v_cache, start))
             new_k.append(k)
             new_v.append(v)
-        return self.logits(x), {"k": tuple(new_k), "v": tuple(new_v)}
+        return x, {"k": tuple(new_k), "v": tuple(new_v)}
 
     def prefill(self, tokens: Array | None, cache: Cache, *,
                 inputs_embeds: Array | None = None) -> tuple[Array, Cache]:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfm.models.layers import RMSNorm, dense, linear, partitioned
+from dfm.models.numerics import precision_scope
 from dfm.models.vision import VisionConfig, VisionMLP, check_pixels, layer_norm, multi_head_attention, normal_param
 
 Array = jax.Array
@@ -93,7 +94,7 @@ class InternVLVisionAttention(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
         c, h = config, config.hidden_size
-        self.num_heads = c.num_heads
+        self.num_heads, self.attention = c.num_heads, c.attention
         bias = c.attention_bias
         self.q_proj = linear(c, h, h, ("embed", "heads"), rngs=rngs, use_bias=bias)
         self.k_proj = linear(c, h, h, ("embed", "heads"), rngs=rngs, use_bias=bias)
@@ -110,7 +111,7 @@ class InternVLVisionAttention(nnx.Module):
         q, k, v = dense(self.q_proj, x), dense(self.k_proj, x), dense(self.v_proj, x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return dense(self.projection_layer, multi_head_attention(q, k, v, self.num_heads))
+        return dense(self.projection_layer, multi_head_attention(q, k, v, self.num_heads, self.attention))
 
 
 class InternVLVisionLayer(nnx.Module):
@@ -164,18 +165,22 @@ class InternVisionTower(nnx.Module):
         """All hidden states, as HF `output_hidden_states=True`: `num_layers + 1` arrays
         `[batch, 1 + num_patches, hidden]`; entry 0 = the embeddings, entry i = output of layer i
         (never the final `layernorm`)."""
-        x = self.embeddings(pixel_values)
-        states = [x]
-        for layer in self.encoder.layer:
-            x = layer(x)
-            states.append(x)
+        with precision_scope(self.config.matmul_precision):
+            x = self.embeddings(pixel_values)
+            states = [x]
+            for layer in self.encoder.layer:
+                x = layer(x)
+                states.append(x)
         return tuple(states)
 
     def __call__(self, pixel_values: Array) -> Array:
         """HF `last_hidden_state`: `layernorm(last layer output)` (no norm with `use_mean_pooling`),
         `[batch, 1 + num_patches, hidden]`."""
         x = self.hidden_states(pixel_values)[-1]
-        return x if self.layernorm is None else self.layernorm(x)
+        if self.layernorm is None:
+            return x
+        with precision_scope(self.config.matmul_precision):
+            return self.layernorm(x)
 
     def pooled(self, pixel_values: Array) -> Array:
         """Pooled image vector `[batch, hidden]`, following HF `InternVLVisionModelOutputWithPooling`'s

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfm.models.attention import dot_product_attention
 from dfm.models.config import DecoderConfig
 from dfm.sharding.rules import constrain
 
@@ -134,10 +135,12 @@ class Attention(nnx.Module):
     """Multi-head attention with GQA and RoPE, HF `LlamaAttention` / `Qwen2Attention`.
 
     Query head h reads key/value head `h // (num_heads // num_kv_heads)` (HF `repeat_kv`).
-    Softmax in float32 with scale `head_dim ** -0.5`. Keys / values (and the KV cache) are laid
-    out `[batch, kv_heads, length, head_dim]` like HF's cache, so a cached decode step reads the
-    cache without transposing it (benchmarks/README.md, fix B). Projections run on 2-D inputs
-    (`dense`).
+    Softmax in float32 with scale `head_dim ** -0.5`, through
+    `dfm.models.attention.dot_product_attention` (`config.attention`: XLA, or cuDNN flash
+    attention on a GPU). Queries, keys and values are laid out `[batch, length, heads,
+    head_dim]`, the layout `jax.nn.dot_product_attention` takes (the KV cache keeps HF's
+    `[batch, kv_heads, max_length, head_dim]`; see `DecoderLayer`). Projections run on 2-D
+    inputs (`dense`).
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
@@ -150,34 +153,31 @@ class Attention(nnx.Module):
         self.o_proj = linear(c, c.num_heads * d, c.hidden_size, ("heads", "embed"), rngs=rngs)
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
-        """Keys (rotated) and values `[batch, kv_heads, length, head_dim]` of `x [batch, length, hidden]`.
+        """Keys (rotated) and values `[batch, length, kv_heads, head_dim]` of `x [batch, length, hidden]`.
 
         cos, sin: RoPE tables `[batch, length, head_dim]` of the positions of `x`.
         """
         b, n, _ = x.shape
         c = self.config
-        k = jnp.swapaxes(dense(self.k_proj, x).reshape(b, n, c.kv_heads, c.head_size), 1, 2)
-        v = jnp.swapaxes(dense(self.v_proj, x).reshape(b, n, c.kv_heads, c.head_size), 1, 2)
-        return apply_rope(k, cos, sin, heads_axis=1), v
+        k = dense(self.k_proj, x).reshape(b, n, c.kv_heads, c.head_size)
+        v = dense(self.v_proj, x).reshape(b, n, c.kv_heads, c.head_size)
+        return apply_rope(k, cos, sin), v
 
-    def attend(self, x: Array, cos: Array, sin: Array, k: Array, v: Array, mask: Array) -> Array:
-        """Attention of queries from `x [batch, q_len, hidden]` over `k, v [batch, kv_heads, k_len, head_dim]`.
+    def attend(self, x: Array, cos: Array, sin: Array, k: Array, v: Array, *, causal: bool = False,
+               mask: Array | None = None) -> Array:
+        """Attention of queries from `x [batch, q_len, hidden]` over `k, v [batch, k_len, kv_heads, head_dim]`.
 
-        cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`.
-        mask: `[batch, 1, q_len, k_len]` bool. Returns `[batch, q_len, hidden]`.
-        A query row whose mask is all False gets uniform weights (never NaN).
+        cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`. `causal`: query i sees
+        keys j <= i (by index); `mask`: optional `[batch, 1, q_len, k_len]` bool (True = may
+        attend), combined with `causal`. Returns `[batch, q_len, hidden]`. A query row whose mask
+        is all False gets uniform weights (never NaN).
         """
         c = self.config
         b, n, _ = x.shape
-        groups = c.num_heads // c.kv_heads
         q = apply_rope(dense(self.q_proj, x).reshape(b, n, c.num_heads, c.head_size), cos, sin)
-        q = q.reshape(b, n, c.kv_heads, groups, c.head_size)
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_size ** -0.5)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(b, n, c.num_heads * c.head_size)
-        return dense(self.o_proj, out)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=causal, mask=mask,
+                                    implementation=c.attention)
+        return dense(self.o_proj, out.reshape(b, n, c.num_heads * c.head_size))
 
 
 class MLP(nnx.Module):
@@ -208,30 +208,52 @@ class DecoderLayer(nnx.Module):
             config.hidden_size, config.rms_norm_eps, param_dtype=config.parameter_dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+    def __call__(self, x: Array, cos: Array, sin: Array, *, causal: bool = False, mask: Array | None = None,
                  kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
         """One block.
 
         Args:
           x: `[batch, q_len, hidden]`.
           cos, sin: RoPE tables of the queries `[batch, q_len, head_dim]`.
-          mask: `[batch, 1, q_len, k_len]` bool.
+          causal: query i sees keys j <= i (by index).
+          mask: optional `[batch, 1, q_len, k_len]` bool, True = may attend (with `causal`).
           kv: None (keys = this chunk, `k_len = q_len`) or `(k_cache, v_cache, start)`: caches
-            `[batch, kv_heads, max_length, head_dim]` (HF layout) into which this chunk's
+            `[batch, kv_heads, max_length, head_dim]` (HF's cache layout) into which this chunk's
             keys/values are written at position `start` (scalar int, may be traced);
-            `k_len = max_length`.
+            `k_len = max_length`. The attention reads them through a swapped view, which XLA
+            folds into its matmuls (on CPU, the `[batch, max_length, ...]` layout made XLA copy
+            the whole cache at every decode step: benchmarks/README.md, fix B).
         Returns:
           `(x_out [batch, q_len, hidden], (k, v))` where `(k, v)` are the updated caches (or this
-          chunk's keys/values `[batch, kv_heads, q_len, head_dim]` when `kv` is None).
+          chunk's keys/values `[batch, q_len, kv_heads, head_dim]` when `kv` is None).
         """
         h = self.input_layernorm(x)
         k, v = self.self_attn.project_kv(h, cos, sin)
-        if kv is not None:
+        if kv is not None:   # caches in HF layout [batch, kv_heads, max_length, head_dim]
             k_cache, v_cache, start = kv
             zero = jnp.zeros((), jnp.int32)
             idx = (zero, zero, jnp.asarray(start, jnp.int32), zero)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
-        x = x + self.self_attn.attend(h, cos, sin, k, v, mask)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), idx)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), idx)
+            k, v = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+        x = x + self.self_attn.attend(h, cos, sin, k, v, causal=causal, mask=mask)
         x = x + self.mlp(self.post_attention_layernorm(x))
+        if kv is not None:
+            return x, (k_cache, v_cache)
         return x, (k, v)
+
+
+def make_layers(config: DecoderConfig, rngs: nnx.Rngs):
+    """The decoder's `num_layers` blocks: an `nnx.List` of `DecoderLayer`s, or with
+    `config.scan_layers` one `DecoderLayer` whose parameters are stacked on a leading axis of size
+    `num_layers` (logical axis name "layers", built with `nnx.vmap` over split rngs; run with
+    `nnx.scan`)."""
+    if not config.scan_layers:
+        return nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return DecoderLayer(config, rngs=rngs)
+
+    return create(rngs)

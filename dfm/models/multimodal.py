@@ -30,6 +30,7 @@ from flax import nnx
 from dfm.models.config import DecoderConfig
 from dfm.models.decoder import Cache, Decoder, check_tokens
 from dfm.models.internvit import InternVisionTower
+from dfm.models.numerics import precision_scope
 from dfm.models.projector import InternVLProjector, LlavaProjector, pixel_shuffle
 from dfm.models.vision import ACTIVATION_NAMES, CLIPVisionTower, VisionConfig
 
@@ -182,7 +183,8 @@ class MultimodalModel(nnx.Module):
             n, side = feats.shape[0], c.vision.grid_size
             feats = pixel_shuffle(feats.reshape(n, side, side, -1), c.downsample_ratio)
             feats = feats.reshape(n, -1, feats.shape[-1])
-        return self.multi_modal_projector(feats.astype(c.text.compute_dtype))
+        with precision_scope(c.text.matmul_precision):
+            return self.multi_modal_projector(feats.astype(c.text.compute_dtype))
 
     def pooled_image_features(self, pixel_values: Array) -> Array:
         """One vector per image, `[n_images, vision_hidden]`: `vision_tower.pooled` (CLIP: post-normed

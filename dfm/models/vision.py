@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfm.models.attention import dot_product_attention
 from dfm.models.layers import dense, linear, partitioned
+from dfm.models.numerics import ATTENTION_IMPLEMENTATIONS, MATMUL_PRECISIONS, check_choice, precision_scope
 
 Array = jax.Array
 
@@ -91,6 +93,10 @@ class VisionConfig:
         "clip" (CLIP always pools the CLS token through `post_layernorm`).
       use_absolute_position_embeddings: InternViT learned position embeddings (must be True for
         "clip").
+      attention: "auto" | "xla" | "cudnn" (`dfm.models.attention`; "auto" = cuDNN flash attention
+        on a GPU in bf16 / fp16).
+      matmul_precision: "default" | "high" | "highest" (`dfm.models.numerics`; "highest" for HF
+        parity on GPU / TPU).
 
     Raises:
       ValueError: naming the field, for a non-positive size, a failed divisibility requirement,
@@ -116,6 +122,8 @@ class VisionConfig:
     norm_type: str = "layer_norm"
     use_mean_pooling: bool = True
     use_absolute_position_embeddings: bool = True
+    attention: str = "auto"
+    matmul_precision: str = "default"
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
@@ -143,6 +151,8 @@ class VisionConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _FLOAT_DTYPES:
                 raise ValueError(f"{name}: must be one of {_FLOAT_DTYPES}, got {getattr(self, name)!r}")
+        check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         if self.arch == "clip":
             if not self.attention_bias:
                 raise ValueError("attention_bias: CLIP always has q/k/v biases (must be True for arch='clip')")
@@ -212,18 +222,17 @@ def normal_param(config: VisionConfig, key: Array, shape: tuple[int, ...], names
     return nnx.Param(init(key, shape, config.parameter_dtype))
 
 
-def multi_head_attention(q: Array, k: Array, v: Array, num_heads: int) -> Array:
+def multi_head_attention(q: Array, k: Array, v: Array, num_heads: int, implementation: str = "auto") -> Array:
     """Bidirectional scaled dot-product attention (HF `eager_attention_forward`, no mask).
 
-    q, k, v: `[batch, length, heads * head_dim]`. Softmax in float32 with scale `head_dim ** -0.5`.
-    Returns `[batch, length, heads * head_dim]` in v's dtype.
+    q, k, v: `[batch, length, heads * head_dim]`. Runs `dfm.models.attention.dot_product_attention`
+    (float32 scores and softmax, scale `head_dim ** -0.5`) with `implementation` ("auto" | "xla" |
+    "cudnn"). Returns `[batch, length, heads * head_dim]` in v's dtype.
     """
     b, n, d = q.shape
     hd = d // num_heads
     q, k, v = (t.reshape(b, n, num_heads, hd) for t in (q, k, v))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
+    return dot_product_attention(q, k, v, implementation=implementation).reshape(b, n, d)
 
 
 class VisionMLP(nnx.Module):
@@ -277,7 +286,7 @@ class CLIPAttention(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
         c, h = config, config.hidden_size
-        self.num_heads = c.num_heads
+        self.num_heads, self.attention = c.num_heads, c.attention
         self.q_proj = linear(c, h, h, ("embed", "heads"), rngs=rngs, use_bias=True)
         self.k_proj = linear(c, h, h, ("embed", "heads"), rngs=rngs, use_bias=True)
         self.v_proj = linear(c, h, h, ("embed", "heads"), rngs=rngs, use_bias=True)
@@ -286,7 +295,7 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x: `[batch, length, hidden]` -> `[batch, length, hidden]`."""
         out = multi_head_attention(dense(self.q_proj, x), dense(self.k_proj, x), dense(self.v_proj, x),
-                                   self.num_heads)
+                                   self.num_heads, self.attention)
         return dense(self.out_proj, out)
 
 
@@ -336,11 +345,12 @@ class CLIPVisionTower(nnx.Module):
         """All hidden states, as HF `output_hidden_states=True`: a tuple of `num_layers + 1` arrays
         `[batch, 1 + num_patches, hidden]`; entry 0 = `pre_layrnorm(embeddings)`, entry i = output
         of encoder layer i (the last one is not `post_layernorm`-ed)."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [x]
-        for layer in self.encoder.layers:
-            x = layer(x)
-            states.append(x)
+        with precision_scope(self.config.matmul_precision):
+            x = self.pre_layrnorm(self.embeddings(pixel_values))
+            states = [x]
+            for layer in self.encoder.layers:
+                x = layer(x)
+                states.append(x)
         return tuple(states)
 
     def __call__(self, pixel_values: Array) -> Array:
@@ -349,4 +359,6 @@ class CLIPVisionTower(nnx.Module):
 
     def pooled(self, pixel_values: Array) -> Array:
         """HF `pooler_output`: `post_layernorm` of the CLS token of the last layer, `[batch, hidden]`."""
-        return self.post_layernorm(self(pixel_values)[:, 0])
+        last = self(pixel_values)[:, 0]
+        with precision_scope(self.config.matmul_precision):
+            return self.post_layernorm(last)

@@ -43,6 +43,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("norm", None),
+    ("layers", None),
 )
 """The default table: batch over `data` x `fsdp`; parameters FSDP-sharded on "embed" and
 tensor-parallel on "mlp" / "heads" / "kv_heads" / "vocab" (Megatron layout); residual-stream

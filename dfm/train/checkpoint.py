@@ -58,14 +58,18 @@ def abstract_tree(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """A synchronous orbax `CheckpointManager` with items "state" (arrays) and "meta" (JSON).
+def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = False) -> ocp.CheckpointManager:
+    """An orbax `CheckpointManager` with items "state" (arrays) and "meta" (JSON).
 
+    `async_save=True` enables orbax's asynchronous checkpointing (a save returns once the arrays
+    are on the host; files are written in the background; `wait_until_finished` / `close` wait).
+    Orbax writes to a temporary directory and renames it when complete either way, so an
+    interrupted save never leaves a checkpoint that looks finished.
     Raises ValueError naming `checkpoint_dir` when `directory` is not writable.
     """
     path = ensure_writable_dir(directory, "checkpoint_dir")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(path, options=options, item_names=("state", "meta"))
 
 
@@ -113,7 +117,11 @@ def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],
             f"abstract_model_or_factory: expected an nnx.Module or a factory, got {type(abstract_model_or_factory)}")
     graphdef, state, rest = nnx.split(template, MODEL_STATE, ...)
     if mesh is None:
-        target = abstract_tree(nnx.to_pure_dict(state))
+        # restore onto this process's default device, not the device ids recorded in the
+        # checkpoint's sharding metadata (saved on 8 CPU devices, loaded on one GPU, say)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                              abstract_tree(nnx.to_pure_dict(state)))
     else:
         target = nnx.to_pure_dict(abstract_state(state, mesh, rules))
     with ocp.StandardCheckpointer() as ckptr:

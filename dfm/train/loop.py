@@ -133,9 +133,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         raise ValueError(f"stop_after: must be a positive int or None, got {stop_after!r}")
     t_start = time.perf_counter()
     optimizer = nnx.Optimizer(model, _optimizer_for(config), wrt=nnx.Param)
-    step_fn = make_train_step(loss_fn, model, optimizer, mesh=mesh, rules=rules)   # places state on mesh
+    step_fn = make_train_step(loss_fn, model, optimizer, mesh=mesh, rules=rules,   # places state on mesh
+                              microbatches=config.microbatches)
     learning_rates = _learning_rates(config)
-    manager = None if checkpoint_dir is None else open_manager(checkpoint_dir)
+    manager = None if checkpoint_dir is None else open_manager(checkpoint_dir, async_save=config.async_checkpoint)
     start, history, wall_before = 0, [], 0.0
     if manager is not None and manager.latest_step() is not None:
         start, history, wall_before = _restore_latest_good(manager, model, optimizer, desc)
@@ -170,7 +171,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
             if saving_step:
-                _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop)
+                _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop,
+                      wait=not config.async_checkpoint)
     finally:
         bar.close()
         if manager is not None:
@@ -178,11 +180,15 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
     return TrainResult(model, history, end, time.perf_counter() - t_start)
 
 
-def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float) -> None:
-    meta = {"step": step, "history": history, "wall": wall}
+def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float, *,
+          wait: bool = True) -> None:
+    """Save a checkpoint; `wait=False` (async) returns once the arrays are copied to host and
+    orbax writes them in the background (the next save, or closing the manager, waits for it)."""
+    meta = {"step": step, "history": list(history), "wall": wall}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_train_state(model, optimizer)), meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    if wait:
+        manager.wait_until_finished()
 
 
 def _diverged_message(desc: str, value: float, step: int, manager, config: TrainConfig) -> str:

@@ -30,8 +30,16 @@ class TrainConfig:
       min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
       frozen: dotted parameter-path prefixes that get no update (e.g. `("vision_tower",)` or
         `("language_model", "vision_tower")` for LLaVA's stage-1 alignment, which trains only
-        the projector). Their gradients are zeroed before clipping and their updates (weight
-        decay included) after AdamW, so they stay bit-identical. Default: nothing frozen.
+        the projector). They are routed to `optax.set_to_zero()` by `optax.multi_transform`: no
+        Adam moments are allocated for them, they do not count in the clipping norm, and they
+        stay bit-identical. Default: nothing frozen.
+      microbatches: gradient accumulation: each step's batch is cut into this many equal slices
+        whose gradients are averaged before the one update (`dfm.train.steps.value_and_grads`);
+        the batch size must be divisible by it. 1 = none.
+      async_checkpoint: True = orbax writes checkpoints in a background thread while training
+        goes on (worth it on accelerators, where a save would stall the device); the loop waits
+        for the previous save before the next and at the end. False = every save completes
+        before the next step (default; what CPU runs and the tests use).
 
     Raises:
       ValueError: naming the field that is out of range.
@@ -50,9 +58,11 @@ class TrainConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     frozen: tuple[str, ...] = ()
+    microbatches: int = 1
+    async_checkpoint: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "log_every"):
+        for name in ("steps", "checkpoint_every", "log_every", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
@@ -75,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
         if not isinstance(self.frozen, tuple) or not all(isinstance(p, str) and p for p in self.frozen):
             raise ValueError(f"frozen: must be a tuple of non-empty dotted path prefixes, got {self.frozen!r}")
+        if not isinstance(self.async_checkpoint, bool):
+            raise ValueError(f"async_checkpoint: must be a bool, got {self.async_checkpoint!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with `changes` applied (validated again)."""
@@ -122,10 +134,14 @@ def frozen_mask(params, frozen: tuple[str, ...]):
 
 
 def _freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """`tx` on the trainable parameters, `set_to_zero` (stateless) on the frozen ones."""
     if not frozen:
         return tx
-    zero = optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, frozen))
-    return optax.chain(zero, tx, zero)
+
+    def labels(params):
+        return jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "train", frozen_mask(params, frozen))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:

@@ -159,6 +159,44 @@ class MeshSection:
         return (self.data, self.fsdp, self.tensor) != (1, 1, 1)
 
 
+@dataclass(frozen=True)
+class NumericsSection:
+    """Accelerator knobs of every model the job trains (`dfm.models.DecoderConfig` /
+    `VisionConfig`, `dfm.train.TrainConfig`; docs/accelerators.md). The defaults are the exact
+    float32 CPU setting the shipped results were made with.
+
+    Attributes:
+      dtype: compute dtype ("float32" | "bfloat16"); with `param_dtype = "float32"`, "bfloat16"
+        is the usual mixed-precision policy on GPU / TPU (logits, loss, optimizer state float32).
+      param_dtype: parameter storage dtype.
+      attention: "auto" | "xla" | "cudnn" (`dfm.models.attention`).
+      matmul_precision: "default" | "high" | "highest".
+      remat: "none" | "full" | "dots" (activation rematerialisation per block).
+      scan_layers: stack the decoder's blocks and run them with `jax.lax.scan`.
+      microbatches: gradient accumulation slices per step (must divide every stage's batch size).
+      async_checkpoint: orbax writes checkpoints in the background.
+    """
+
+    dtype: str = constrained("float32", choices=("float32", "bfloat16"))
+    param_dtype: str = constrained("float32", choices=("float32", "bfloat16"))
+    attention: str = constrained("auto", choices=("auto", "xla", "cudnn"))
+    matmul_precision: str = constrained("default", choices=("default", "high", "highest"))
+    remat: str = constrained("none", choices=("none", "full", "dots"))
+    scan_layers: bool = False
+    microbatches: int = constrained(1, lo=1)
+    async_checkpoint: bool = False
+
+    def model_fields(self) -> dict:
+        """The `DecoderConfig` keyword arguments of this section."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention,
+                "matmul_precision": self.matmul_precision, "remat": self.remat, "scan_layers": self.scan_layers}
+
+    def vision_fields(self) -> dict:
+        """The `VisionConfig` keyword arguments of this section."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention,
+                "matmul_precision": self.matmul_precision}
+
+
 class JobConfig:
     """Base of a task's frozen config dataclass: parsing, validation and TOML round trip.
 
@@ -177,6 +215,13 @@ class JobConfig:
                 raise ConfigError(f"{section}: expected a [{section}] table, got {value!r}")
             validate(value, section)
         validate(self, "")
+        numerics = getattr(self, "numerics", None)
+        if isinstance(numerics, NumericsSection) and numerics.microbatches > 1:
+            for section in self.SECTIONS:
+                stage = getattr(self, section)
+                if isinstance(stage, StageConfig) and stage.batch_size % numerics.microbatches:
+                    raise ConfigError(f"numerics.microbatches: must divide {section}.batch_size "
+                                      f"({stage.batch_size}), got {numerics.microbatches}")
 
     @classmethod
     def top_keys(cls) -> list[str]:

@@ -253,7 +253,9 @@ def train_config(ctx: Context, stage: str, steps: int):
         warmup = round(opt.warmup_steps * steps / ctx.config.stage2.steps)
     return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, warmup),
                        weight_decay=opt.weight_decay, seed=ctx.config.seed, checkpoint_every=opt.checkpoint_every,
-                       log_every=max(1, steps // 100), frozen=ctx.task.frozen(opt))
+                       log_every=max(1, steps // 100), frozen=ctx.task.frozen(opt),
+                       microbatches=ctx.config.numerics.microbatches,
+                       async_checkpoint=ctx.config.numerics.async_checkpoint)
 
 
 def training_mesh(mesh_section):

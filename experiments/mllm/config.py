@@ -16,12 +16,13 @@ Sections:
   [stage2]     instruction tuning of the dense model and the experts, compute-matched (`StageSection`)
   [eval]       routing, generation and the report (`EvalSection`)
   [mesh]       device mesh for training (`experiments.engine.config.MeshSection`)
+  [numerics]   dtype, attention kernel, remat, scan, microbatches (`experiments.engine.config.NumericsSection`)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.engine.config import ConfigError, JobConfig, MeshSection, StageConfig, constrained
+from experiments.engine.config import ConfigError, JobConfig, MeshSection, NumericsSection, StageConfig, constrained
 
 TASK = "mllm"
 SOURCES = ("default", "llava", "internvl")
@@ -159,6 +160,7 @@ class MultimodalExperimentConfig(JobConfig):
         "data": DataConfig, "vision": VisionSection, "text": TextSection, "projector": ProjectorSection,
         "partition": PartitionSection, "stage1": StageSection, "stage2": StageSection, "eval": EvalSection,
         "mesh": MeshSection,
+        "numerics": NumericsSection,
     }
 
     name: str = "mllm-digits"
@@ -173,6 +175,7 @@ class MultimodalExperimentConfig(JobConfig):
     stage2: StageSection = StageSection(train="projector+llm")
     eval: EvalSection = EvalSection()
     mesh: MeshSection = MeshSection()
+    numerics: NumericsSection = NumericsSection()
 
     def __post_init__(self):
         self.validate_fields()

@@ -44,9 +44,10 @@ def model_config(config, vocab_size: int, image_token_id: int):
     v, t, p = config.vision, config.text, config.projector
     vision = VisionConfig(image_size=config.data.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
                           intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
-                          arch=v.arch)
+                          arch=v.arch, **config.numerics.vision_fields())
     text = DecoderConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or None)
+                         num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or None,
+                         **config.numerics.model_fields())
     mc = MultimodalConfig(vision=vision, text=text, image_token_id=image_token_id,
                           vision_feature_layer=p.vision_feature_layer, projector=p.kind,
                           downsample_ratio=p.downsample_ratio)

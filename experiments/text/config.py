@@ -16,12 +16,13 @@ Sections:
   [router]     learned router, masked schedule only (`RouterConfig`)
   [eval]       evaluation, routing and sampling (`EvalConfig`)
   [mesh]       device mesh for training (`experiments.engine.config.MeshSection`)
+  [numerics]   dtype, attention kernel, remat, scan, microbatches (`experiments.engine.config.NumericsSection`)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.engine.config import (ConfigError, JobConfig, MeshSection, StageConfig, constrained,
+from experiments.engine.config import (ConfigError, JobConfig, MeshSection, NumericsSection, StageConfig, constrained,
                                        parse_config, read_toml, resolve_path)
 
 TASK = "text"
@@ -154,6 +155,7 @@ class ExperimentConfig(JobConfig):
         "data": DataConfig, "partition": PartitionConfig, "model": ModelConfig, "masked": MaskedConfig,
         "base": StageConfig, "stage2": StageConfig, "router": RouterConfig, "eval": EvalConfig,
         "mesh": MeshSection,
+        "numerics": NumericsSection,
     }
 
     name: str = "default"
@@ -169,6 +171,7 @@ class ExperimentConfig(JobConfig):
     router: RouterConfig = RouterConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshSection = MeshSection()
+    numerics: NumericsSection = NumericsSection()
 
     def __post_init__(self):
         self.validate_fields()

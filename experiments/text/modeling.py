@@ -35,6 +35,7 @@ def decoder_config(config: ExperimentConfig, vocab: int):
         rope_theta=m.rope_theta,
         tie_word_embeddings=m.tie_word_embeddings,
         causal=not masked,
+        **config.numerics.model_fields(),
     )
 
 
@@ -52,7 +53,7 @@ def router_config(config: ExperimentConfig, vocab: int):
     r = config.router
     return DecoderConfig(vocab_size=vocab + 1, hidden_size=r.hidden_size, intermediate_size=2 * r.hidden_size,
                          num_layers=r.num_layers, num_heads=r.num_heads, causal=False,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, **config.numerics.model_fields())
 
 
 def new_router(config: ExperimentConfig, vocab: int, seed: int):
