@@ -1,7 +1,7 @@
 """dfm: discrete flow matching in JAX, with autoregression as a schedule and decentralized experts.
 
 Reference implementation of Maschan, Qu, Liu (2026), "Decentralized Autoregressive Generation"
-(arXiv 2601.03184). The mathematics is specified in THEORY.md (cited as "THEORY S<n>");
+(arXiv 2601.03184). The mathematics is in docs/theory.md (cited as "THEORY S<n>");
 docs/design.md maps each concept to a module:
 
 - ``dfm.schedules``: kappa schedulers and per-position discrete schedules (AR, any-order, block).
@@ -14,6 +14,9 @@ docs/design.md maps each concept to a module:
 - ``dfm.decentral``: balanced k-means partitions, routers, ensembles (S8-S13).
 - ``dfm.models``, ``dfm.train``: NNX decoders and the one training loop.
 - ``dfm.sharding``: meshes, logical-axis rules, multi-host initialization.
+- ``dfm.hf``: HF checkpoints in and out (Llama, Qwen2, CLIP, LLaVA, InternVL; decentralized directories).
+- ``dfm.api``: ``DecentralizedModel`` (also ``dfm.DecentralizedModel``): a saved decentralized
+  model as one object with ``route`` / ``score`` / ``generate`` on raw text.
 
 Submodules are imported on first attribute access, so ``import dfm`` stays cheap.
 """
@@ -22,11 +25,16 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("checks", "schedules", "paths", "velocities", "samplers", "losses", "autoregressive",
-               "tabular", "decentral", "models", "train", "sharding")
+               "tabular", "decentral", "models", "train", "sharding", "hf", "io", "progress", "api")
+# `DecentralizedModel` is importable from here (`from dfm import DecentralizedModel`) but documented in
+# `dfm.api`: pdoc cannot follow a lazily resolved class listed in `__all__`.
 __all__ = list(_SUBMODULES)
 
 
 def __getattr__(name):
+    if name == "DecentralizedModel":          # the public API of saved decentralized models
+        from dfm.api import DecentralizedModel
+        return DecentralizedModel
     if name in _SUBMODULES:
         return importlib.import_module(f"dfm.{name}")
     raise AttributeError(f"module 'dfm' has no attribute {name!r}")

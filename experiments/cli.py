@@ -16,8 +16,16 @@ stage-1 alignment and ``partition`` also runs stage 1 (the partition uses its im
 
 Every command takes ``--config NAME|PATH`` (NAME = a file in experiments/configs/, default
 "default"), ``--out DIR`` (default ``runs/<config-name>``, ``runs/<config-name>-masked`` when
-``--schedule masked`` overrides an AR config) and ``--schedule ar|masked``. Commands are
-idempotent: finished stages are skipped, interrupted training resumes from its last checkpoint.
+``--schedule masked`` overrides an AR config), ``--schedule ar|masked`` and any number of
+``KEY=VALUE`` overrides (``stage2.steps=200``, ``seed=3``, ``numerics.attention=xla``): TOML values
+applied to the file before validation, so they are checked like the file, and the resolved config
+is what the run directory pins. Commands are idempotent: finished stages are skipped, interrupted
+training resumes from its last checkpoint.
+
+    dfm config show NAME [KEY=VALUE ...]   the resolved config as TOML
+    dfm config list                        the shipped configs
+    dfm --version
+
 This module only parses arguments and dispatches; the job code is imported lazily.
 """
 from __future__ import annotations
@@ -25,6 +33,41 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+OVERRIDE_HELP = ("override a config value: SECTION.KEY=VALUE or KEY=VALUE, the value in TOML syntax "
+                 "(200, 3e-4, false, \"text\"; a bare word is a string); repeatable")
+
+
+def _version() -> str:
+    """The installed package's version (``dfm.__version__`` when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dfm")
+    except metadata.PackageNotFoundError:
+        import dfm
+
+        return getattr(dfm, "__version__", "unknown")
+
+
+def _epilog() -> str:
+    from experiments.engine.config import (
+        available_configs,  # stdlib only: keeps --help fast
+    )
+
+    return f"""shipped configs (--config NAME; experiments/configs/NAME.toml): {', '.join(available_configs())}
+
+examples:
+  dfm run --config tiny                          the whole job on the CI config (runs/tiny)
+  dfm run --config default stage2.steps=400 --out runs/long
+                                                 override a value (checked like the file)
+  dfm config show tiny stage2.steps=7            print the resolved config as TOML
+  dfm train --expert 1 --config tiny             one stage (resumes from its checkpoint)
+  dfm evaluate --config tiny                     score the systems, write the report
+  dfm COMMAND --help                             the options of a command
+
+progress: runs/<name>/logs/<stage>/metrics.jsonl gets one line per logged step (loss, lr,
+grad_norm, tokens_per_s); with tensorboard installed: tensorboard --logdir runs/<name>/logs"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,10 +78,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="run directory (default runs/<config-name>)")
     common.add_argument("--schedule", choices=("ar", "masked"), default=None,
                         help="override the config's schedule: ar (causal LM) or masked (DFM denoiser)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--quiet", action="store_true", help="no progress bars, no config changes printed")
+    common.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
 
     parser = argparse.ArgumentParser(
-        prog="dfm", description="Dense vs decentralized experts: the Python stdlib docs (text) or, with a task = \"mllm\" config, LLaVA-style experts on images.")
+        prog="dfm", description="Dense vs decentralized experts: the Python stdlib docs (text) or, with a task = "
+                                "\"mllm\" config, LLaVA-style experts on images.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dfm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("partition", parents=[common], help="data, tokenizer and partitions")
     train = sub.add_parser("train", parents=[common], help="train one stage")
@@ -55,7 +102,28 @@ def _parser() -> argparse.ArgumentParser:
                            "the ensembles renormalise their routers over the remaining experts (repeatable)")
     sub.add_parser("evaluate", parents=[common, lost], help="evaluate all systems, write the report")
     sub.add_parser("run", parents=[common, lost], help="all stages in order (default when no command)")
+    config = sub.add_parser("config", help="show a resolved config, list the shipped ones")
+    what = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = what.add_parser("show", help="print the resolved config (file + overrides) as TOML")
+    show.add_argument("name", metavar="NAME|PATH", help="config name or path to a .toml file")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    show.add_argument("--schedule", choices=("ar", "masked"), default=None, help="as for the other commands")
+    what.add_parser("list", help="the shipped configs (experiments/configs/*.toml)")
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parse_known_args`, with the ``KEY=VALUE`` overrides that follow an option collected too
+    (argparse takes one run of positionals only); any other unknown argument is an error."""
+    from experiments.engine.config import is_override
+
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not is_override(a)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run", *argv]
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if args.command == "config":
+        return _config_command(args)
     if args.out is not None and not args.out.strip():
         print("dfm: error: --out: an empty directory name would write the run into the current "
               "directory; give a directory", file=sys.stderr)
@@ -80,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.registry import load_job
 
     try:
-        task, config = load_job(args.config, args.schedule)
+        task, config = load_job(args.config, args.schedule, args.overrides)
         if args.command == "train" and args.router and "router" not in task.extra_stages(config):
             raise UsageError(_router_usage(task))
+        if args.overrides and not args.quiet:
+            for line in _changes(args, config):
+                print(line)
     except ConfigError as exc:
         print(f"dfm: error: config: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +184,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _changes(args, config) -> list[str]:
+    """One line per value in which the resolved config differs from the file (its overrides)."""
+    from experiments.engine.config import ConfigError, override_changes, parse_override, toml_value
+    from experiments.registry import load_job
+
+    def text(v):
+        try:
+            return toml_value(v)
+        except TypeError:
+            return repr(v)
+
+    try:
+        _, shipped = load_job(args.config, args.schedule)
+    except ConfigError:                      # the file alone is invalid: the overrides fix it
+        return [f"[config] {'.'.join(k)} = {text(v)} (override)" for k, v in map(parse_override, args.overrides)]
+    return [f"[config] {key} = {text(new)} (was {text(old)} in {args.config})"
+            for key, old, new in override_changes(shipped.to_dict(), config.to_dict())]
+
+
+def _config_command(args) -> int:
+    """``dfm config show NAME [KEY=VALUE ...]`` / ``dfm config list``."""
+    from experiments.engine.config import ConfigError, available_configs
+    from experiments.engine.task import UsageError
+    from experiments.registry import load_job
+
+    if args.config_command == "list":
+        print("\n".join(available_configs()))
+        return 0
+    try:
+        _, config = load_job(args.name, args.schedule, args.overrides)
+    except ConfigError as exc:
+        print(f"dfm: error: config: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"dfm: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(config.to_toml())
     return 0
 
 

@@ -5,7 +5,9 @@ never import each other. Tasks are imported when asked for (keeps `dfm --help` f
 """
 from __future__ import annotations
 
-from experiments.engine.config import ConfigError, parse_config, read_toml, resolve_path
+from collections.abc import Sequence
+
+from experiments.engine.config import ConfigError, apply_overrides, parse_config, read_toml, resolve_path
 from experiments.engine.task import Task
 
 TASKS = ("text", "mllm")
@@ -29,18 +31,24 @@ def task_named(name: str) -> Task:
     raise ConfigError(f"task: must be one of {list(TASKS)}, got {name!r}")
 
 
-def load_job(name_or_path: str, schedule: str | None = None) -> tuple[Task, object]:
+def load_job(name_or_path: str, schedule: str | None = None,
+             overrides: Sequence[str] = ()) -> tuple[Task, object]:
     """The task and validated config of a config NAME (in experiments/configs/) or PATH, with the
-    command line's ``--schedule`` applied (`Task.with_schedule`).
+    command line's ``KEY=VALUE`` overrides applied to the file before validation
+    (`experiments.engine.config.apply_overrides`) and its ``--schedule`` applied last
+    (`Task.with_schedule`).
 
     Raises:
-      ConfigError: unknown file, TOML syntax error, unknown task, key or bad value (naming the file).
+      ConfigError: unknown file, TOML syntax error, malformed override, unknown task, key or bad
+        value (naming the file, the overrides and the key).
       UsageError: a `schedule` the task does not accept.
     """
     path = resolve_path(name_or_path)
-    raw = read_toml(path)
+    overrides = tuple(overrides)
+    raw = apply_overrides(read_toml(path), overrides)
     try:
         task = task_named(raw.get("task", DEFAULT_TASK))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return task, task.with_schedule(parse_config(task.config_class, raw, path), schedule)
+        where = f"{path} with overrides {' '.join(overrides)}" if overrides else f"{path}"
+        raise ConfigError(f"{where}: {exc}") from None
+    return task, task.with_schedule(parse_config(task.config_class, raw, path, overrides), schedule)

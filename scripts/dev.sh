@@ -7,7 +7,7 @@ venv=${DFM_VENV:-.venv}
 cmd=${1:-}
 shift || true
 need_extras=""
-[ "$cmd" = "test" ] && need_extras="[test,peer]"
+[ "$cmd" = "test" ] && need_extras="[test,peer,docs]"
 stamp="$venv/.dfm-installed${need_extras}"
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -77,6 +77,9 @@ class EnsembleState(NamedTuple):
     prev_log_probs: Array | None = None
 
 
+EnsembleState.__new__.__module__ = __name__   # lets pdoc resolve the field annotations (namedtuple quirk)
+
+
 def ensemble_init_state(router: Any, expert_states: Sequence[Any], *, batch: int, num_moving: int,
                         vocab: int, context: Any = None, dtype=jnp.float32) -> EnsembleState:
     """Initial `EnsembleState` for `ensemble_posterior_fn`.

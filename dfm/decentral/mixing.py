@@ -189,6 +189,9 @@ class MixtureScores(NamedTuple):
     missing: tuple[int, ...] = ()
 
 
+MixtureScores.__new__.__module__ = __name__   # lets pdoc resolve the field annotations (namedtuple quirk)
+
+
 def mixture_token_log_probs(router: Any, expert_log_probs: Array, *, context: Any = None,
                             state: Any = None, valid: Array | None = None,
                             top_k: int | None = None, available: Any = None) -> MixtureScores:

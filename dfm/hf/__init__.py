@@ -11,7 +11,7 @@
 See docs/checkpoints.md.
 """
 from dfm.hf.configs import SUPPORTED_MODEL_TYPES, UnsupportedModelError, read_config
-from dfm.hf.experts import DecentralizedModel, load_decentralized, save_decentralized
+from dfm.hf.experts import DecentralizedCheckpoint, load_decentralized, save_decentralized
 from dfm.hf.export import save_pretrained
 from dfm.hf.load import load_pretrained
 from dfm.hf.weights import assign_weights
@@ -19,7 +19,7 @@ from dfm.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from dfm.hf.tokenizers import load_tokenizer, tokenizer_fingerprint
 
 __all__ = [
-    "CheckpointError", "DecentralizedModel", "SUPPORTED_MODEL_TYPES", "SafetensorsCheckpoint",
+    "CheckpointError", "DecentralizedCheckpoint", "SUPPORTED_MODEL_TYPES", "SafetensorsCheckpoint",
     "UnsupportedModelError", "assign_weights", "load_decentralized", "load_pretrained", "load_tokenizer",
     "read_config", "save_decentralized", "save_pretrained", "tokenizer_fingerprint",
 ]

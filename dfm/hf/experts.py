@@ -6,17 +6,22 @@ Layout (docs/checkpoints.md):
       decentral.json        format, expert directories, partition / featurizer / tokenizer files,
                             router settings, priors w_k, mask id
       partition.npz         dfm.decentral.Partition.save (centroids, mean, sizes, config)
-      featurizer.pkl        optional: TextFeaturizer / PrecomputedFeaturizer.save
-      tokenizer/            optional: the tokenizer all experts share (AutoTokenizer directory); an
-                            expert directory may also hold its own tokenizer files
-      experts/expert_00/    config.json + model.safetensors (an HF directory, `dfm.hf.save_pretrained`)
+      featurizer.npz        optional: TextFeaturizer / PrecomputedFeaturizer.save (arrays + JSON meta,
+                            no pickle; `dfm.decentral.features`). A legacy `featurizer.pkl` named by
+                            an older manifest still loads, with a DeprecationWarning
+      tokenizer/            optional: the tokenizer all experts share (AutoTokenizer directory); the
+                            writer also copies it into every expert directory (so each expert loads
+                            on its own in transformers)
+      experts/expert_00/    config.json + model.safetensors, or model-0000i-of-0000n.safetensors +
+                            model.safetensors.index.json over `max_shard_size` (an HF directory,
+                            `dfm.hf.save_pretrained`) [+ tokenizer files]
       experts/expert_01/    ...
 
 `decentral.json`:
 
     {"format": "dfm-decentralized", "version": 1,
      "experts": ["experts/expert_00", ...], "partition": "partition.npz",
-     "featurizer": "featurizer.pkl" | null, "tokenizer": "tokenizer" | null,
+     "featurizer": "featurizer.npz" | null, "tokenizer": "tokenizer" | null,
      "priors": [w_0, ...], "mask_id": null | int,
      "router": {"type": "centroid", "temperature": T, "top_k": k | null, "threshold": t | null}
              | {"type": "bayes"} | {"type": "uniform"}}
@@ -35,7 +40,7 @@ non-negative numbers summing to 1 within 1e-6; `router.type` in `ROUTER_TYPES`, 
 `threshold` null or a number in [0, 1]; `mask_id` absent, null or an int >= 0.
 
 A lost expert: `load_decentralized(root, missing_ok=True)` skips expert directories that do not
-exist or hold no weights; `DecentralizedModel.experts` keeps None there, `.missing` / `.available`
+exist or hold no weights; `DecentralizedCheckpoint.experts` keeps None there, `.missing` / `.available`
 say which, `.weights(...)` is renormalized over the available experts, and the library functions
 take `available=model.available` (`dfm.decentral.ensemble_posterior_fn`,
 `dfm.decentral.mixture_token_log_probs`).
@@ -46,6 +51,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import posixpath
 import shutil
 import tempfile
@@ -57,7 +63,7 @@ import numpy as np
 
 from dfm.decentral import (BayesFilterRouter, CentroidRouter, ExpertSpec, Partition, centroid_weights,
                            check_compatible_experts, uniform_weights)
-from dfm.hf.export import default_permissions, swap_into_place, save_pretrained
+from dfm.hf.export import DEFAULT_MAX_SHARD_SIZE, default_permissions, swap_into_place, save_pretrained
 from dfm.hf.load import check_runtime_knobs, load_pretrained
 from dfm.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 
@@ -65,10 +71,11 @@ MANIFEST = "decentral.json"
 FORMAT = "dfm-decentralized"
 VERSION = 1
 ROUTER_TYPES = ("centroid", "bayes", "uniform")
+FEATURIZER_FILE = "featurizer.npz"
 
 
 @dataclasses.dataclass
-class DecentralizedModel:
+class DecentralizedCheckpoint:
     """K experts ready for `dfm.decentral.ensemble_posterior_fn` / `mix_log_probs`.
 
     Attributes:
@@ -163,7 +170,7 @@ def _router_settings(router: Any) -> dict:
 def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partition: Partition, *,
                        router: Any = "uniform", priors: Any = None, featurizer: Any = None,
                        tokenizer: Any = None, mask_id: int | None = None, dtype: str | None = None,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write K experts, the partition and the router settings as the directory `root` (module doc).
 
     Args:
@@ -172,8 +179,10 @@ def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partitio
       router: `CentroidRouter` (its temperature / top_k / threshold are saved), `BayesFilterRouter`
         or "bayes" (the priors are saved), "uniform", or a settings dict.
       priors: `[K]` w_k; default the partition's sizes (for a `BayesFilterRouter`: its priors).
-      featurizer: optional fitted featurizer with `save(path)` (pickle).
-      tokenizer: optional shared tokenizer (object with `save_pretrained`, or a directory).
+      featurizer: optional fitted featurizer with `save(path)` (`featurizer.npz`, arrays + JSON).
+      tokenizer: optional shared tokenizer (object with `save_pretrained`, or a directory); saved
+        as `tokenizer/` and into every expert directory.
+      max_shard_size: the experts' largest weights file (`dfm.hf.save_pretrained`; None: one file).
       mask_id: mask token of masked experts; default `vocab` (= the logits width) for
         bidirectional experts, None for causal ones.
       dtype: store the experts' parameters in this dtype (None: as they are).
@@ -210,19 +219,20 @@ def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partitio
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp"))
     try:
         names = [f"experts/expert_{i:02d}" for i in range(k)]
-        for name, model in zip(names, experts):
-            save_pretrained(model, tmp / name, dtype=dtype)
-        partition.save(tmp / "partition.npz")
-        if featurizer is not None:
-            featurizer.save(tmp / "featurizer.pkl")
         if tokenizer is not None:
             (tmp / "tokenizer").mkdir()
             if isinstance(tokenizer, (str, os.PathLike)):
                 shutil.copytree(tokenizer, tmp / "tokenizer", dirs_exist_ok=True)
             else:
                 tokenizer.save_pretrained(os.fspath(tmp / "tokenizer"))
+        for name, model in zip(names, experts):
+            save_pretrained(model, tmp / name, dtype=dtype, max_shard_size=max_shard_size,
+                            tokenizer=tmp / "tokenizer" if tokenizer is not None else None)
+        partition.save(tmp / "partition.npz")
+        if featurizer is not None:
+            featurizer.save(tmp / FEATURIZER_FILE)
         manifest = {"format": FORMAT, "version": VERSION, "experts": names, "partition": "partition.npz",
-                    "featurizer": "featurizer.pkl" if featurizer is not None else None,
+                    "featurizer": FEATURIZER_FILE if featurizer is not None else None,
                     "tokenizer": "tokenizer" if tokenizer is not None else None,
                     "priors": [float(p) for p in priors], "mask_id": mask_id, "router": settings}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -339,7 +349,7 @@ def _read_manifest(root: Path) -> tuple[dict, Path]:
 
 
 def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None, missing_ok: bool = False,
-                       matmul_precision: str = "highest", attention: str = "auto") -> DecentralizedModel:
+                       matmul_precision: str = "highest", attention: str = "auto") -> DecentralizedCheckpoint:
     """Load a directory written by `save_decentralized` (or by hand, following the module doc).
 
     Args:
@@ -353,7 +363,7 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None, mis
         for speed; bf16 compute is unaffected); "auto" attention kernel.
 
     Returns:
-      `DecentralizedModel` with experts, specs, partition, priors (all K, as stored), router,
+      `DecentralizedCheckpoint` with experts, specs, partition, priors (all K, as stored), router,
       featurizer.
 
     Raises:
@@ -418,14 +428,19 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None, mis
         path = root / manifest["featurizer"]
         if not path.is_file():
             raise CheckpointError(f"{file}: featurizer file {path} does not exist")
+        errors = []
         for cls in (TextFeaturizer, PrecomputedFeaturizer):
             try:
                 featurizer = cls.load(path)
                 break
-            except ValueError:
-                continue
+            except ValueError as e:
+                errors.append(str(e))
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                errors.append(f"legacy pickle that does not load here ({type(e).__name__}: {e})")
+                break
         if featurizer is None:
-            raise CheckpointError(f"{path}: neither a TextFeaturizer nor a PrecomputedFeaturizer")
-    return DecentralizedModel(experts=experts, specs=specs, partition=partition, priors=priors,
+            raise CheckpointError(f"{path}: neither a TextFeaturizer nor a PrecomputedFeaturizer "
+                                  f"({'; '.join(errors)})")
+    return DecentralizedCheckpoint(experts=experts, specs=specs, partition=partition, priors=priors,
                               router=router, router_settings=dict(settings), featurizer=featurizer,
                               tokenizer_path=tokenizer_path, mask_id=mask_id)

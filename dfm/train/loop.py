@@ -3,16 +3,23 @@
 `train(model, loss_fn, batch_fn, config)` runs AdamW (`make_optimizer`) on
 `loss_fn(model, batch_fn(step), fold_in(PRNGKey(seed), step))`, with resumable orbax
 checkpoints. Because the batch and the key are functions of the step, a run that is stopped and
-resumed produces exactly the parameters and history of an uninterrupted run.
+resumed produces exactly the parameters and history of an uninterrupted run. With `metrics_path`,
+every logged row is also appended to a JSON-lines file as it is logged (and, with `tensorboard_dir`
+and tensorboardX or torch + tensorboard installed, written as TensorBoard scalars), so a long
+run can be watched while it trains.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,9 +28,10 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dfm.io import atomic_write_bytes
 from dfm.progress import progress_bar
 from dfm.sharding.distributed import is_main_process
-from dfm.train.checkpoint import abstract_tree, model_state_dict, open_manager, restore_into, MODEL_STATE
+from dfm.train.checkpoint import MODEL_STATE, abstract_tree, model_state_dict, open_manager, restore_into
 from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 from dfm.train.steps import LossFn, make_train_step
 
@@ -85,7 +93,8 @@ def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
 
 def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], config: TrainConfig, *,
           checkpoint_dir=None, desc: str = "train", stop_after: int | None = None,
-          progress: bool = True, mesh: jax.sharding.Mesh | None = None, rules=None) -> TrainResult:
+          progress: bool = True, mesh: jax.sharding.Mesh | None = None, rules=None,
+          metrics_path=None, tensorboard_dir=None) -> TrainResult:
     """Train `model` in place for `config.steps` AdamW steps, resuming from `checkpoint_dir`.
 
     Args:
@@ -112,6 +121,16 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         the global batch (all rows on one process). A checkpoint saved on another mesh (or
         unsharded) is restored onto this one.
       rules: logical-axis rules table for `mesh` (default `dfm.sharding.DEFAULT_RULES`).
+      metrics_path: if given (process 0 only), every logged history row is appended to this
+        JSON-lines file as it is logged (one object per line, flushed): the row's keys (`step`,
+        `loss`, `lr`, `grad_norm`, the loss_fn metrics, `wall`) plus `tokens_per_s` when the
+        loss_fn reports a "tokens" metric (that step's tokens times the steps since the previous
+        row, over the seconds since it). On a (re)start the file keeps only its rows of steps up to
+        the restored step (rewritten atomically), so a resumed run continues it without
+        duplicates; rows without a `step` are kept.
+      tensorboard_dir: if given and tensorboardX (or torch with tensorboard) is installed, the
+        same rows as TensorBoard scalars (events after the restored step are purged on resume);
+        silently skipped otherwise.
 
     Returns:
       `TrainResult(model, history, steps_done, wall_time_s)`.
@@ -150,6 +169,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         return TrainResult(model, history, start, time.perf_counter() - t_start)
 
     base_key = jax.random.PRNGKey(config.seed)
+    log = _MetricsLog(metrics_path, tensorboard_dir, start) if is_main_process() else None
     bar = progress_bar(config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()))
     t_loop = time.perf_counter()
     try:
@@ -168,6 +188,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                 row.update({k: float(v) for k, v in metrics.items()})
                 row["wall"] = wall_before + time.perf_counter() - t_loop
                 history.append(row)
+                if log is not None:
+                    log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
             if saving_step:
@@ -175,9 +197,92 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                       wait=not config.async_checkpoint)
     finally:
         bar.close()
+        if log is not None:
+            log.close()
         if manager is not None:
             manager.close()
     return TrainResult(model, history, end, time.perf_counter() - t_start)
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics JSON-lines file (`train`'s `metrics_path`); a line that does not
+    parse (cut short by a crash) is skipped. A missing file: []."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_metrics(path, row: dict) -> None:
+    """Append one row (e.g. ``{"step": 200, "val_loss": 2.1}``) to a metrics JSON-lines file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class _MetricsLog:
+    """The JSON-lines file (and optional TensorBoard writer) of one `train` call."""
+
+    def __init__(self, path, tensorboard_dir, start: int):
+        self.file, self.writer = None, None
+        self.last_step, self.last_time = start, time.perf_counter()
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if os.path.exists(path):        # drop rows of steps the restored checkpoint does not hold
+                keep = [r for r in read_metrics(path) if not isinstance(r.get("step"), (int, float)) or r["step"] <= start]
+                atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole call
+        if tensorboard_dir is not None:
+            writer_cls = _summary_writer()
+            if writer_cls is not None:
+                self.writer = writer_cls(str(tensorboard_dir), purge_step=start + 1 if start else None)
+
+    def write(self, row: dict) -> None:
+        now = time.perf_counter()
+        out = dict(row)
+        if "tokens" in row and now > self.last_time:
+            out["tokens_per_s"] = row["tokens"] * (row["step"] - self.last_step) / (now - self.last_time)
+        self.last_step, self.last_time = row["step"], now
+        if self.file is not None:
+            self.file.write(json.dumps(out) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for key, value in out.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _summary_writer():
+    """tensorboardX's `SummaryWriter`, else torch's (which needs the tensorboard package), else None;
+    checked without importing torch when tensorboard is absent."""
+    try:
+        if importlib.util.find_spec("tensorboardX") is not None:
+            from tensorboardX import SummaryWriter
+
+            return SummaryWriter
+        if importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter
+    except Exception:  # noqa: BLE001 - an optional extra that does not import: no TensorBoard
+        return None
+    return None
 
 
 def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float, *,

@@ -4,7 +4,9 @@ A config file (``experiments/configs/<name>.toml``) has top-level keys (``name``
 ``seed``, and task-specific ones such as the text job's ``schedule``) and one table per section.
 Every key is optional (the dataclass default applies); an unknown key or section is a
 `ConfigError` naming it and its section, and a value of the wrong type or out of range is a
-`ConfigError` naming the field (``"stage2.steps: must be >= 1, got 0"``).
+`ConfigError` naming the field (``"stage2.steps: must be >= 1, got 0"``). Command-line overrides
+(``stage2.steps=200``, `apply_overrides`) are applied to the parsed file before validation, so they
+are checked exactly like the file.
 
 The machinery lives here once: `constrained` declares a field's range or choices, `validate`
 checks a section, `JobConfig` gives a task's config `from_dict` / `to_dict` / `to_toml` /
@@ -14,11 +16,14 @@ checks a section, `JobConfig` gives a task's config `from_dict` / `to_dict` / `t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -282,7 +287,7 @@ class JobConfig:
         """A validated copy with top-level fields or whole sections changed."""
         return dataclasses.replace(self, **changes)
 
-    def differences(self, other: "JobConfig") -> list[str]:
+    def differences(self, other: JobConfig) -> list[str]:
         """Dotted names of the fields in which `other` differs (``["stage2.steps", "seed"]``)."""
         a, b = self.to_dict(), other.to_dict()
         out = []
@@ -328,9 +333,80 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def parse_config(config_class: type, raw: dict, path: Path):
-    """`config_class.from_dict(raw, name=path.stem)` with the file's name in any ConfigError."""
+def parse_config(config_class: type, raw: dict, path: Path, overrides: Sequence[str] = ()):
+    """`config_class.from_dict(raw, name=path.stem)` with the file's name (and the command-line
+    overrides, when there are any) in any ConfigError."""
     try:
         return config_class.from_dict(raw, name=Path(path).stem)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        where = f"{path} with overrides {' '.join(overrides)}" if overrides else f"{path}"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)?")
+
+
+def is_override(arg: str) -> bool:
+    """True if a command-line argument has the form of an override, ``key=value`` or
+    ``section.key=value`` (it need not name a real key: `apply_overrides` checks that)."""
+    key, eq, _ = arg.partition("=")
+    return bool(eq) and _KEY.fullmatch(key.strip()) is not None
+
+
+def parse_override(arg: str) -> tuple[tuple[str, ...], Any]:
+    """``"stage2.steps=200"`` -> ``(("stage2", "steps"), 200)``.
+
+    The value is read as a TOML value (``200``, ``3e-4``, ``false``, ``"text"``, ``[1, 2]``); when it
+    is not valid TOML it is taken as a bare string (``numerics.attention=xla`` -> ``"xla"``).
+
+    Raises:
+      ConfigError: no ``=``, or a key that is not ``name`` or ``section.name``.
+    """
+    key, eq, text = arg.partition("=")
+    key = key.strip()
+    if not eq or _KEY.fullmatch(key) is None:
+        raise ConfigError(f"override {arg!r}: expected KEY=VALUE with KEY a top-level key or SECTION.KEY "
+                          f"(e.g. stage2.steps=200)")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return tuple(key.split(".")), value
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """A copy of the parsed TOML dict `raw` with command-line overrides (`parse_override`) applied,
+    in order (a later override of the same key wins). Nothing is validated here: the result goes
+    through `JobConfig.from_dict` like a file, so an unknown key or a bad value is the same
+    `ConfigError` naming it.
+
+    Raises:
+      ConfigError: a malformed override, or ``section.key`` where ``section`` is a plain value.
+    """
+    out = copy.deepcopy(raw)
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        if len(parts) == 1:
+            out[parts[0]] = value
+            continue
+        section, key = parts
+        table = out.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {arg!r}: {section!r} is a top-level value, not a [{section}] table")
+        table[key] = value
+    return out
+
+
+def override_changes(before: dict, after: dict) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value before, value after)`` of every field that differs between two
+    `JobConfig.to_dict` dicts (values missing on one side are None)."""
+    out = []
+    for k in dict.fromkeys([*before, *after]):
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            out += [(f"{k}.{s}", a.get(s), b.get(s)) for s in dict.fromkeys([*a, *b]) if a.get(s) != b.get(s)]
+        elif a != b:
+            out.append((k, a, b))
+    return out

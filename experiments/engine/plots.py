@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from dfm.io import atomic_path
 
 
@@ -32,30 +30,91 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+FAMILIES = ("stage 1", "dense", "experts", "random control", "router")
+
+
+def stage_family(name: str, first: str = "base") -> str:
+    """The panel of a stage in `loss_curves`: "stage 1" (`first`), "dense", "experts" (expert-k),
+    "random control" (random-k), "router", or the stage's own name for any other stage."""
+    if name == first:
+        return "stage 1"
+    if name.startswith("expert-"):
+        return "experts"
+    if name.startswith("random-"):
+        return "random control"
+    return name
+
+
+def _validation(info: dict) -> list[tuple[float, float]]:
+    rows = [*(info.get("validation") or []), *(r for r in info.get("history") or [] if "val_loss" in r)]
+    return sorted({(r["step"], r["val_loss"]) for r in rows if "step" in r and r.get("val_loss") is not None})
+
+
+def _label(name: str) -> str:
+    kind, _, k = name.partition("-")
+    return f"{'expert' if kind == 'expert' else 'random expert'} {k}" if kind in ("expert", "random") and k.isdigit() \
+        else name
+
+
 def loss_curves(stages: dict, path: Path, title: str = "", first: str = "base") -> Path:
-    """Training loss (nats/token) against the global step; stage-2 runs start after the base.
+    """Training loss (nats/token) against each stage's optimizer step, one panel per stage family.
+
+    Panels: stage 1, dense, the K experts overlaid ("expert k" in the legend), the random-partition
+    control, the router (its own loss: cross-entropy over clusters), each present only when the
+    run has it; the token-loss panels share their y axis. Validation losses (rows with a
+    "val_loss", in the marker's "validation" list or in its history) are drawn as dots in their
+    stage's colour.
 
     Args:
-      stages: stage name -> marker info with "history" rows {"step", "loss"}; the stage named
-        `first` (the shared stage 1) is drawn in black and the others start after it.
+      stages: stage name -> marker info with "history" rows {"step", "loss"} (and optionally
+        "validation" rows {"step", "val_loss"}).
       first: name of the stage-1 stage ("base" in the text job, "stage1" in the multimodal job).
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    base_steps = stages.get(first, {}).get("steps", 0)
+    panels: dict[str, list[str]] = {}
+    for name in sorted(stages, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])
+                                              if n.rsplit("-", 1)[-1].isdigit() else 0)):
+        if stages[name].get("history") or _validation(stages[name]):
+            panels.setdefault(stage_family(name, first), []).append(name)
+    order = [f for f in FAMILIES if f in panels] + sorted(f for f in panels if f not in FAMILIES)
+    n = max(1, len(order))
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, info) in enumerate(sorted(stages.items())):
-        hist = info.get("history") or []
-        if not hist or name == "router":
-            continue
-        steps = np.array([h["step"] for h in hist]) + (0 if name == first else base_steps)
-        loss = np.array([h["loss"] for h in hist])
-        style = "--" if name.startswith("random") else "-"
-        width = 2.2 if name in (first, "dense") else 1.0
-        ax.plot(steps, loss, style, lw=width, label=name, color="black" if name == first else colors[i % len(colors)])
-    ax.set_xlabel(f"optimizer step (stage 2 continues after {first})")
-    ax.set_ylabel("training loss (nats / token)")
-    ax.set_title(title or "training loss")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    token_axes = []
+    for ax, family in zip(axes.flat, order):
+        for i, name in enumerate(panels[family]):
+            info = stages[name]
+            color = "black" if family in ("stage 1", "dense") else colors[i % len(colors)]
+            hist = info.get("history") or []
+            if hist:
+                ax.plot([h["step"] for h in hist], [h["loss"] for h in hist],
+                        "--" if family == "random control" else "-", lw=1.6 if len(panels[family]) == 1 else 1.1,
+                        color=color, label=_label(name))
+            val = _validation(info)
+            if val:
+                ax.plot(*zip(*val), "o", ms=4, color=color, label=f"{_label(name)} (validation)")
+        ax.set_title(family if family != "stage 1" else f"stage 1 ({first})", fontsize=9)
+        ax.set_xlabel("optimizer step of the stage", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if len(panels[family]) > 1 or _validation(stages[panels[family][0]]):
+            ax.legend(fontsize=6, ncol=2 if len(panels[family]) > 6 else 1)
+        if family == "router":
+            ax.set_ylabel("router loss (nats)", fontsize=8)
+        else:
+            ax.set_ylabel("training loss (nats / token)", fontsize=8)
+            token_axes.append(ax)
+    for ax in list(axes.flat)[len(order):]:
+        ax.set_visible(False)
+    if len(token_axes) > 1:                   # one y scale for the token losses: panels compare
+        lo = min(ax.get_ylim()[0] for ax in token_axes)
+        hi = max(ax.get_ylim()[1] for ax in token_axes)
+        for ax in token_axes:
+            ax.set_ylim(lo, hi)
+    if not order:
+        axes[0, 0].text(0.5, 0.5, "no training history", ha="center", va="center")
+    fig.suptitle(title or "training loss", fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -9,6 +9,10 @@ Layout of ``runs/<config-name>/``::
                              the task's feature files
     checkpoints/<stage>/     orbax checkpoints of a training stage (resume)
     models/<stage>/          final parameters of a finished stage
+    logs/<stage>/            metrics.jsonl: one JSON line per logged training step, appended as it is
+                             logged (step, loss, lr, grad_norm, tokens_per_s, wall, ...; a resumed stage
+                             continues it); tensorboard/: the same scalars when tensorboardX (or torch
+                             with tensorboard) is installed (``tensorboard --logdir runs/<name>/logs``)
     stages/<stage>.json      completion marker of a stage: wall time, steps, loss history, the sha256 of
                              its model (a missing or changed model re-runs the stage)
     locks/<stage>.lock       held while a process writes the stage (`experiments.engine.locks`)
@@ -190,6 +194,16 @@ class RunDir:
 
     def model(self, stage: str) -> Path:
         return self.root / "models" / stage
+
+    def logs(self, stage: str) -> Path:
+        return self.root / "logs" / stage
+
+    def metrics(self, stage: str) -> Path:
+        """``logs/<stage>/metrics.jsonl``: the training rows of a stage (`dfm.train.train`'s `metrics_path`)."""
+        return self.logs(stage) / "metrics.jsonl"
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.logs(stage) / "tensorboard"
 
     def marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"

@@ -286,14 +286,25 @@ def load_stage_model(ctx: Context, data, stage: str, factory: Callable[[], Any] 
                          f"re-train it (the stage is re-run when its model fails its checksum)") from None
 
 
+def metrics_kwargs(ctx: Context, stage: str) -> dict:
+    """The `dfm.train.train` keyword arguments that log a stage's rows as they are logged:
+    ``metrics_path=logs/<stage>/metrics.jsonl`` and ``tensorboard_dir=logs/<stage>/tensorboard``
+    (used when tensorboardX or torch + tensorboard is installed). Every training stage passes them,
+    the tasks' extra stages too (`Task.run_extra`)."""
+    return {"metrics_path": ctx.run.metrics(stage), "tensorboard_dir": ctx.run.tensorboard(stage)}
+
+
 def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int, num_examples: int, *,
                     extra: dict | None = None, t0: float | None = None) -> dict | None:
     """Save the final model and write the stage's marker; None (and a log line) if stopped early.
 
     The marker holds steps, batch size, training examples, examples seen, wall time, the final
-    loss, the loss history (and any other logged metric, e.g. accuracy) and `extra`.
+    loss, the loss history (and any other logged metric, e.g. accuracy), the validation rows of
+    ``logs/<stage>/metrics.jsonl`` (those with a "val_loss", e.g. appended by a task with
+    `dfm.train.loop.append_metrics`; the loss-curve plot draws them) and `extra`.
     """
     from dfm.train import save_model
+    from dfm.train.loop import read_metrics
 
     if result.steps_done < tc.steps:
         ctx.log(f"[{stage}] stopped at step {result.steps_done}/{tc.steps}; re-run to resume")
@@ -306,6 +317,8 @@ def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int
         "wall_time_s": float(h[-1]["wall"]) if h else result.wall_time_s,
         "final_loss": float(h[-1]["loss"]) if h else None,
         "history": [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in h],
+        "validation": [{"step": r["step"], "val_loss": r["val_loss"]} for r in read_metrics(ctx.run.metrics(stage))
+                       if "val_loss" in r and "step" in r],
         **(extra or {}),
     }
     ctx.run.mark_done(stage, info, model=True)
@@ -362,7 +375,7 @@ def _finished(ctx: Context, stage: str) -> bool:
 
 
 def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict | None:
-    from dfm.train import train
+    from dfm.train.loop import train
     from experiments.engine.batches import EpochBatches
 
     t0 = time.perf_counter()
@@ -386,7 +399,7 @@ def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict
     batches = EpochBatches(len(index), batch_size, ctx.config.seed, stage)
     result = train(model, ctx.task.loss_fn(ctx, data), ctx.task.batch_fn(ctx, data, index, batches), tc,
                    checkpoint_dir=ctx.run.checkpoints(stage), desc=stage, stop_after=stop_after,
-                   progress=ctx.progress, mesh=training_mesh(ctx.config.mesh))
+                   progress=ctx.progress, mesh=training_mesh(ctx.config.mesh), **metrics_kwargs(ctx, stage))
     return finish_training(ctx, stage, model, result, tc, batch_size, len(index),
                            extra=ctx.task.stage_marker(ctx, stage, steps, batch_size), t0=t0)
 

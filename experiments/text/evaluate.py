@@ -174,7 +174,9 @@ def evaluate(ctx: Context, data: TextData) -> dict:
     c, run = ctx.config, ctx.run
     k, seq_len = c.partition.num_clusters, c.data.seq_len
     assignments = load_assignments(ctx)
-    featurizer = load_file(run.partition / "featurizer.pkl", TextFeaturizer.load, "featurizer")
+    from experiments.text.export import featurizer_path
+
+    featurizer = load_file(featurizer_path(run.partition), TextFeaturizer.load, "featurizer")
     partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
     test = eval_set(data, assignments, "test", featurizer, seq_len, c.data.max_eval_docs, c.eval.max_scored_per_doc)
     val = eval_set(data, assignments, "val", featurizer, seq_len, 0, c.eval.max_scored_per_doc)

@@ -7,7 +7,7 @@ examples). Partition: tf-idf + TruncatedSVD features of the train documents (c-B
 LLaMA-style `dfm.models.Decoder`, causal under the AR schedule (loss `dfm.losses.ar_nll`, THEORY
 S5) or a bidirectional denoiser under the masked schedule (`dfm.losses.dfm_loss`, S4); the masked
 schedule adds the learned router (THEORY S10) as an extra stage. Evaluation and report:
-`experiments.text.evaluate`, `.report`. See docs/main_job.md.
+`experiments.text.evaluate`, `.report`; export (AR): `experiments.text.export`. See docs/main_job.md.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.engine.memory import count_parameters, training_memory_bytes
-from experiments.engine.stages import Context, finish_training, load_assignments
+from experiments.engine.stages import Context, finish_training, load_assignments, metrics_kwargs
 from experiments.engine.task import PartitionInput, Task
 from experiments.text import evaluate, modeling, report
 from experiments.text.config import ExperimentConfig
@@ -30,6 +30,7 @@ class TextTask(Task):
     name = "text"
     config_class = ExperimentConfig
     stage1 = "base"
+    has_export = True
 
     def with_schedule(self, config: ExperimentConfig, schedule: str | None) -> ExperimentConfig:
         """``--schedule ar|masked`` overrides the config's schedule; the run is then named
@@ -55,8 +56,8 @@ class TextTask(Task):
                                      layers=c.model.num_layers, heads=c.model.num_heads, vocab=data.vocab_size)
 
     def partition_input(self, ctx: Context, data: TextData, stage1_model=None) -> PartitionInput:
-        """tf-idf + SVD features of whole documents (fitted on train; saved as featurizer.pkl for
-        the centroid routers at evaluation)."""
+        """tf-idf + SVD features of whole documents (fitted on train; saved as featurizer.npz,
+        arrays + JSON, for the centroid routers at evaluation and the export)."""
         from dfm.decentral import TextFeaturizer
 
         pc = ctx.config.partition
@@ -65,7 +66,7 @@ class TextTask(Task):
         for name in ("val", "test"):
             features[name] = featurizer.transform(data.splits[name].texts)
         ctx.run.partition.mkdir(parents=True, exist_ok=True)
-        featurizer.save(ctx.run.partition / "featurizer.pkl")
+        featurizer.save(ctx.run.partition / "featurizer.npz")
         return PartitionInput(features, data.sequences["train"].doc, "documents", "sequences")
 
     def new_model(self, ctx: Context, data: TextData):
@@ -103,7 +104,7 @@ class TextTask(Task):
         result = train_learned_router(
             router, tokens, labels, modeling.kappa_schedule(c), tc, mask_id=data.vocab_size,
             batch_size=opt.batch_size, data_seed=c.seed, checkpoint_dir=ctx.run.checkpoints(stage),
-            desc=stage, stop_after=stop_after, progress=ctx.progress)
+            desc=stage, stop_after=stop_after, progress=ctx.progress, **metrics_kwargs(ctx, stage))
         return finish_training(ctx, stage, router, result, tc, opt.batch_size, len(tokens), t0=t0)
 
     def evaluate(self, ctx: Context, data: TextData) -> dict:
@@ -114,3 +115,9 @@ class TextTask(Task):
 
     def print_summary(self, rep: dict) -> None:
         report.print_summary(rep)
+
+    def export(self, ctx: Context, data: TextData) -> dict:
+        """``<run>/export/dense`` and ``<run>/export/decentralized`` (`experiments.text.export`; AR only)."""
+        from experiments.text import export
+
+        return export.export(ctx, data)

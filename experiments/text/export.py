@@ -1,0 +1,84 @@
+"""The text job's export stage: the trained models as HF directories (`dfm.hf`, docs/checkpoints.md).
+
+``<run>/export/dense``: the dense model as an HF Llama directory (`LlamaForCausalLM`) with the
+run's tokenizer (`tokenizer.json`, `AutoTokenizer` loads it) and a chat template.
+``<run>/export/decentralized``: `dfm.hf.save_decentralized` of the K experts (each an HF Llama
+directory with the tokenizer), the partition, the tf-idf + SVD featurizer (arrays + JSON) and the
+top-k centroid router with the temperature fitted at evaluation (THEORY S12, S13);
+`dfm.DecentralizedModel.load` turns it into one object with `route` / `score` / `generate`.
+
+Only the AR schedule exports: a masked-schedule decoder is bidirectional, which HF's Llama is not
+(the stage logs the reason and records it).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from experiments.engine.rundir import load_file, read_json
+from experiments.engine.stages import Context, expert_names, load_assignments, load_stage_model
+from experiments.text.data import TextData
+
+#: The exported tokenizers' chat template (Jinja, in tokenizer_config.json): a plain
+#: "### User / ### Assistant" layout (the vocabulary has no chat special tokens, so no ChatML).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+def featurizer_path(partition_dir: Path) -> Path:
+    """The run's featurizer file: ``featurizer.npz`` (arrays + JSON), else a legacy ``featurizer.pkl``."""
+    new = partition_dir / "featurizer.npz"
+    return new if new.is_file() or not (partition_dir / "featurizer.pkl").is_file() else partition_dir / "featurizer.pkl"
+
+
+def export_tokenizer(tokenizer, directory: Path) -> Path:
+    """`tokenizer` with `CHAT_TEMPLATE`, saved (`tokenizer.json` + `tokenizer_config.json` holding
+    the template) into `directory`."""
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory), save_jinja_files=False)
+    return directory
+
+
+def export(ctx: Context, data: TextData) -> dict:
+    """Write ``<run>/export/dense`` and ``<run>/export/decentralized`` (module doc); returns the
+    stage's marker info (the directories, or the reason nothing was written)."""
+    from dfm.decentral import CentroidRouter, Partition, TextFeaturizer
+    from dfm.hf import save_decentralized, save_pretrained
+
+    c, run = ctx.config, ctx.run
+    if c.schedule != "ar":
+        reason = ("masked schedule: the decoders are bidirectional and HF's LlamaForCausalLM is causal, so "
+                  "there is no HF model to export them to")
+        ctx.log(f"[export] skipped: {reason}")
+        return {"dense": None, "decentralized": None, "skipped": reason}
+    out_dir = run.root / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.tmp"))
+    try:
+        tok_dir = export_tokenizer(data.tokenizer, tmp)
+        out = {"dense": str(save_pretrained(load_stage_model(ctx, data, "dense"), out_dir / "dense",
+                                            tokenizer=tok_dir, overwrite=True))}
+        if ctx.skip_experts:
+            ctx.log(f"[export] expert(s) {list(ctx.skip_experts)} skipped: no decentralized directory written")
+            return out | {"decentralized": None, "skipped_experts": list(ctx.skip_experts)}
+        partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
+        featurizer = load_file(featurizer_path(run.partition), TextFeaturizer.load, "featurizer")
+        ev = read_json(run.report_json)["eval"]
+        router = CentroidRouter(partition, temperature=float(ev["centroid_topk_temperature"]),
+                                top_k=min(int(ev["top_k"]), partition.num_clusters))
+        experts = [load_stage_model(ctx, data, e) for e in expert_names(c)]
+        priors = load_assignments(ctx).priors(c.partition.num_clusters)
+        out["decentralized"] = str(save_decentralized(out_dir / "decentralized", experts, partition, router=router,
+                                                      priors=priors, featurizer=featurizer, tokenizer=tok_dir,
+                                                      overwrite=True))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx.log(f"[export] HF directories: {out['dense']}, {out['decentralized']}")
+    return out
