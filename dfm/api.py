@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfm.decentral.decoding import mixture_decode
 from dfm.decentral.routers import BayesFilterRouter, CentroidRouter, FixedRouter
 
 _IMAGES_TODO = ("image-text decentralized models: score / generate with images are not implemented in "
@@ -255,10 +256,8 @@ class DecentralizedModel:
             else:
                 w = weights[i, used]
                 router = FixedRouter(jnp.asarray((w / w.sum())[None], jnp.float32))
-            split = [nnx.split(m) for m in models]
-            new = np.asarray(_decode(tuple(g for g, _ in split), tuple(s for _, s in split), tuple(starts),
-                                     jnp.asarray(tokens.shape[1], jnp.int32), max_new_tokens, router,
-                                     float(temperature), jax.random.PRNGKey(seed)))[0]
+            new = np.asarray(mixture_decode(models, starts, tokens.shape[1], max_new_tokens, router,
+                                            temperature=float(temperature), key=jax.random.PRNGKey(seed)))[0]
             if self.eos_id is not None and (new == self.eos_id).any():
                 new = new[:int(np.argmax(new == self.eos_id))]
             out.append(self.tokenizer.decode(new.tolist(), skip_special_tokens=True))
@@ -283,20 +282,3 @@ def _prefill(model, tokens, cache_length):
     cache = model.init_cache(tokens.shape[0], cache_length)
     logits, cache = model.prefill(tokens, cache)
     return cache, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 6))
-def _decode(graphdefs, states, starts, prompt_length, max_new_tokens, router, temperature, key):
-    from dfm.autoregressive import prompted_posterior_fn
-    from dfm.decentral.ensemble import ensemble_init_state, ensemble_posterior_fn
-    from dfm.paths import mask_source
-    from dfm.samplers import sample_discrete
-    from dfm.schedules import autoregressive
-
-    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
-    batch, vocab = starts[0][1].shape
-    fn = ensemble_posterior_fn([prompted_posterior_fn(m.decode_step, prompt_length) for m in models], router,
-                               mask_id=vocab)
-    state = ensemble_init_state(router, starts, batch=batch, num_moving=1, vocab=vocab)
-    return sample_discrete(key, fn, autoregressive(max_new_tokens), mask_source((batch, max_new_tokens), vocab),
-                           temperature=temperature, mask_id=vocab, state=state, check_finite=True)

@@ -142,24 +142,6 @@ def _prefill(model, tokens, px, cache_length):
     return cache, jax.nn.log_softmax(logits[:, -1], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _mixture_decode(graphdefs, states, starts, prompt_length, max_new_tokens, router):
-    from dfm.autoregressive import prompted_posterior_fn
-    from dfm.decentral import ensemble_init_state, ensemble_posterior_fn
-    from dfm.paths import mask_source
-    from dfm.samplers import sample_discrete
-    from dfm.schedules import autoregressive
-
-    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
-    batch, vocab = starts[0][1].shape
-    fn = ensemble_posterior_fn([prompted_posterior_fn(m.decode_step, prompt_length) for m in models], router,
-                               mask_id=vocab)
-    state = ensemble_init_state(router, starts, batch=batch, num_moving=1, vocab=vocab)
-    return sample_discrete(jax.random.PRNGKey(0), fn, autoregressive(max_new_tokens),
-                           mask_source((batch, max_new_tokens), vocab), temperature=0.0, mask_id=vocab, state=state,
-                           check_finite=True)
-
-
 def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, router, *,
                      cache_length: int | None = None) -> np.ndarray:
     """Greedy decoding from the mixture of `models` under `router` (one batch of equal-length prompts).
@@ -184,7 +166,7 @@ def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_
     Raises:
       ValueError: a `cache_length` shorter than P + max_new_tokens.
     """
-    from dfm.decentral import FixedRouter
+    from dfm.decentral import FixedRouter, mixture_decode
 
     prompt_length = prompts.shape[1]
     cache_length = cache_length or prompt_length + max_new_tokens
@@ -197,7 +179,4 @@ def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_
         router = FixedRouter(jnp.asarray(np.asarray(router.table)[:, used]))
     tokens, px = jnp.asarray(prompts), jnp.asarray(px)
     starts = tuple(_prefill(m, tokens, px, cache_length) for m in models)
-    split = [nnx.split(m) for m in models]
-    out = _mixture_decode(tuple(g for g, _ in split), tuple(s for _, s in split), starts,
-                          jnp.asarray(prompt_length, jnp.int32), max_new_tokens, router)
-    return np.asarray(out, np.int32)
+    return np.asarray(mixture_decode(models, starts, prompt_length, max_new_tokens, router), np.int32)
