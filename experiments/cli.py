@@ -8,6 +8,7 @@
     dfm train --router         learned router (text job, masked schedule only)
     dfm evaluate               score every system on the held-out data; report + plots
     dfm run                    all stages in order, in this process
+    dfm run --seeds N          the whole job for seeds 0..N-1 into OUT/seed-<s>/, then OUT/summary.json
 
 The config's ``task`` key picks the job (`experiments.registry`): the text job by default
 (`experiments.text`), or with ``task = "mllm"`` (e.g. ``--config mllm-digits``) the multimodal job
@@ -101,7 +102,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="leave cluster expert K out (e.g. its job failed for good): it is not trained, and "
                            "the ensembles renormalise their routers over the remaining experts (repeatable)")
     sub.add_parser("evaluate", parents=[common, lost], help="evaluate all systems, write the report")
-    sub.add_parser("run", parents=[common, lost], help="all stages in order (default when no command)")
+    run = sub.add_parser("run", parents=[common, lost], help="all stages in order (default when no command)")
+    run.add_argument("--seeds", type=_positive, default=None, metavar="N",
+                     help="run the whole job for seeds 0..N-1 (seed and partition.seed) into OUT/seed-<s>/ and "
+                          "write OUT/summary.json and summary.md: mean ± sd over seeds and intervals vs dense "
+                          "(overrides the config's seeds = [...])")
     config = sub.add_parser("config", help="show a resolved config, list the shipped ones")
     what = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = what.add_parser("show", help="print the resolved config (file + overrides) as TOML")
@@ -110,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--schedule", choices=("ar", "masked"), default=None, help="as for the other commands")
     what.add_parser("list", help="the shipped configs (experiments/configs/*.toml)")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -239,8 +254,14 @@ def _run_command(args, task, config) -> None:
     from dfm.sharding import is_main_process
     from experiments.engine import stages
 
+    skip = tuple(getattr(args, "skip_expert", ()))
+    if args.command == "run":
+        seeds = list(range(args.seeds)) if args.seeds else list(getattr(config, "seeds", ()) or ())
+        if seeds:
+            _run_seeds(args, task, config, seeds, skip)
+            return
     ctx = stages.open_context(task, config, args.out, progress=not args.quiet and is_main_process(),
-                              skip_experts=tuple(getattr(args, "skip_expert", ())))
+                              skip_experts=skip)
     if args.command == "run":
         stages.run_all(ctx)
         return
@@ -261,6 +282,29 @@ def _run_command(args, task, config) -> None:
         stages.run_train(ctx, data, stage, stop_after=args.stop_after)
     elif args.command == "evaluate":
         stages.run_evaluate(ctx, data)
+
+
+def _run_seeds(args, task, config, seeds: list[int], skip: tuple[int, ...]) -> None:
+    """``dfm run --seeds N``: the whole job per seed into OUT/seed-<s>/, then OUT/summary.json
+    (`experiments.engine.seeds`)."""
+    from pathlib import Path
+
+    from dfm.sharding import is_main_process
+    from experiments.engine import seeds as multi
+    from experiments.engine import stages
+    from experiments.registry import load_job
+
+    out = Path(args.out) if args.out is not None else Path("runs") / config.name
+
+    def run_one(seed: int, where: Path) -> dict:
+        _, sub = load_job(args.config, args.schedule, [*args.overrides, *multi.seed_overrides(seed, config)])
+        ctx = stages.open_context(task, sub, where, progress=not args.quiet and is_main_process(), skip_experts=skip)
+        return stages.run_all(ctx)
+
+    summary = multi.run_seeds(seeds, out, run_one)
+    if is_main_process():
+        print(multi.summary_markdown(summary))
+        print(f"[seeds] summary: {out / 'summary.json'}, {out / 'summary.md'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

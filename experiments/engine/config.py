@@ -258,7 +258,7 @@ class JobConfig:
                 sections[key] = dataclasses.replace(defaults[key], **converted)
                 validate(sections[key], key)
             elif key in cls.top_keys():
-                top[key] = value
+                top[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise ConfigError(
                     f"unknown key {key!r} at top level (known: {', '.join(cls.top_keys())}, "

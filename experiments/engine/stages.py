@@ -244,13 +244,17 @@ def stage_steps(ctx: Context, stage: str, assignments: Assignments | None = None
 
 def train_config(ctx: Context, stage: str, steps: int):
     """`dfm.train.TrainConfig` of a stage: its section's optimizer; experts keep the dense
-    schedule's shape, compressed to their steps (warmup scaled by ``steps_k / stage2.steps``)."""
+    schedule's shape, compressed to their steps (warmup scaled by ``steps_k / stage2.steps``, but
+    never to 0 when the section has a warmup: an expert continues from stage 1 with a fresh AdamW
+    state, and starting it at the peak learning rate is what the warmup exists to avoid)."""
     from dfm.train import TrainConfig
 
     opt = ctx.task.stage_config(ctx.config, stage)
     warmup = opt.warmup_steps
     if stage not in (ctx.task.stage1, "dense"):
         warmup = round(opt.warmup_steps * steps / ctx.config.stage2.steps)
+        if opt.warmup_steps > 0:
+            warmup = max(1, warmup)
     return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, warmup),
                        weight_decay=opt.weight_decay, seed=ctx.config.seed, checkpoint_every=opt.checkpoint_every,
                        log_every=max(1, steps // 100), frozen=ctx.task.frozen(opt),

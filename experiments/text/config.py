@@ -1,6 +1,6 @@
 """Configuration of the text job (`task = "text"`, the default when a config has no `task` key).
 
-A config file (``experiments/configs/<name>.toml``) has top-level keys ``seed`` and ``schedule``
+A config file (``experiments/configs/<name>.toml``) has top-level keys ``seed``, ``schedule`` and ``seeds``
 and one table per section below, parsed by the engine's machinery (`experiments.engine.config`):
 every key is optional (the dataclass default applies); an unknown key or section is a
 `ConfigError` naming it and its section, and a value of the wrong type or out of range is a
@@ -129,6 +129,10 @@ class EvalConfig:
       sample_length: tokens per sample.
       temperature: sampling temperature.
       seed: seed of the sampling keys and of the ELBO estimate.
+      parity_margin: nats/token; a system whose 95% interval of (system - dense) lies inside
+        [-parity_margin, parity_margin] is reported 'within margin' of dense
+        (`experiments.engine.intervals.verdict`).
+      bootstrap_resamples: resamples of the paired bootstrap over test documents.
     """
 
     batch_size: int = constrained(32, lo=1)
@@ -138,6 +142,8 @@ class EvalConfig:
     sample_length: int = constrained(48, lo=1)
     temperature: float = constrained(1.0, lo=0.0)
     seed: int = constrained(0, lo=0)
+    parity_margin: float = constrained(0.02, lo=0.0)
+    bootstrap_resamples: int = constrained(2000, lo=1)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,10 @@ class ExperimentConfig(JobConfig):
       task: "text" (may be omitted in the file).
       seed: seed of model initialization and batch order.
       schedule: "ar" (causal decoder, AR loss) or "masked" (bidirectional denoiser, DFM loss).
+      seeds: ``dfm run`` repeats the whole job for each of these seeds (``seed`` and
+        ``partition.seed`` set to it) into ``<out>/seed-<s>/`` and writes ``<out>/summary.json``
+        (`experiments.engine.seeds`); empty (default): one run with ``seed``. ``--seeds N`` on the
+        command line overrides it with ``[0, .., N-1]``.
     """
 
     SECTIONS = {
@@ -162,6 +172,7 @@ class ExperimentConfig(JobConfig):
     task: str = constrained(TASK, choices=(TASK,))
     seed: int = constrained(0, lo=0)
     schedule: str = constrained("ar", choices=SCHEDULES)
+    seeds: tuple[int, ...] = constrained(())
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -175,6 +186,8 @@ class ExperimentConfig(JobConfig):
 
     def __post_init__(self):
         self.validate_fields()
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: must be distinct integers >= 0, got {list(self.seeds)}")
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             raise ConfigError("data.test_fraction: val_fraction + test_fraction must be < 0.9")
         if self.eval.top_k > self.partition.num_clusters:

@@ -6,14 +6,34 @@ scores.npz: ``x1 [n, L]`` every chunk of the evaluated test documents, ``doc [n]
 ``context [n]`` True for the context chunk (not scored), ``labels [D]`` each document's true
 cluster, ``priors`` / ``random_priors [K]``, ``nll/<system> [n_scored]`` nats per scored sequence
 (in the order of ``x1[~context]``), ``weights/<router> [D, K]`` per-document router weights (the
-Bayes filter's: averaged over the document's scored tokens).
+Bayes filter's: averaged over the document's scored tokens), and the per-document scores the
+intervals are computed from: ``doc_tokens [D]`` scored tokens of each document and
+``doc_nll/<system> [D]`` each system's NLL sum (nats) over them.
+
+Comparison with dense (`dense_comparison`): every system gets ``delta_vs_dense = {"mean", "std",
+"ci95", "seeds", "verdict", "margin"}``: the difference of its loss and dense's (nats/token), the
+paired bootstrap 95% interval over test documents (`experiments.engine.intervals`) and the parity
+verdict from that interval and ``eval.parity_margin``; ``std`` is null for one seed (a multi-seed
+run's summary.json has the spread over seeds, `experiments.engine.seeds`).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from experiments.engine.intervals import (
+    VERDICT_RULE,
+    paired_bootstrap,
+    per_unit_sums,
+    verdict,
+)
 from experiments.engine.plots import loss_curves
-from experiments.engine.rundir import atomic_save_npz, atomic_write_json, atomic_write_text
+from experiments.engine.rundir import (
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_text,
+)
 from experiments.engine.stages import Context, training_stages
 from experiments.text import plots
 
@@ -25,9 +45,34 @@ TOKEN_COUNTING = (
     "and sequence length, so both see the same number of training tokens.")
 
 
+def dense_comparison(results: dict, seq_len: int, seed: int, margin: float, resamples: int) -> None:
+    """Add ``delta_vs_dense`` to every system of `results` (in place) and the per-document scores
+    ``doc_tokens`` / ``doc_nll/<system>`` to its arrays (see the module docstring)."""
+    arrays = results["arrays"]
+    scored = ~np.asarray(arrays["context"], bool)
+    doc = np.asarray(arrays["doc"], np.int64)[scored]
+    num_docs = len(arrays["labels"])
+    tokens = per_unit_sums(np.full(len(doc), float(seq_len)), doc, num_docs)
+    arrays["doc_tokens"] = tokens
+    per_doc = {}
+    for system in results["systems"]:
+        per_doc[system["name"]] = per_unit_sums(arrays[f"nll/{system['name']}"], doc, num_docs)
+        arrays[f"doc_nll/{system['name']}"] = per_doc[system["name"]]
+    dense = per_doc["dense"]
+    for system in results["systems"]:
+        boot = paired_bootstrap(per_doc[system["name"]], dense, tokens, resamples=resamples, seed=seed)
+        lo, hi = boot["ci95"]
+        system["delta_vs_dense"] = {
+            "mean": boot["mean"], "std": None, "ci95": [lo, hi], "seeds": [seed],
+            "verdict": "reference" if system["name"] == "dense" else verdict(lo, hi, margin),
+            "margin": margin, "resamples": resamples, "documents": num_docs}
+
+
 def build_report(ctx: Context, results: dict) -> dict:
     """Assemble report.json's contents from the evaluation results and the stage markers."""
     run, c = ctx.run, ctx.config
+    if "arrays" in results and not all("delta_vs_dense" in s for s in results["systems"]):
+        dense_comparison(results, c.data.seq_len, c.seed, c.eval.parity_margin, c.eval.bootstrap_resamples)
     stages = {s: run.stage_info(s) for s in training_stages(ctx)}
     experts = [s for s in stages if s.startswith("expert-")]
     randoms = [s for s in stages if s.startswith("random-")]
@@ -51,6 +96,10 @@ def build_report(ctx: Context, results: dict) -> dict:
         "stages": {s: {k: v for k, v in info.items() if k not in ("history", "stage")} for s, info in stages.items()},
         "eval": results["eval"],
         "systems": results["systems"],
+        "comparison": {"statistic": "system - dense, nats per scored token; 95% paired percentile bootstrap over "
+                                    f"the {results['eval']['documents']} test documents "
+                                    f"({c.eval.bootstrap_resamples} resamples, seed {c.seed})",
+                       "parity_margin": c.eval.parity_margin, "verdict_rule": VERDICT_RULE},
         "clusters": results["clusters"],
         "s11": results["s11"],
         "router_weights_by_true_cluster": results["router_weights_by_true_cluster"],
@@ -92,21 +141,34 @@ def markdown(rep: dict) -> str:
     if masked:
         lines += ["**Masked schedule: the loss is the DFM loss, an ELBO (THEORY S5(e)); its perplexity is an "
                   "UPPER BOUND on the sampler's perplexity, not an exact perplexity.**", ""]
+    comparison = rep.get("comparison")
     lines += [f"| system | router | tokens | {metric} | perplexity{' (bound)' if masked else ''} | "
-              f"Δ loss vs dense | train s | eval s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              f"Δ vs dense ± sd [95% CI] | vs dense | train s (incl. base) | eval s |",
+              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for s in rep["systems"]:
         lines.append(f"| {s['name']} | {s['router'] or '-'} | {s['tokens']:,} | {_fmt(s['loss'])} | "
-                     f"{_fmt(s['perplexity'], 2)} | {s['loss'] - dense['loss']:+.4f} | "
+                     f"{_fmt(s['perplexity'], 2)} | {delta_text(s, dense)} | "
+                     f"{(s.get('delta_vs_dense') or {}).get('verdict', '-')} | "
                      f"{s['train_wall_time_s']:.1f} | {s['eval_wall_time_s']:.1f} |")
+    lines += ["", "Δ = system - dense (nats/token; negative: better than dense); ± sd over seeds (- for one seed); "
+                  + (f"[CI]: {comparison['statistic']}. Verdict {comparison['verdict_rule']} "
+                     f"Margin m = {comparison['parity_margin']} nats/token. " if comparison else "")
+                  + "train s: training wall time of every stage the system uses, INCLUDING the shared base "
+                    "(stage 1) for every system but base itself."]
     s11 = rep["s11"]
+    gap = s11.get("dense_minus_oracle_gap", s11.get("dense_minus_weighted_expert_loss"))
+    bound = s11.get("entropy_bound") or {}
     lines += ["", "## THEORY S11 terms (nats per scored token)", "",
               f"- dense loss: {_fmt(s11['dense_loss'])}",
-              f"- sum_k w_k (expert k's loss on its own cluster): {_fmt(s11['weighted_expert_loss'])} "
+              f"- sum_k w_k (expert k's loss on its own cluster) = oracle ensemble loss: "
+              f"{_fmt(s11['weighted_expert_loss'])} "
               f"(w = {', '.join(f'{w:.3f}' for w in s11['cluster_weights'])})",
-              f"- difference (dense - experts on their own clusters): "
-              f"{_fmt(s11['dense_minus_weighted_expert_loss'])}; at the optimum this is I(X; K) >= 0 "
-              "(THEORY S11), for trained experts only an estimate",
+              f"- dense - oracle gap: {_fmt(gap)} (estimates I(X; K) only when all models are well trained; "
+              "at the optimum it is I(X; K) >= 0, THEORY S11; a negative gap means the models are not there)",
+              f"- plug-in upper bound I(X; K) <= H(K) of the partition: {_fmt(bound.get('nats_per_token'))} "
+              f"nats/token (H(K) = {_fmt(bound.get('nats_per_sequence'))} nats per scored sequence, each "
+              "sequence an independent model input; cluster shares of the evaluated test documents). An upper "
+              "bound, not an estimate: a gap above it means the models are not at the optimum either",
               "", "| cluster | test documents | scored tokens | expert k on cluster k: loss (ppl) | "
                   "dense on the same tokens: loss (ppl) |",
               "|---:|---:|---:|---:|---:|"]
@@ -143,6 +205,16 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def delta_text(system: dict, dense: dict) -> str:
+    """``+0.0490 ± 0.0100 [+0.0240, +0.0730]`` (± - for one seed; the plain difference without intervals)."""
+    d = system.get("delta_vs_dense")
+    if not d:
+        return f"{system['loss'] - dense['loss']:+.4f}"
+    sd = "-" if d.get("std") is None else f"{d['std']:.4f}"
+    ci = d.get("ci95")
+    return f"{d['mean']:+.4f} ± {sd}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+
+
 def write_report(ctx: Context, results: dict) -> dict:
     """Write plots, report.json and report.md (atomically); returns the report dict."""
     rep = build_report(ctx, results)
@@ -163,18 +235,23 @@ def print_summary(rep: dict) -> None:
     from rich.table import Table
 
     masked = rep["schedule"] == "masked"
-    dense = next(s for s in rep["systems"] if s["name"] == "dense")["loss"]
     table = Table(title=f"{rep['config']['name']} ({rep['schedule']}): {rep['eval']['scored_tokens']:,} held-out tokens"
                         + (" - ELBO, perplexity is an upper bound" if masked else ""))
-    for col in ("system", "loss", "ppl", "Δ vs dense"):
-        table.add_column(col, justify="left" if col == "system" else "right")
+    for col in ("system", "loss", "ppl", "Δ vs dense ± sd [95% CI]", "verdict"):
+        table.add_column(col, justify="left" if col in ("system", "verdict") else "right")
+    dense_system = next(s for s in rep["systems"] if s["name"] == "dense")
     for s in rep["systems"]:
-        table.add_row(s["name"], _fmt(s["loss"]), _fmt(s["perplexity"], 2), f"{s['loss'] - dense:+.4f}")
+        table.add_row(s["name"], _fmt(s["loss"]), _fmt(s["perplexity"], 2), delta_text(s, dense_system),
+                      (s.get("delta_vs_dense") or {}).get("verdict", "-"))
     console = Console()
     console.print(table)
     if rep["eval"].get("skipped_experts"):
         console.print(f"WARNING: expert(s) {rep['eval']['skipped_experts']} skipped; ensembles renormalised over "
                       "the remaining experts")
     s11 = rep["s11"]
-    console.print(f"S11: dense {s11['dense_loss']:.4f} - experts on own clusters {s11['weighted_expert_loss']:.4f} "
-                  f"= {s11['dense_minus_weighted_expert_loss']:.4f} nats/token")
+    gap = s11.get("dense_minus_oracle_gap", s11.get("dense_minus_weighted_expert_loss"))
+    bound = (s11.get("entropy_bound") or {}).get("nats_per_token")
+    console.print(f"S11: dense {s11['dense_loss']:.4f} - oracle (experts on own clusters) "
+                  f"{s11['weighted_expert_loss']:.4f} = gap {gap:.4f} nats/token (an I(X;K) estimate only for "
+                  f"well-trained models); plug-in bound I(X;K) <= H(K) = "
+                  f"{'-' if bound is None else f'{bound:.4f}'} nats/token")
