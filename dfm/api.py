@@ -15,6 +15,20 @@ weights. The mixture math is the library's: `mixture_token_log_probs` (S8, S9) f
 
 Token conventions (the text job's): a text is its tokenizer ids without special tokens; the causal
 experts read `[BOS] + ids` (`dfm.autoregressive.shift_right`), so token 0 is predicted from BOS.
+
+Image-text directories (the multimodal job's `<run>/decentralized`: LLaVA-style
+`dfm.models.multimodal.MultimodalModel` experts) take `images=` uint8 `[n, H, W, 3]`, one image per
+text / prompt (H = W = the towers' `image_size`):
+
+    model.route(texts, images=images)                  # centroid routing of the images' features
+    model.score(answers, images=images)                # nats per token of each text given its image
+    model.generate(["What digit is shown?"], images=images[:1], max_new_tokens=8)
+
+The conventions are the multimodal job's (experiments/mllm): pixels `(x / 255 - mean) / std` with
+CLIP's statistics; routing features = the patch mean (class token dropped) of the tower's hidden
+state `vision_feature_layer` (what the partition was built on); the `<image>` placeholder expanded
+to `num_image_tokens` copies of the experts' `image_token_id`; prompts in LLaVA's v1 template
+`<|bos|>USER: <image>\\n{prompt} ASSISTANT:`. See `route`, `score` and `generate`.
 """
 from __future__ import annotations
 
@@ -30,9 +44,18 @@ from flax import nnx
 
 from dfm.decentral.decoding import mixture_decode
 from dfm.decentral.routers import BayesFilterRouter, CentroidRouter, FixedRouter
+from dfm.models.vision import normalize_pixels
 
-_IMAGES_TODO = ("image-text decentralized models: score / generate with images are not implemented in "
-                "DecentralizedModel yet (use experiments.mllm.modeling.mixture_generate / sequence_log_probs)")
+IMAGE_TOKEN = "<image>"
+class ImagesNotSupported(ValueError, NotImplementedError):
+    """`images=` given to a directory of text-only experts (no vision tower)."""
+
+
+def pixels(images_uint8: Any) -> np.ndarray:
+    """`[n, H, W, 3]` uint8 -> float32 NHWC normalized with CLIP's mean / std, the multimodal job's
+    normalization for both tower kinds (`dfm.models.vision.normalize_pixels`; the decentralized
+    directory does not record the statistics)."""
+    return normalize_pixels(images_uint8)
 
 
 def _texts(texts: Any, name: str) -> list[str]:
@@ -43,7 +66,7 @@ def _texts(texts: Any, name: str) -> list[str]:
 
 
 class DecentralizedModel:
-    """K experts mixed by a router, on raw text (module doc).
+    """K experts mixed by a router, on raw text, or on text with images for multimodal experts (module doc).
 
     Attributes:
       checkpoint: the `dfm.hf.experts.DecentralizedCheckpoint` loaded from the directory (experts,
@@ -52,6 +75,8 @@ class DecentralizedModel:
       router: the router used (`CentroidRouter` with the stored temperature and `top_k`,
         `BayesFilterRouter`, or None = uniform).
       available: `[K]` bool, the experts used (missing ones and those excluded at `load` are False).
+      multimodal: whether the experts are image-text `MultimodalModel`s (then `images=` is required).
+      multimodal_config: the experts' `MultimodalConfig` (None for text experts).
     """
 
     def __init__(self, checkpoint, tokenizer, available: np.ndarray, top_k: int | None = None):
@@ -64,7 +89,15 @@ class DecentralizedModel:
                                     threshold=router.threshold)
         self.router = router
         self.top_k = top_k
-        self.multimodal = hasattr(next(m for m in checkpoint.experts if m is not None), "language_model")
+        first = next(m for m in checkpoint.experts if m is not None)
+        self.multimodal = hasattr(first, "language_model")
+        # image-text experts: their `MultimodalConfig` (image size, image token id, image tokens, feature layer)
+        self.multimodal_config = first.config if self.multimodal else None
+        if self.multimodal:
+            tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            if tid != self.multimodal_config.image_token_id:
+                raise ValueError(f"tokenizer: its {IMAGE_TOKEN!r} token has id {tid!r}, the experts' image_token_id is "
+                                 f"{self.multimodal_config.image_token_id}")
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         if self.bos_id is None:
@@ -120,11 +153,44 @@ class DecentralizedModel:
         return self.checkpoint.num_experts
 
     # ------------------------------------------------------------------------------------------
-    def _check_images(self, images) -> None:
-        if images is not None or self.multimodal:
-            raise NotImplementedError(_IMAGES_TODO)
+    def _check_images(self, images, n: int | None) -> np.ndarray | None:
+        """`images` as uint8 `[n, S, S, C]` (None for text experts); errors name `images`."""
+        if images is None:
+            if self.multimodal:
+                raise ValueError("images: this directory's experts are image-text models; pass images=uint8 "
+                                 "[n, H, W, 3], one image per text")
+            return None
+        if not self.multimodal:
+            raise ImagesNotSupported("images: image-text input needs a multimodal export (the multimodal job's "
+                                     "<run>/decentralized); this directory's experts are text-only")
+        v = self.multimodal_config.vision
+        arr = np.asarray(images)
+        want = (v.image_size, v.image_size, v.num_channels)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != want or len(arr) == 0:
+            raise ValueError(f"images: expected uint8 [n, {want[0]}, {want[1]}, {want[2]}] with n >= 1, got "
+                             f"{arr.dtype} {arr.shape}")
+        if n is not None and len(arr) != n:
+            raise ValueError(f"images: one image per text: got {len(arr)} images for {n} texts")
+        return arr
 
-    def route(self, texts: Sequence[str]) -> np.ndarray:
+    def image_features(self, images: Any, batch_size: int = 64) -> np.ndarray:
+        """Routing features `[n, vision_hidden]` float64 of uint8 images `[n, S, S, 3]` (multimodal only).
+
+        The features the multimodal job partitions and routes by (`MultimodalModel.routing_features`
+        of `pixels(images)`): the mean over patches (class
+        token dropped) of the vision tower's hidden state `vision_feature_layer` — the layer the
+        projector reads. The job computes them with the stage-1 tower; stage 2 keeps every
+        expert's tower frozen at it (`stage2.train` must be "projector+llm" or "projector",
+        experiments/mllm/config.py), so any expert's tower reproduces them: the first available
+        expert's tower is used.
+        """
+        images = self._check_images(images, None)
+        tower_model = self.checkpoint.experts[int(np.flatnonzero(self.available)[0])]
+        parts = [np.asarray(_routing_features(tower_model, jnp.asarray(pixels(images[s:s + batch_size]))), np.float64)
+                 for s in range(0, len(images), batch_size)]
+        return np.concatenate(parts)
+
+    def route(self, texts: Sequence[str] | None, *, images: Any = None) -> np.ndarray:
         """Router weights `[n, K]` float64 of `texts` (rows sum to 1; 0 on unavailable experts).
 
         Centroid router (THEORY S12, S13): `softmax(cosine(features, centroids) / T)` over the
@@ -133,16 +199,32 @@ class DecentralizedModel:
         the text job's evaluation. Bayes filter (S9): its prior (the weights before any token;
         `score` and `generate` update it with each token). Uniform: `1 / #available`.
 
-        Raises ValueError for texts that are not a non-empty list of strings.
+        Image-text experts (`images` uint8 `[n, H, W, 3]`, one per text; `texts` may be None): the
+        centroid router reads `image_features(images)` (the features the partition was built on)
+        instead of the texts, which do not enter the weights; the Bayes filter's prior and uniform
+        weights are as for text.
+
+        Raises ValueError for texts that are not a non-empty list of strings, missing / malformed
+        images for image-text experts (or a count that differs from the texts'); images for
+        text-only experts raise `ImagesNotSupported` (a ValueError and NotImplementedError).
         """
-        texts = _texts(texts, "texts")
-        n, mask = len(texts), self.available
+        if self.multimodal and texts is None and images is not None:
+            images = self._check_images(images, None)
+            n = len(images)
+        else:
+            texts = _texts(texts, "texts")
+            n = len(texts)
+            images = self._check_images(images, n)
+        mask = self.available
         uniform = np.broadcast_to(mask / mask.sum(), (n, self.num_experts)).astype(np.float64)
         if isinstance(self.router, CentroidRouter):
-            featurizer = self.checkpoint.featurizer
-            if featurizer is None:
-                raise ValueError("route: the centroid router needs the directory's featurizer (none saved)")
-            features = featurizer.transform(texts)
+            if images is not None:
+                features = self.image_features(images)
+            else:
+                featurizer = self.checkpoint.featurizer
+                if featurizer is None:
+                    raise ValueError("route: the centroid router needs the directory's featurizer (none saved)")
+                features = featurizer.transform(texts)
             has = np.linalg.norm(features, axis=1) > 1e-9
             w = uniform.copy()
             if has.any():
@@ -179,34 +261,95 @@ class DecentralizedModel:
         `dfm.decentral.mixture_token_log_probs` with the router: `FixedRouter(route(texts))` for
         the centroid / uniform routers, the Bayes filter from the priors (updated token by token).
 
-        Raises ValueError for an empty text (no token); NotImplementedError for images.
+        Image-text experts (`images` uint8 `[n, H, W, 3]`, one per text): each text is scored
+        conditioned on its image. The sequence is `[BOS] + ids` with the text's `<image>`
+        placeholder (at most one) expanded to the image tokens, or, without a placeholder,
+        `[BOS] + image tokens + ids` (the text right after the image); the scored tokens (L, `valid`)
+        are the text's own tokens, neither BOS nor image tokens. E.g. the multimodal job's answer
+        format: `texts=["USER: <image>\\nWhat digit is shown? ASSISTANT: 7"]` (its question tokens are
+        scored too). Weights: `route(texts, images=images)` (centroid: the images' features).
+
+        Raises ValueError for an empty text (no token), a text with several `<image>`
+        placeholders, or bad images (`route`); `ImagesNotSupported` for images with text experts.
         """
         from dfm.decentral.mixing import mixture_token_log_probs
 
-        self._check_images(images)
         texts = _texts(texts, "texts")
-        ids = self._encode(texts)
-        empty = [i for i, x in enumerate(ids) if len(x) == 0]
-        if empty:
-            raise ValueError(f"texts: entries {empty[:5]} have no tokens")
-        length = max(len(x) for x in ids)
-        x1 = np.full((len(ids), length), self.eos_id if self.eos_id is not None else 0, np.int32)
-        valid = np.zeros((len(ids), length), bool)
-        for i, x in enumerate(ids):
-            x1[i, :len(x)], valid[i, :len(x)] = x, True
-        lp = np.zeros((self.num_experts, len(ids), length), np.float32)
+        images = self._check_images(images, len(texts))
+        if images is not None:
+            x1, valid, lp = self._image_text_log_probs(texts, images)
+        else:
+            ids = self._encode(texts)
+            empty = [i for i, x in enumerate(ids) if len(x) == 0]
+            if empty:
+                raise ValueError(f"texts: entries {empty[:5]} have no tokens")
+            length = max(len(x) for x in ids)
+            x1 = np.full((len(ids), length), self.eos_id if self.eos_id is not None else 0, np.int32)
+            valid = np.zeros((len(ids), length), bool)
+            for i, x in enumerate(ids):
+                x1[i, :len(x)], valid[i, :len(x)] = x, True
+            lp = np.zeros((self.num_experts, len(ids), length), np.float32)
+            for k, model in enumerate(self.checkpoint.experts):
+                if self.available[k]:
+                    lp[k] = np.asarray(_teacher_forced(model, jnp.asarray(x1), self.bos_id))
+        scores = mixture_token_log_probs(self._scoring_router(self.route(texts, images=images)), jnp.asarray(lp),
+                                         valid=valid, available=self.available)
+        return np.asarray(scores.log_probs, np.float64), lp.astype(np.float64), valid
+
+    def _image_tokens(self, ids: np.ndarray, what: str, index: int, prepend: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`(BOS + ids with the placeholder expanded [S], is-text-token mask [S])`; without a placeholder
+        the image tokens go right after BOS (`prepend`) or a ValueError is raised."""
+        c = self.multimodal_config
+        img = c.image_token_id
+        count = int((ids == img).sum())
+        if count > 1:
+            raise ValueError(f"{what}: entry {index} has {count} {IMAGE_TOKEN!r} placeholders (one image per entry)")
+        if count == 0:
+            if not prepend:
+                raise ValueError(f"{what}: entry {index} has no {IMAGE_TOKEN!r} placeholder")
+            ids = np.concatenate([[img], ids])
+        expanded = np.concatenate([[self.bos_id]] + [[t] * c.num_image_tokens if t == img else [t] for t in ids])
+        expanded = expanded.astype(np.int32)
+        return expanded, (expanded != img) & (np.arange(len(expanded)) > 0)
+
+    def _image_text_log_probs(self, texts: list[str], images: np.ndarray):
+        """`(tokens [n, L], valid [n, L], log-probs [K, n, L])` of the texts' own tokens given the images."""
+        rows, masks = [], []
+        for i, ids in enumerate(self._encode(texts)):
+            row, is_text = self._image_tokens(ids, "texts", i, prepend=True)
+            if not is_text.any():
+                raise ValueError(f"texts: entry {i} has no tokens besides {IMAGE_TOKEN!r}")
+            rows.append(row)
+            masks.append(is_text)
+        n, seq_len = len(rows), max(len(r) for r in rows)
+        pad = self.eos_id if self.eos_id is not None else 0
+        seqs = np.full((n, seq_len), pad, np.int32)
+        for i, r in enumerate(rows):
+            seqs[i, :len(r)] = r
+        # the scored positions (targets of the teacher-forced rows: seqs[:, 1:]) packed to the left
+        length = max(int(m.sum()) for m in masks)
+        index, valid = np.zeros((n, length), np.int64), np.zeros((n, length), bool)
+        for i, m in enumerate(masks):
+            pos = np.flatnonzero(m) - 1
+            index[i, :len(pos)], valid[i, :len(pos)] = pos, True
+        x1 = np.where(valid, np.take_along_axis(seqs[:, 1:], index, axis=1), pad).astype(np.int32)
+        px = jnp.asarray(pixels(images))
+        lp = np.zeros((self.num_experts, n, length), np.float32)
         for k, model in enumerate(self.checkpoint.experts):
             if self.available[k]:
-                lp[k] = np.asarray(_teacher_forced(model, jnp.asarray(x1), self.bos_id))
-        scores = mixture_token_log_probs(self._scoring_router(self.route(texts)), jnp.asarray(lp), valid=valid,
-                                         available=self.available)
-        return np.asarray(scores.log_probs, np.float64), lp.astype(np.float64), valid
+                full = np.asarray(_image_text_target_log_probs(model, jnp.asarray(seqs), px))   # [n, S-1]
+                lp[k] = np.where(valid, np.take_along_axis(full, index, axis=1), 0.0)
+        return x1, valid, lp
 
     def score(self, texts: Sequence[str], *, images=None) -> np.ndarray:
         """Nats per token `[n]` of each text under the routed mixture: `-mean_j log q(x^j | x^{<j})`
         over its tokens (`token_log_probs`; THEORY S8, S9). exp(score) is the text's perplexity.
 
-        Raises ValueError for bad / empty texts; NotImplementedError for images (not yet).
+        Image-text experts: `images` uint8 `[n, H, W, 3]`, one per text; each text is scored given
+        its image (`token_log_probs`: `[BOS] + image tokens + text`, or the text's own `<image>`
+        placeholder expanded in place), over the text's tokens only.
+
+        Raises ValueError for bad / empty texts or bad images (`token_log_probs`).
         """
         mix, _, valid = self.token_log_probs(texts, images=images)
         return -np.where(valid, mix, 0.0).sum(axis=1) / valid.sum(axis=1)
@@ -224,15 +367,28 @@ class DecentralizedModel:
         `temperature == 0`, else sampling at that temperature with `jax.random.PRNGKey(seed)`.
         The continuation stops at the first EOS (not included); special tokens are skipped.
 
-        Raises ValueError for bad prompts, `max_new_tokens < 1` or `temperature < 0`;
-        NotImplementedError for images (not yet).
+        Image-text experts (`images` uint8 `[n, H, W, 3]`, one per prompt): each prompt is a
+        question about its image, laid out as the multimodal job's (experiments/mllm/text.py
+        `encode_prompt`): `[BOS] + ids("USER: <image>\\n{prompt} ASSISTANT:")` with `<image>` expanded
+        to the image tokens (a prompt that already holds one `<image>` placeholder keeps it where it
+        is: `"USER: {prompt} ASSISTANT:"`). Every used expert prefills it with the image
+        (`MultimodalModel.prefill`); the same `mixture_decode` continues. Router: the image's
+        centroid `route` weights, or the Bayes filter started at the priors (the prompt is no
+        evidence: the experts were never trained on question tokens, as in the job's evaluation)
+        and updated by every generated token. The answer is stripped of surrounding whitespace
+        (the job's `decode_answer`).
+
+        Raises ValueError for bad prompts, `max_new_tokens < 1` or `temperature < 0`, or bad
+        images (`route`); `ImagesNotSupported` for images with text experts.
         """
-        self._check_images(images)
         prompts = _texts(prompts, "prompts")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
         if not temperature >= 0:
             raise ValueError(f"temperature: must be >= 0, got {temperature!r}")
+        images = self._check_images(images, len(prompts))
+        if images is not None:
+            return self._generate_with_images(prompts, images, max_new_tokens, float(temperature), seed)
         weights = self.route(prompts)
         out = []
         for i, ids in enumerate(self._encode(prompts)):
@@ -263,6 +419,37 @@ class DecentralizedModel:
             out.append(self.tokenizer.decode(new.tolist(), skip_special_tokens=True))
         return out
 
+    def _generate_with_images(self, prompts: list[str], images: np.ndarray, max_new_tokens: int,
+                              temperature: float, seed: int) -> list[str]:
+        weights = self.route(prompts, images=images)
+        layouts = []
+        for i, prompt in enumerate(prompts):
+            question = prompt.strip() if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt.strip()}"
+            ids = self._encode([f"USER: {question.strip()} ASSISTANT:"])[0]
+            layouts.append(self._image_tokens(ids, "prompts", i, prepend=False)[0])
+        # one KV-cache length for the call: the decoder compiles once (the prompt length is traced)
+        cache_length = max(len(t) for t in layouts) + max_new_tokens
+        out = []
+        for i, tokens in enumerate(layouts):
+            tokens = tokens[None]
+            if isinstance(self.router, BayesFilterRouter):
+                used = np.flatnonzero(self.available)
+                prior = self.checkpoint.priors[used]
+                router = BayesFilterRouter.from_priors(prior / prior.sum())
+            else:
+                used = np.flatnonzero(weights[i] > 0)
+                w = weights[i, used]
+                router = FixedRouter(jnp.asarray((w / w.sum())[None], jnp.float32))
+            models = [self.checkpoint.experts[k] for k in used]
+            px = jnp.asarray(pixels(images[i:i + 1]))
+            starts = [_image_text_prefill(m, jnp.asarray(tokens), px, cache_length) for m in models]
+            new = np.asarray(mixture_decode(models, starts, tokens.shape[1], max_new_tokens, router,
+                                            temperature=temperature, key=jax.random.PRNGKey(seed)))[0]
+            if self.eos_id is not None and (new == self.eos_id).any():
+                new = new[:int(np.argmax(new == self.eos_id))]
+            out.append(self.tokenizer.decode(new.tolist(), skip_special_tokens=True).strip())
+        return out
+
 
 def _teacher_forced(model, x1, bos_id: int):
     """`log p(x1[:, j] | [BOS] + x1[:, :j])` `[n, L]` float32 of a causal `Decoder`."""
@@ -282,3 +469,25 @@ def _prefill(model, tokens, cache_length):
     cache = model.init_cache(tokens.shape[0], cache_length)
     logits, cache = model.prefill(tokens, cache)
     return cache, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@nnx.jit
+@nnx.jit
+def _routing_features(model, px):
+    return model.routing_features(px)
+
+
+@nnx.jit
+def _image_text_target_log_probs(model, tokens, px):
+    """`log p(tokens[:, j+1] | tokens[:, :j+1], image)` `[n, S-1]` float32 of a `MultimodalModel`
+    (row i's image tokens take image i)."""
+    lp = jax.nn.log_softmax(model(tokens[:, :-1], px).astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@functools.partial(nnx.jit, static_argnums=(3,))
+def _image_text_prefill(model, tokens, px, cache_length):
+    """`(cache, log-probs [batch, vocab] of the first new token)` after prefilling prompt + image."""
+    cache = model.init_cache(tokens.shape[0], cache_length)
+    logits, cache = model.prefill(tokens, px, cache)
+    return cache, jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)

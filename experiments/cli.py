@@ -25,6 +25,8 @@ training resumes from its last checkpoint.
 
     dfm config show NAME [KEY=VALUE ...]   the resolved config as TOML
     dfm config list                        the shipped configs
+    dfm plan --config NAME --devices N [--device-memory 80GiB] [KEY=VALUE ...]
+                                           memory per device of each training stage, built abstractly
     dfm --version
 
 This module only parses arguments and dispatches; the job code is imported lazily.
@@ -114,6 +116,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     show.add_argument("--schedule", choices=("ar", "masked"), default=None, help="as for the other commands")
     what.add_parser("list", help="the shipped configs (experiments/configs/*.toml)")
+    plan = sub.add_parser("plan", help="memory per device of each training stage (nothing allocated)",
+                          description="Build the config's model and optimizer abstractly, lay them out on the "
+                                      "[mesh] for N devices with the logical-axis rules and print parameters, "
+                                      "gradients, optimizer state, activations (an estimate) and the total per "
+                                      "device, and whether it fits (docs/plan.md).")
+    plan.add_argument("--config", default="default", metavar="NAME|PATH",
+                      help="config name (experiments/configs/NAME.toml) or path to a .toml file")
+    plan.add_argument("--devices", type=_positive, required=True, metavar="N", help="devices of one training job")
+    plan.add_argument("--device-memory", default=None, metavar="SIZE",
+                      help="memory of one device: 80GiB, 80GB, 80e9, ... (default: no fit verdict)")
+    plan.add_argument("--vocab", type=_positive, default=None, metavar="V",
+                      help="model vocabulary (default: the config's data.vocab_size, +1 <image> token for mllm)")
+    plan.add_argument("--schedule", choices=("ar", "masked"), default=None, help="as for the other commands")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     return parser
 
 
@@ -154,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     if args.command == "config":
         return _config_command(args)
+    if args.command == "plan":
+        return _plan_command(args)
     if args.out is not None and not args.out.strip():
         print("dfm: error: --out: an empty directory name would write the run into the current "
               "directory; give a directory", file=sys.stderr)
@@ -239,6 +258,31 @@ def _config_command(args) -> int:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(config.to_toml())
+    return 0
+
+
+def _plan_command(args) -> int:
+    """``dfm plan --config NAME --devices N [--device-memory SIZE] [KEY=VALUE ...]`` (`experiments.engine.plan`)."""
+    import json
+
+    from experiments.engine.config import ConfigError
+    from experiments.engine.task import UsageError
+    from experiments.registry import load_job
+
+    try:
+        task, config = load_job(args.config, args.schedule, args.overrides)
+    except (ConfigError, UsageError) as exc:
+        print(f"dfm: error: {'config: ' if isinstance(exc, ConfigError) else ''}{exc}", file=sys.stderr)
+        return 2
+    from experiments.engine import plan as planning
+
+    try:
+        memory = None if args.device_memory is None else planning.parse_size(args.device_memory)
+        result = planning.plan(task, config, args.devices, memory, vocab=args.vocab)
+    except ValueError as exc:
+        print(f"dfm: error: plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=float) if args.json else planning.format_plan(result))
     return 0
 
 

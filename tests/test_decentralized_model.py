@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np

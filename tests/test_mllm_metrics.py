@@ -3,7 +3,12 @@ import pytest
 
 from experiments.mllm.formats import Record, Turn
 from experiments.mllm.metrics import (
-    exact_match, mme_scores, normalize_answer, score_predictions, vqa_accuracy, yes_no,
+    exact_match,
+    mme_scores,
+    normalize_answer,
+    score_predictions,
+    vqa_accuracy,
+    yes_no,
 )
 
 

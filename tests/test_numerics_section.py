@@ -39,3 +39,13 @@ def test_multimodal_models_carry_the_numerics():
 def test_bad_numerics_name_the_field(raw, field):
     with pytest.raises(ConfigError, match=field):
         ExperimentConfig.from_dict({"numerics": raw})
+
+
+def test_multimodal_text_section_takes_qwen2_options():
+    """`[text] attention_bias / tie_word_embeddings / rope_theta` reach the decoder (Qwen2-style LMs)."""
+    config = MultimodalExperimentConfig.from_dict(
+        {"text": {"attention_bias": True, "tie_word_embeddings": True, "rope_theta": 1e6}})
+    mc = mllm_modeling.model_config(config, 384, 383)
+    assert (mc.text.attention_bias, mc.text.tie_word_embeddings, mc.text.rope_theta) == (True, True, 1e6)
+    default = mllm_modeling.model_config(MultimodalExperimentConfig.from_dict({}), 384, 383)
+    assert (default.text.attention_bias, default.text.tie_word_embeddings) == (False, False)

@@ -191,6 +191,16 @@ class MultimodalModel(nnx.Module):
         CLS; InternViT: patch mean or CLS). Used to partition / route by image content."""
         return self.vision_tower.pooled(pixel_values)
 
+    def routing_features(self, pixel_values: Array) -> Array:
+        """`[n_images, vision_hidden]`: the mean over patches (class token dropped) of the tower's
+        hidden state `vision_feature_layer`, the features the projector reads. The multimodal job
+        partitions and routes by these (CLIP's own pooled output, the post-normed class token of
+        the last layer, comes from layers LLaVA's feature layer -2 never trains when the tower is
+        trained from scratch).
+        """
+        hidden = self.vision_tower.hidden_states(pixel_values)[self.config.vision_feature_layer]
+        return hidden[:, 1:].mean(axis=1)
+
     def embed_inputs(self, tokens: Array, pixel_values: Array | None = None) -> Array:
         """Token embeddings with image features scattered into the image-token positions.
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dfm.models.attention import dot_product_attention
@@ -34,6 +35,16 @@ Array = jax.Array
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 ARCHS = ("clip", "internvit")
+# CLIP's pixel statistics (HF `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`), per RGB channel
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images_uint8, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """`[n, H, W, 3]` uint8 RGB -> float32 NHWC `(images / 255 - mean) / std` (HF `CLIPImageProcessor`'s
+    rescale + normalize, without resizing). Default statistics: CLIP's."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return (np.asarray(images_uint8, np.float32) / 255.0 - mean) / std
 NORM_TYPES = ("layer_norm", "rms_norm")
 
 

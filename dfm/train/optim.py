@@ -115,7 +115,8 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """The dotted name of a pytree key path (`('layers', 0, 'mlp')` -> \"layers.0.mlp\")."""
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -128,7 +129,7 @@ def _path_name(path) -> str:
 def frozen_mask(params, frozen: tuple[str, ...]):
     """Pytree of bools like `params`: True where the dotted path starts with a prefix in `frozen`."""
     def is_frozen(path, _):
-        name = _path_name(path)
+        name = path_name(path)
         return any(name == p or name.startswith(p + ".") for p in frozen)
     return jax.tree_util.tree_map_with_path(is_frozen, params)
 

@@ -154,6 +154,13 @@ class Task(abc.ABC):
     def print_summary(self, report: dict) -> None:
         """Print the report's table."""
 
+    def plan_model(self, config: JobConfig, vocab: int | None = None):
+        """``(factory, dims)`` for `dfm plan` (`experiments.engine.plan`): a zero-argument builder
+        of the config's freshly initialized model (only traced, with `nnx.eval_shape`) and its
+        `plan.Dims`; `vocab` overrides the config's vocabulary. Raises NotImplementedError for a
+        task without a plan."""
+        raise NotImplementedError(f"task {self.name!r}: dfm plan is not available for it")
+
     def export(self, ctx, data) -> dict:
         """Export the trained models (when `has_export`); returns the stage's marker info."""
         raise UsageError(f"the {self.name} task has no export stage")

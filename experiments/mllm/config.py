@@ -61,7 +61,7 @@ class DataConfig:
     max_digits: int = constrained(0, lo=0)
     num_shapes: int = constrained(400, lo=0)
     num_photos: int = constrained(200, lo=0)
-    vocab_size: int = constrained(384, lo=262, hi=65536)
+    vocab_size: int = constrained(384, lo=262, hi=262144)
     max_length: int = constrained(64, lo=8, hi=8192)
     max_test: int = constrained(0, lo=0)
 
@@ -80,13 +80,17 @@ class VisionSection:
 
 @dataclass(frozen=True)
 class TextSection:
-    """LLaMA-style causal language model; see `dfm.models.DecoderConfig`."""
+    """LLaMA / Qwen2-style causal language model; see `dfm.models.DecoderConfig` (same field names:
+    `attention_bias` True = Qwen2's q/k/v biases, `tie_word_embeddings`, `rope_theta`)."""
 
     hidden_size: int = constrained(128, lo=2)
     intermediate_size: int = constrained(256, lo=1)
     num_layers: int = constrained(2, lo=1)
     num_heads: int = constrained(4, lo=1)
     num_kv_heads: int = constrained(0, lo=0)
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope_theta: float = constrained(10000.0, lo=0.0, lo_open=True)
 
 
 @dataclass(frozen=True)

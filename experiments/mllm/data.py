@@ -82,7 +82,11 @@ def _question_rows(records, split: str, image_index: dict) -> list[dict]:
             "id": r.id, "image": img, "question": r.turns[0].text.strip(), "answer": answer,
             "answers": list(r.extra.get("answers") or [answer]),
             "question_type": str(r.extra.get("question_type", "all")),
-            "pair_id": r.extra.get("pair_id"), "source": str(r.extra.get("source", ""))})
+            "pair_id": r.extra.get("pair_id"), "source": str(r.extra.get("source", "")),
+            # per-record scorer selection and its inputs (experiments.mllm.scorers); width / height:
+            # the original image's pixel size, for RefCOCO boxes
+            **{k: r.extra[k] for k in ("task", "metric", "choices", "bbox", "bbox_format", "width", "height")
+               if k in r.extra}})
     return rows
 
 

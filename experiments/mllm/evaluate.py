@@ -144,6 +144,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     """Score every system on the test questions; returns the results dict the report renders."""
     from dfm.decentral import BayesFilterRouter, CentroidRouter, FixedRouter, Partition, fit_centroid_router
     from experiments.mllm.metrics import score_predictions
+    from experiments.mllm.scorers import score_by_metric
 
     c, a, tok = ctx.config, data.arrays, data.tokenizer
     test_rows = select_questions(data.questions["test"], c.data.max_test)
@@ -216,7 +217,10 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         nll_tok, final_states[name] = _answer_nll(np.stack([lp_a[m] for m in members]), router_for(all_rows),
                                                   test.answer_mask)
         nll = _nll(nll_tok, test.answer_mask)
-        scores = score_predictions(test_rows, {r["id"]: p for r, p in zip(test_rows, preds[name])})
+        pred_by_id = {r["id"]: p for r, p in zip(test_rows, preds[name])}
+        scores = score_predictions(test_rows, pred_by_id)
+        if any(r.get("task") is not None or r.get("metric") is not None for r in test_rows):
+            scores["by_task"] = score_by_metric(test_rows, pred_by_id, default="vqa")   # per-record scorers
         systems.append({"name": name, "kind": kind, "router": router, "answer_nll": nll,
                         "answer_ppl": float(np.exp(nll)), "scores": scores,
                         "generate_s": time.perf_counter() - t1})

@@ -23,11 +23,6 @@ from flax import nnx
 
 from dfm.models import DecoderConfig
 
-# CLIP's pixel statistics (OPENAI_CLIP_MEAN / STD), used for both towers of this job.
-_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
-
-
 def num_image_tokens(config) -> int:
     """Text positions one image occupies: patches (class token dropped) after pixel shuffle."""
     side = config.data.image_size // config.vision.patch_size
@@ -47,7 +42,8 @@ def model_config(config, vocab_size: int, image_token_id: int):
                           arch=v.arch, **config.numerics.vision_fields())
     text = DecoderConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                          num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or None,
-                         **config.numerics.model_fields())
+                         attention_bias=t.attention_bias, tie_word_embeddings=t.tie_word_embeddings,
+                         rope_theta=t.rope_theta, **config.numerics.model_fields())
     mc = MultimodalConfig(vision=vision, text=text, image_token_id=image_token_id,
                           vision_feature_layer=p.vision_feature_layer, projector=p.kind,
                           downsample_ratio=p.downsample_ratio)
@@ -74,8 +70,11 @@ def frozen_prefixes(train: str) -> tuple[str, ...]:
 
 
 def pixels(images_uint8: np.ndarray) -> np.ndarray:
-    """`[n, S, S, 3]` uint8 -> float32 normalized with CLIP's mean / std (NHWC)."""
-    return (np.asarray(images_uint8, np.float32) / 255.0 - _MEAN) / _STD
+    """`[n, S, S, 3]` uint8 -> float32 normalized with CLIP's mean / std (NHWC), for both towers
+    (`dfm.models.vision.normalize_pixels`)."""
+    from dfm.models.vision import normalize_pixels
+
+    return normalize_pixels(images_uint8)
 
 
 def llava_loss(model, batch, key):
@@ -118,14 +117,9 @@ def sequence_log_probs(model, seqs: np.ndarray, pixels_of, batch_size: int) -> n
 
 @nnx.jit
 def pooled_features(model, px):
-    """Routing / partition features `[n, vision_hidden]`: the mean over patches of the tower's layer
-    `vision_feature_layer` (class token dropped) — the features the projector reads.
-
-    (CLIP's own pooled output, `post_layernorm` of the last layer's class token, would come from
-    layers that LLaVA's feature layer -2 never trains when the tower is trained from scratch.)
-    """
-    hidden = model.vision_tower.hidden_states(px)[model.config.vision_feature_layer]
-    return hidden[:, 1:].mean(axis=1)
+    """Routing / partition features `[n, vision_hidden]` (`MultimodalModel.routing_features`: the
+    patch mean of the tower's layer `vision_feature_layer`)."""
+    return model.routing_features(px)
 
 
 def image_features(model, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:

@@ -96,6 +96,20 @@ class MultimodalTask(Task):
     def print_summary(self, rep: dict) -> None:
         report.print_summary(rep)
 
+    def plan_model(self, config, vocab: int | None = None):
+        """`Task.plan_model`: the vocabulary is ``data.vocab_size + 1`` (the ``<image>`` token)
+        unless `vocab` is given."""
+        from experiments.engine.plan import Dims, kv_dim
+
+        v = vocab if vocab is not None else config.data.vocab_size + 1
+        mconfig = modeling.model_config(config, v, image_token_id=v - 1)
+        t, vis = mconfig.text, mconfig.vision
+        dims = Dims(seq_len=config.data.max_length, hidden=t.hidden_size, intermediate=t.intermediate_size,
+                    layers=t.num_layers, heads=t.num_heads, kv_dim=kv_dim(t), vocab=t.output_size or t.vocab_size,
+                    vision={"seq_len": (vis.image_size // vis.patch_size) ** 2 + 1, "hidden": vis.hidden_size,
+                            "layers": vis.num_layers, "heads": vis.num_heads})
+        return (lambda: modeling.new_model(mconfig, config.seed)), dims
+
     def export(self, ctx: Context, data: MultimodalData) -> dict:
         """The trained models as HF directories (`dfm.hf`, docs/checkpoints.md).
 

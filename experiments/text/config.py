@@ -42,7 +42,7 @@ class DataConfig:
       exclude_dirs: stdlib directories (any path component) whose modules are not in the corpus.
     """
 
-    vocab_size: int = constrained(1024, lo=260, hi=65536)
+    vocab_size: int = constrained(1024, lo=260, hi=262144)
     seq_len: int = constrained(128, lo=8, hi=8192)
     val_fraction: float = constrained(0.1, lo=0.0, hi=0.5, lo_open=True)
     test_fraction: float = constrained(0.1, lo=0.0, hi=0.5, lo_open=True)

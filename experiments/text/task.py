@@ -116,6 +116,16 @@ class TextTask(Task):
     def print_summary(self, rep: dict) -> None:
         report.print_summary(rep)
 
+    def plan_model(self, config, vocab: int | None = None):
+        """`Task.plan_model`: the vocabulary is ``data.vocab_size`` unless `vocab` is given."""
+        from experiments.engine.plan import Dims, kv_dim
+
+        v = vocab if vocab is not None else config.data.vocab_size
+        dc = modeling.decoder_config(config, v)
+        dims = Dims(seq_len=config.data.seq_len, hidden=dc.hidden_size, intermediate=dc.intermediate_size,
+                    layers=dc.num_layers, heads=dc.num_heads, kv_dim=kv_dim(dc), vocab=dc.output_size or dc.vocab_size)
+        return (lambda: modeling.new_model(config, v, config.seed)), dims
+
     def export(self, ctx: Context, data: TextData) -> dict:
         """``<run>/export/dense`` and ``<run>/export/decentralized`` (`experiments.text.export`; AR only)."""
         from experiments.text import export
