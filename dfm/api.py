@@ -472,7 +472,6 @@ def _prefill(model, tokens, cache_length):
 
 
 @nnx.jit
-@nnx.jit
 def _routing_features(model, px):
     return model.routing_features(px)
 

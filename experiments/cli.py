@@ -179,23 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")   # no "PyTorch was not found" notice
 
-    from experiments.engine.config import ConfigError  # lazy: keeps `dfm --help` fast
-    from experiments.engine.task import UsageError
-    from experiments.registry import load_job
+    from experiments.engine.task import UsageError  # lazy: keeps `dfm --help` fast
 
-    try:
-        task, config = load_job(args.config, args.schedule, args.overrides)
-        if args.command == "train" and args.router and "router" not in task.extra_stages(config):
-            raise UsageError(_router_usage(task))
-        if args.overrides and not args.quiet:
-            for line in _changes(args, config):
-                print(line)
-    except ConfigError as exc:
-        print(f"dfm: error: config: {exc}", file=sys.stderr)
+    job = _load_job(args.config, args.schedule, args.overrides)
+    if job is None:
         return 2
-    except UsageError as exc:
-        print(f"dfm: error: {exc}", file=sys.stderr)
+    task, config = job
+    if args.command == "train" and args.router and "router" not in task.extra_stages(config):
+        print(f"dfm: error: {_router_usage(task)}", file=sys.stderr)
         return 2
+    if args.overrides and not args.quiet:
+        for line in _changes(args, config):
+            print(line)
 
     from dfm.sharding import initialize
     from experiments.engine.rundir import RunDirError
@@ -221,6 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_job(name: str, schedule, overrides):
+    """`experiments.registry.load_job(name, schedule, overrides)`, or None after printing its
+    ConfigError / UsageError (the caller exits with status 2)."""
+    from experiments.engine.config import ConfigError
+    from experiments.engine.task import UsageError
+    from experiments.registry import load_job
+
+    try:
+        return load_job(name, schedule, overrides)
+    except (ConfigError, UsageError) as exc:
+        print(f"dfm: error: {'config: ' if isinstance(exc, ConfigError) else ''}{exc}", file=sys.stderr)
+        return None
+
+
 def _changes(args, config) -> list[str]:
     """One line per value in which the resolved config differs from the file (its overrides)."""
     from experiments.engine.config import ConfigError, override_changes, parse_override, toml_value
@@ -242,22 +251,15 @@ def _changes(args, config) -> list[str]:
 
 def _config_command(args) -> int:
     """``dfm config show NAME [KEY=VALUE ...]`` / ``dfm config list``."""
-    from experiments.engine.config import ConfigError, available_configs
-    from experiments.engine.task import UsageError
-    from experiments.registry import load_job
+    from experiments.engine.config import available_configs
 
     if args.config_command == "list":
         print("\n".join(available_configs()))
         return 0
-    try:
-        _, config = load_job(args.name, args.schedule, args.overrides)
-    except ConfigError as exc:
-        print(f"dfm: error: config: {exc}", file=sys.stderr)
+    job = _load_job(args.name, args.schedule, args.overrides)
+    if job is None:
         return 2
-    except UsageError as exc:
-        print(f"dfm: error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(config.to_toml())
+    sys.stdout.write(job[1].to_toml())
     return 0
 
 
@@ -265,15 +267,10 @@ def _plan_command(args) -> int:
     """``dfm plan --config NAME --devices N [--device-memory SIZE] [KEY=VALUE ...]`` (`experiments.engine.plan`)."""
     import json
 
-    from experiments.engine.config import ConfigError
-    from experiments.engine.task import UsageError
-    from experiments.registry import load_job
-
-    try:
-        task, config = load_job(args.config, args.schedule, args.overrides)
-    except (ConfigError, UsageError) as exc:
-        print(f"dfm: error: {'config: ' if isinstance(exc, ConfigError) else ''}{exc}", file=sys.stderr)
+    job = _load_job(args.config, args.schedule, args.overrides)
+    if job is None:
         return 2
+    task, config = job
     from experiments.engine import plan as planning
 
     try:
