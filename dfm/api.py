@@ -33,6 +33,7 @@ to `num_image_tokens` copies of the experts' `image_token_id`; prompts in LLaVA'
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,9 +45,11 @@ from flax import nnx
 
 from dfm.decentral.decoding import mixture_decode
 from dfm.decentral.routers import BayesFilterRouter, CentroidRouter, FixedRouter
-from dfm.models.vision import normalize_pixels
+from dfm.models.vision import CLIP_MEAN, CLIP_STD, normalize_pixels
 
 IMAGE_TOKEN = "<image>"
+#: how the directory's images are featurized for routing (written by the multimodal job's export)
+ROUTING_FILE = "routing_features.json"
 class ImagesNotSupported(ValueError, NotImplementedError):
     """`images=` given to a directory of text-only experts (no vision tower)."""
 
@@ -77,10 +80,17 @@ class DecentralizedModel:
       available: `[K]` bool, the experts used (missing ones and those excluded at `load` are False).
       multimodal: whether the experts are image-text `MultimodalModel`s (then `images=` is required).
       multimodal_config: the experts' `MultimodalConfig` (None for text experts).
+      routing: how images are featurized for routing (``routing_features.json`` of the directory;
+        default ``{"featurizer": "tower"}``): the experts' own tower, or ``"clip"`` with the CLIP
+        checkpoint copied in ``routing_clip/`` and its preprocessing.
     """
 
-    def __init__(self, checkpoint, tokenizer, available: np.ndarray, top_k: int | None = None):
+    def __init__(self, checkpoint, tokenizer, available: np.ndarray, top_k: int | None = None,
+                 routing: dict | None = None, root: str | os.PathLike | None = None):
         self.checkpoint = checkpoint
+        self.routing = routing or {"featurizer": "tower"}
+        self.root = None if root is None else Path(root)
+        self._clip = None
         self.tokenizer = tokenizer
         self.available = np.asarray(available, bool)
         router = checkpoint.router
@@ -145,7 +155,17 @@ class DecentralizedModel:
                 raise CheckpointError(f"{Path(path) / 'decentral.json'}: no tokenizer (neither 'tokenizer' nor "
                                       f"tokenizer files in {first})")
             tok_dir = first
-        return cls(checkpoint, load_tokenizer(tok_dir), mask, top_k)
+        record = Path(path) / ROUTING_FILE
+        routing = None
+        if record.is_file():
+            try:
+                routing = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{record}: unreadable ({err})") from None
+            if routing.get("featurizer") not in ("tower", "clip"):
+                raise CheckpointError(f"{record}: unknown featurizer {routing.get('featurizer')!r} "
+                                      f"(expected 'tower' or 'clip')")
+        return cls(checkpoint, load_tokenizer(tok_dir), mask, top_k, routing=routing, root=path)
 
     @property
     def num_experts(self) -> int:
@@ -185,10 +205,24 @@ class DecentralizedModel:
         expert's tower is used.
         """
         images = self._check_images(images, None)
+        if self.routing.get("featurizer") == "clip":
+            return self._clip_features(images, batch_size)
         tower_model = self.checkpoint.experts[int(np.flatnonzero(self.available)[0])]
         parts = [np.asarray(_routing_features(tower_model, jnp.asarray(pixels(images[s:s + batch_size]))), np.float64)
                  for s in range(0, len(images), batch_size)]
         return np.concatenate(parts)
+
+    def _clip_features(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """CLIP routing features (the partition's, ``routing_features.json`` "clip"): the copied
+        checkpoint's `dfm.hf.clip_features.routing_image_embeddings` with the recorded preprocessing."""
+        from dfm.hf.clip_features import load_clip_image_encoder, routing_image_embeddings
+
+        pre = self.routing.get("preprocess") or {}
+        if self._clip is None:
+            where = (self.root or Path(".")) / self.routing.get("checkpoint", "routing_clip")
+            self._clip = load_clip_image_encoder(where)
+        return routing_image_embeddings(self._clip, images, pre.get("image_mean", CLIP_MEAN),
+                                        pre.get("image_std", CLIP_STD), batch_size=batch_size)
 
     def route(self, texts: Sequence[str] | None, *, images: Any = None) -> np.ndarray:
         """Router weights `[n, K]` float64 of `texts` (rows sum to 1; 0 on unavailable experts).

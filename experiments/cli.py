@@ -9,6 +9,8 @@
     dfm evaluate               score every system on the held-out data; report + plots
     dfm run                    all stages in order, in this process
     dfm run --seeds N          the whole job for seeds 0..N-1 into OUT/seed-<s>/, then OUT/summary.json
+    dfm sweep --clusters 1 2 4 8 --budgets 120 480 --seeds 3
+                               the job over K x stage-2 steps x seeds, then OUT/sweep.{json,md,png}
 
 The config's ``task`` key picks the job (`experiments.registry`): the text job by default
 (`experiments.text`), or with ``task = "mllm"`` (e.g. ``--config mllm-digits``) the multimodal job
@@ -109,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the whole job for seeds 0..N-1 (seed and partition.seed) into OUT/seed-<s>/ and "
                           "write OUT/summary.json and summary.md: mean ± sd over seeds and intervals vs dense "
                           "(overrides the config's seeds = [...])")
+    sweep = sub.add_parser("sweep", parents=[common],
+                           help="the job over a grid of K x stage-2 steps x seeds; Δ vs dense per cell + plot",
+                           description="Run the job for every K in --clusters, stage2.steps in --budgets and seed "
+                                       "in 0..N-1 into OUT/seed-<s>/K<k>-steps<b>/ (stage 1 shared within a seed), "
+                                       "then write OUT/sweep.json, sweep.md and sweep.png "
+                                       "(experiments.engine.sweep; default OUT runs/<config>-sweep).")
+    sweep.add_argument("--clusters", type=_positive, nargs="+", required=True, metavar="K", help="numbers of experts")
+    sweep.add_argument("--budgets", type=_positive, nargs="+", required=True, metavar="STEPS",
+                       help="stage-2 steps (dense; the experts split them)")
+    sweep.add_argument("--seeds", type=_positive, default=3, metavar="N", help="seeds 0..N-1 per cell (default 3)")
     config = sub.add_parser("config", help="show a resolved config, list the shipped ones")
     what = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = what.add_parser("show", help="print the resolved config (file + overrides) as TOML")
@@ -232,7 +244,12 @@ def _load_job(name: str, schedule, overrides):
 
 def _changes(args, config) -> list[str]:
     """One line per value in which the resolved config differs from the file (its overrides)."""
-    from experiments.engine.config import ConfigError, override_changes, parse_override, toml_value
+    from experiments.engine.config import (
+        ConfigError,
+        override_changes,
+        parse_override,
+        toml_value,
+    )
     from experiments.registry import load_job
 
     def text(v):
@@ -296,6 +313,9 @@ def _run_command(args, task, config) -> None:
     from experiments.engine import stages
 
     skip = tuple(getattr(args, "skip_expert", ()))
+    if args.command == "sweep":
+        _run_sweep(args, task, config)
+        return
     if args.command == "run":
         seeds = list(range(args.seeds)) if args.seeds else list(getattr(config, "seeds", ()) or ())
         if seeds:
@@ -346,6 +366,38 @@ def _run_seeds(args, task, config, seeds: list[int], skip: tuple[int, ...]) -> N
     if is_main_process():
         print(multi.summary_markdown(summary))
         print(f"[seeds] summary: {out / 'summary.json'}, {out / 'summary.md'}")
+
+
+def _run_sweep(args, task, config) -> None:
+    """``dfm sweep``: the job over K x budgets x seeds (`experiments.engine.sweep`)."""
+    from pathlib import Path
+
+    from dfm.sharding import is_main_process
+    from experiments.engine import stages
+    from experiments.engine import sweep as grid
+    from experiments.engine.config import ConfigError
+    from experiments.engine.task import UsageError
+    from experiments.registry import load_job
+
+    out = Path(args.out) if args.out is not None else Path("runs") / f"{config.name}-sweep"
+    cells = {}
+    for seed in range(args.seeds):            # every cell's config validated before anything runs
+        for k in args.clusters:
+            for budget in args.budgets:
+                overrides = [*args.overrides, *grid.cell_overrides(seed, k, budget, config)]
+                try:
+                    cells[seed, k, budget] = load_job(args.config, args.schedule, overrides)[1]
+                except ConfigError as exc:
+                    raise UsageError(f"sweep cell K={k}, stage2.steps={budget}: {exc}") from None
+
+    def run_cell(seed: int, k: int, budget: int, where: Path) -> dict:
+        ctx = stages.open_context(task, cells[seed, k, budget], where, progress=not args.quiet and is_main_process())
+        return stages.run_all(ctx)
+
+    result = grid.run_sweep(args.clusters, args.budgets, list(range(args.seeds)), out, run_cell, task.stage1)
+    if is_main_process():
+        print(grid.sweep_markdown(result))
+        print(f"[sweep] {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

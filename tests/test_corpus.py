@@ -6,7 +6,7 @@ import pytest
 
 from experiments.engine.batches import EpochBatches, allocate_steps
 from experiments.engine.tokenizer import BOS, EOS, PAD, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
-from experiments.text import corpus
+from experiments.text import corpus, sources
 from experiments.text.config import DataConfig
 from experiments.text.sequences import chunk_documents, pack_tokens, unpack_tokens
 
@@ -37,6 +37,38 @@ def test_corpus_excludes_tests_and_idlelib(docs):
 def test_corpus_is_deterministic(docs):
     again = corpus.stdlib_documents(exclude_dirs=DataConfig().exclude_dirs)
     assert corpus.fingerprint(again) == corpus.fingerprint(docs)
+
+
+def test_python_source_documents_are_the_raw_module_files(docs):
+    """"stdlib+python": one ``source:<module>`` document per module file, its bytes as text, same
+    exclusions and module naming as the docstring documents, big files left out."""
+    exclude = DataConfig().exclude_dirs
+    src = sources.python_source_documents(exclude_dirs=exclude)
+    ids = [d.id for d in src]
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) > 300
+    assert all(i.startswith("source:") for i in ids)
+    root = corpus.stdlib_root()
+    by_id = {d.id: d.text for d in src}
+    assert by_id["source:json"] == (root / "json" / "__init__.py").read_text(encoding="utf-8")
+    assert by_id["source:json.decoder"] == (root / "json" / "decoder.py").read_text(encoding="utf-8")
+    for i in ids:
+        assert not {"test", "tests", "idlelib", "lib2to3", "encodings"} & set(i[len("source:"):].split(".")), i
+    # every module with docstrings has its source document too (unless over the size cap)
+    modules = {d.id[len("module:"):] for d in docs if d.id.startswith("module:")}
+    sourced = {i[len("source:"):] for i in ids}
+    big = {m for m, path in corpus.stdlib_module_files(exclude_dirs=exclude)
+           if path.stat().st_size > sources.MAX_SOURCE_BYTES}
+    assert modules - sourced == big & modules
+    capped = sources.python_source_documents(exclude_dirs=exclude, max_bytes=5_000)
+    assert 0 < len(capped) < len(src)
+    assert all(len(d.text.encode("utf-8")) <= 5_000 for d in capped)
+
+
+def test_stdlib_python_corpus_is_both_domains_sorted(docs):
+    both = sources.load_documents("stdlib+python", DataConfig().exclude_dirs)
+    src = sources.python_source_documents(exclude_dirs=DataConfig().exclude_dirs)
+    assert [d.id for d in both] == sorted(d.id for d in docs + src)
+    assert corpus.fingerprint([d for d in both if not d.id.startswith("source:")]) == corpus.fingerprint(docs)
 
 
 def test_module_text_headers_in_source_order():

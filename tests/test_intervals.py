@@ -13,6 +13,7 @@ from experiments.engine.intervals import (
     partition_entropy,
     per_unit_sums,
     t_interval,
+    unit_bootstrap,
     verdict,
 )
 from experiments.text.config import load_config
@@ -85,6 +86,67 @@ def test_per_unit_sums():
     (-0.03, 0.0, "inconclusive")])
 def test_verdict_rule(lo, hi, expected):
     assert verdict(lo, hi, 0.02) == expected
+
+
+@pytest.mark.parametrize("lo,hi,expected", [
+    (0.001, 0.05, "better"), (-0.05, -0.021, "worse"), (-0.01, 0.015, "within margin"), (-0.02, 0.02, "within margin"),
+    (-0.05, 0.01, "inconclusive"), (0.0, 0.03, "inconclusive"), (-0.03, -0.01, "inconclusive")])
+def test_verdict_rule_when_higher_is_better(lo, hi, expected):
+    """Exact match: Δ > 0 is better; the same rule on the negated interval."""
+    assert verdict(lo, hi, 0.02, higher_is_better=True) == expected
+
+
+def test_unit_bootstrap_one_item_per_unit_is_the_bootstrap_over_items_by_hand():
+    """Each resample draws n items with replacement (rng.integers(0, n, (chunk, n)) of the seeded
+    generator): the interval is the 2.5 / 97.5 percentiles of the resampled means, computed here
+    with plain numpy from the same draws."""
+    rng = np.random.default_rng(7)
+    em = (rng.random(40) < 0.6).astype(float)
+    ref = (rng.random(40) < 0.5).astype(float)
+    got = unit_bootstrap(em, np.arange(40)[::-1] + 100, ref, resamples=600, seed=11)   # unit ids need not be 0..n-1
+    draws = np.random.default_rng(11)
+    idx = np.concatenate([draws.integers(0, 40, size=(min(256, 600 - s), 40)) for s in range(0, 600, 256)])
+    diff = (em - ref)[::-1]                 # np.unique orders the units: item i is unit 139 - i
+    means = diff[idx].mean(axis=1)
+    assert got["mean"] == pytest.approx(em.mean() - ref.mean(), abs=1e-12)
+    assert got["ci95"] == pytest.approx(list(np.quantile(means, [0.025, 0.975])), abs=1e-12)
+    assert got["units"] == got["items"] == 40
+
+
+def test_unit_bootstrap_matches_the_normal_approximation_on_a_large_sample():
+    """n = 4000 Bernoulli(0.55) scores: the percentile interval of the mean is p ± 1.96 sqrt(p(1-p)/n)
+    (CLT) to within a few percent of its half width; paired with a correlated reference, the interval
+    of the difference is mean(d) ± 1.96 sd(d) / sqrt(n)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    em = (rng.random(n) < 0.55).astype(float)
+    got = unit_bootstrap(em, np.arange(n), resamples=4000, seed=1)
+    p = em.mean()
+    half = 1.96 * math.sqrt(p * (1 - p) / n)
+    assert got["ci95"] == pytest.approx([p - half, p + half], abs=0.1 * half)
+    ref = np.where(rng.random(n) < 0.9, em, 1 - em)         # agrees with em on 90% of the items
+    d = em - ref
+    got = unit_bootstrap(em, np.arange(n), ref, resamples=4000, seed=2)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(n)
+    assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=0.1 * half)
+
+
+def test_unit_bootstrap_resamples_whole_units():
+    """Five identical questions per image: the interval is the one of the 300 image means (each
+    image's questions move together), sqrt(5) wider than treating the 1500 questions as independent."""
+    rng = np.random.default_rng(3)
+    per_image = (rng.random(300) < 0.5).astype(float)
+    em, image = np.repeat(per_image, 5), np.repeat(np.arange(300), 5)
+    by_image = unit_bootstrap(em, image, resamples=3000, seed=4)
+    alone = unit_bootstrap(per_image, np.arange(300), resamples=3000, seed=4)
+    naive = unit_bootstrap(em, np.arange(1500), resamples=3000, seed=4)
+    assert by_image["ci95"] == pytest.approx(alone["ci95"], abs=1e-12)
+    assert by_image["units"] == 300 and by_image["items"] == 1500
+    width = by_image["ci95"][1] - by_image["ci95"][0]
+    assert width / (naive["ci95"][1] - naive["ci95"][0]) == pytest.approx(math.sqrt(5), rel=0.12)
+    with pytest.raises(ValueError, match="unit_bootstrap"):
+        unit_bootstrap(em, image[:-1])
 
 
 def test_verdict_rejects_a_negative_margin_and_an_empty_interval():

@@ -198,3 +198,49 @@ def test_masked_schedule_end_to_end(data_dir, tmp_path):
             assert sum(row) == pytest.approx(1.0, abs=1e-5)
     assert "UPPER BOUND" in (out / "report.md").read_text()
     assert len(rep["samples"]["ensemble"]) == config.eval.num_samples
+
+
+def test_each_model_is_the_best_on_its_own_validation_documents(ar_run):
+    """The engine's selection rule, recomputed from the saved models with an independent NLL: every
+    stage's saved model has the validation loss its marker reports as kept, that loss is the lowest of
+    its validation curve, and expert k's validation documents are those of cluster k (balanced in
+    sequences: `[partition] balance = "examples"`)."""
+    from dfm.train import load_model
+    from experiments.text.data import load_data
+    from experiments.text import modeling
+
+    config = load_config("tiny")
+    ctx = _context(config, ar_run)
+    data = load_data(config, ctx.run, log=lambda *a: None)
+    assignments = stages.load_assignments(ctx)
+    val = data.sequences["val"]
+    chunks = val.chunk <= config.eval.max_scored_per_doc
+    for stage in stages.training_stages(ctx):
+        info = ctx.run.stage_info(stage)
+        curve = [r["val_loss"] for r in info["validation"]]
+        assert info["kept"] == "best" and info["best_val_loss"] == min(curve)
+        assert info["validation"][curve.index(min(curve))]["step"] == info["best_step"]
+        docs = np.flatnonzero(assignments.units["val"] == int(stage[-1])) if stage.startswith("expert-") else None
+        rows = chunks & (np.isin(val.doc, docs) if docs is not None else True)
+        model = load_model(lambda: modeling.new_model(config, data.vocab_size, config.seed), ctx.run.model(stage))
+        nll = -_token_log_probs(model, val.tokens[rows], data.bos_id).mean()
+        assert nll == pytest.approx(info["best_val_loss"], abs=2e-5), stage
+    part = ctx.run.stage_info("partition")
+    seqs = part["sequences_per_cluster"]
+    assert part["balance"] == "examples" and max(seqs) - min(seqs) <= 2 * part["kmeans"]["weight_max"]
+
+
+def test_per_cluster_table_covers_every_system(ar_run):
+    """Each system's per-cluster losses average (token-weighted) to its reported loss; dense's equal the
+    S11 column; the clusters' documents are the evaluated ones (the table's count)."""
+    rep = json.loads((ar_run / "report.json").read_text())
+    tokens = np.array([cl["tokens"] for cl in rep["clusters"]], float)
+    assert tokens.sum() == rep["eval"]["scored_tokens"]
+    assert sum(cl["documents"] for cl in rep["clusters"]) == rep["eval"]["documents"]
+    for s in rep["systems"]:
+        per = np.array([cl["systems"][s["name"]] or 0.0 for cl in rep["clusters"]])
+        assert (per * tokens).sum() / tokens.sum() == pytest.approx(s["loss"], abs=1e-9), s["name"]
+    for cl in rep["clusters"]:
+        assert cl["systems"]["dense"] == pytest.approx(cl["dense_loss"], abs=1e-12)
+    assert "random-ensemble/bayes" in rep["clusters"][0]["systems"]
+    assert "Every system on each true cluster" in (ar_run / "report.md").read_text()

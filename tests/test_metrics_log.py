@@ -91,9 +91,13 @@ def test_every_training_stage_of_the_tiny_job_writes_metrics(tmp_path):
     stages = [p.stem for p in (out / "stages").glob("*.json") if p.stem not in ("partition", "evaluate", "export")]
     assert {"base", "dense", "expert-0", "expert-1", "random-0", "random-1"} <= set(stages)
     for stage in stages:
-        rows = _lines(run.metrics(stage))
+        lines = _lines(run.metrics(stage))
+        rows = [r for r in lines if "loss" in r]
         marker = run.stage_info(stage)
         assert rows and rows[-1]["step"] == marker["steps"], stage
         assert [r["step"] for r in rows] == [h["step"] for h in marker["history"]], stage
+        # validation rows (step 0 and every validate_every steps) are the marker's validation curve
+        val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in lines if "val_loss" in r]
+        assert val == marker["validation"] and val[0]["step"] == 0 and val[-1]["step"] == marker["steps"], stage
     assert (out / "plots" / "loss_curves.png").is_file()
     shutil.rmtree(out)

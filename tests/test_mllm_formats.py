@@ -269,3 +269,19 @@ def test_save_png_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d" / "x.png")), x)
     with pytest.raises(ValueError, match="uint8"):
         images.save_png(x.astype(np.float32), tmp_path / "y.png")
+
+
+def test_resize_uint8_is_the_clip_processors_resize():
+    """Square images resized to CLIP's size as `CLIPImageProcessorPil` does (bicubic, no crop left)."""
+    from transformers import CLIPImageProcessorPil
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 20, "width": 20},
+                                      do_rescale=False, do_normalize=False)
+    want = processor(images=list(x), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    got = images.resize_uint8(x, 20)
+    assert got.dtype == np.uint8 and got.shape == (3, 20, 20, 3)
+    np.testing.assert_array_equal(got, want.astype(np.uint8))
+    assert images.resize_uint8(x, 12) is x
+    with pytest.raises(ValueError, match="uint8"):
+        images.resize_uint8(x.astype(np.float32), 8)

@@ -53,7 +53,14 @@ def test_tiny_run_writes_the_report_with_every_system(run_dir):
     assert sum(steps) == rep["stages"]["dense"]["steps"] == 8
     assert rep["stages"]["expert-0"]["frozen"] == ["vision_tower"]
     md = (run_dir / "report.md").read_text()
-    assert "| ensemble/bayes |" in md and "EM digit" in md
+    assert "| ensemble/bayes |" in md and "what (n=" in md and "Δ EM vs dense" in md
+    # per-question scores are kept, and Δ vs dense is the difference of the systems' EM on them
+    dense_em = np.asarray(rep["question_scores"]["dense"]["exact_match"], float)
+    for s in rep["systems"]:
+        em_q = np.asarray(rep["question_scores"][s["name"]]["exact_match"], float)
+        assert em_q.mean() == pytest.approx(s["scores"]["all"]["exact_match"], abs=1e-12), s["name"]
+        if s["name"] != "dense":
+            assert s["delta_vs_dense"]["mean"] == pytest.approx(em_q.mean() - dense_em.mean(), abs=1e-12)
     for png in ("loss_curves", "routing", "partition", "examples"):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
 

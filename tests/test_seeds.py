@@ -40,6 +40,37 @@ def test_summary_mean_sd_and_t_interval(tmp_path):
     assert one["systems"][1]["delta_vs_dense"]["verdict"] == "worse"
 
 
+def _mllm_report(dense, top1, ci):
+    """A multimodal report: exact match (higher is better), the metric named in "comparison"."""
+    return {"config": {"name": "m", "eval": {"parity_margin": 0.01}}, "metric": "exact_match",
+            "comparison": {"metric_key": "exact_match", "higher_is_better": True, "parity_margin": 0.01,
+                           "unit": "exact match (fraction; 0.01 = 1 point)", "bootstrap_units": "test images"},
+            "systems": [{"name": "dense", "exact_match": dense, "delta_vs_dense": {"mean": 0.0, "ci95": [0.0, 0.0]}},
+                        {"name": "ensemble/centroid-top1", "exact_match": top1,
+                         "delta_vs_dense": {"mean": top1 - dense, "ci95": ci, "verdict": "x"}}]}
+
+
+def test_summary_of_a_higher_is_better_metric(tmp_path):
+    """Exact match: the per-system metric is read from "exact_match", a positive Δ whose t-interval
+    over seeds lies above 0 is 'better', and the summary names the metric and its unit."""
+    reports = {0: _mllm_report(0.50, 0.53, [0.01, 0.05]), 1: _mllm_report(0.52, 0.56, [0.02, 0.06]),
+               2: _mllm_report(0.51, 0.56, [0.03, 0.07])}
+    summary = summarize(tmp_path, reports)
+    assert summary["metric_key"] == "exact_match" and summary["higher_is_better"] is True
+    top1 = summary["systems"][1]
+    assert top1["exact_match"]["mean"] == pytest.approx(0.55) and "loss" not in top1
+    d = top1["delta_vs_dense"]
+    assert d["mean"] == pytest.approx(0.04) and d["std"] == pytest.approx(0.01)
+    half = 4.302653 * 0.01 / 3 ** 0.5                      # t(0.975, 2) sd / sqrt(3)
+    assert d["ci95"] == pytest.approx([0.04 - half, 0.04 + half], abs=1e-5)
+    assert d["ci95"][0] > 0 and d["verdict"] == "better"
+    assert summary["systems"][0]["delta_vs_dense"]["verdict"] == "reference"
+    md = (tmp_path / "summary.md").read_text()
+    assert "exact_match mean ± sd" in md and "positive: better than dense" in md and "schedule" not in md
+    worse = summarize(tmp_path / "w", {0: _mllm_report(0.5, 0.4, [-0.14, -0.06])})
+    assert worse["systems"][1]["delta_vs_dense"]["verdict"] == "worse"        # one seed: its bootstrap interval
+
+
 def test_seeds_config_key():
     _, config = load_job("tiny", None, ["seeds=[0, 2]"])
     assert config.seeds == (0, 2)

@@ -206,3 +206,19 @@ def test_init_sharded_equals_shard_module_of_the_same_factory():
     assert want.keys() == got.keys() and np.std(want[("lm_head", "kernel")]) > 0.01
     for path in want:
         np.testing.assert_allclose(got[path], want[path], atol=1e-7, rtol=0)
+
+
+def test_validation_of_a_sharded_model_equals_one_device(tmp_path):
+    """`experiments.engine.validation.make_validate` on a model trained on a 2 x 2 x 2 mesh (its state
+    sharded) gives the one-device value, and the kept best-validation parameters are placed back."""
+    from experiments.engine.validation import make_validate
+
+    validate = make_validate(lm_loss, [jnp.asarray(DATA[:5]), jnp.asarray(DATA[5:])])
+    ref = validate(new_model())
+    sharded = shard_module(new_model(), mesh_of(2, 2, 2))
+    assert validate(sharded) == pytest.approx(ref, abs=TOL)
+    config = TrainConfig(steps=4, learning_rate=1e-2, validate_every=2, keep_best=True, log_every=2)
+    result = train(sharded, lm_loss, lambda step: DATA, config, mesh=mesh_of(2, 2, 2), progress=False,
+                   validate=validate, checkpoint_dir=tmp_path / "ckpt")
+    assert [r["step"] for r in result.validation] == [0, 2, 4]
+    assert validate(sharded) == pytest.approx(result.best_val_loss, abs=TOL)

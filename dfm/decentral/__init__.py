@@ -1,7 +1,8 @@
 """Decentralization: balanced partitions, routers, ensembles (THEORY S8-S13).
 
-- `partition`: spherical balanced k-means with exact balance (`balance`), two-stage variant,
-  nearest-centroid / balanced assignment, `Partition` save/load.
+- `partition`: spherical balanced k-means with exact balance (`balance`), or balance in weight
+  (`weights=`, `balance.weighted_balanced_assignment`), two-stage variant, nearest-centroid /
+  balanced assignment, `Partition` save/load.
 - `features`: tf-idf + TruncatedSVD text features (c-BTM); passthrough for encoder features.
 - `routers`: the one router interface (`Router`: init / weights / update) and its routers: Bayes
   filter (S9), centroid top-k (S12, S13), fixed and callable weights; `learned_router`: classifier
@@ -11,7 +12,11 @@
 - `ensemble`: the experts' posterior functions mixed at every sampler step (`PosteriorFn`).
 - `decoding`: `mixture_decode`, cached causal experts continued under a router (one jitted program).
 """
-from dfm.decentral.balance import balanced_assignment, transport
+from dfm.decentral.balance import (
+                                    balanced_assignment,
+                                    transport,
+                                    weighted_balanced_assignment,
+)
 from dfm.decentral.decoding import mixture_decode
 from dfm.decentral.ensemble import (
                                     EnsembleState,
@@ -71,5 +76,5 @@ __all__ = [
     "ensemble_posterior_fn", "fit_centroid_router", "fit_temperature", "mix_log_probs", "mix_logits",
     "mix_probabilities", "mixture_log_likelihood", "mixture_token_log_probs", "oracle_weights", "router_loss",
     "router_objective", "top_k", "train_learned_router", "transport", "two_stage_balanced_kmeans",
-    "uniform_weights",
+    "uniform_weights", "weighted_balanced_assignment",
 ]

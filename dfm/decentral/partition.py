@@ -8,7 +8,9 @@ at every iteration, never a heuristic.
 
 - `balanced_kmeans`: k-means++ initialization (numpy Generator), then alternate exact balanced
   assignment / normalized-mean centroid update until the mean cosine distance improves by less
-  than `tol` or `max_iter` iterations.
+  than `tol` or `max_iter` iterations. With `weights` (e.g. training sequences per document) it
+  balances total weight instead of point counts (`balance.weighted_balanced_assignment`: an LP
+  rounding with a proven bound, each point kept whole).
 - `two_stage_balanced_kmeans`: scikit-learn (MiniBatch)KMeans into many fine clusters, then a
   balanced clustering of the fine centroids weighted by their counts, for large N.
 - `assign` (nearest centroid) and `assign_balanced` (exactly balanced over the given batch) place
@@ -23,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from dfm.decentral.balance import balanced_assignment, balanced_sizes_bounds, transport
+from dfm.decentral.balance import (
+    balanced_assignment,
+    balanced_sizes_bounds,
+    check_point_weights,
+    transport,
+    weighted_balanced_assignment,
+)
 from dfm.decentral.validation import as_feature_matrix, check_positive_int
 from dfm.io import atomic_path
 
@@ -101,7 +109,7 @@ class Partition:
     def dim(self) -> int:
         return int(self.centroids.shape[1])
 
-    def subset(self, clusters: Any) -> "Partition":
+    def subset(self, clusters: Any) -> Partition:
         """The partition restricted to `clusters` (indices, in order): same feature map, those
         centroids. A `CentroidRouter` on it routes among those clusters only: its softmax over their
         cosines is the full router's softmax renormalised over them, and top-k picks among them
@@ -135,7 +143,7 @@ class Partition:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Partition":
+    def load(cls, path: str | os.PathLike) -> Partition:
         """Read a partition written by `save`."""
         with np.load(os.fspath(path), allow_pickle=False) as z:
             mean = z["mean"] if bool(z["has_mean"]) else None
@@ -217,8 +225,8 @@ def _prepare(features: Any, num_clusters: int, subtract_mean: bool) -> tuple[np.
 
 def balanced_kmeans(features: Any, num_clusters: int, *, subtract_mean: bool = True,
                     max_iter: int = 100, tol: float = 1e-7, n_init: int = 1,
-                    rng: np.random.Generator | int = 0,
-                    method: str = "auto") -> tuple[Partition, np.ndarray]:
+                    rng: np.random.Generator | int = 0, method: str = "auto",
+                    weights: Any = None) -> tuple[Partition, np.ndarray]:
     """Spherical balanced k-means with exact balance (the paper's partition; c-BTM).
 
     Objective: minimize the mean cosine distance `1 - <x_n, c_{k(n)}>` subject to every cluster
@@ -229,6 +237,18 @@ def balanced_kmeans(features: Any, num_clusters: int, *, subtract_mean: bool = T
     when labels repeat, or after `max_iter` iterations. The best of `n_init` k-means++ starts
     (by objective) is returned.
 
+    With `weights` `[N]` (e.g. training sequences or tokens per document) the balance is in
+    weight, not points: each assignment step is `balance.weighted_balanced_assignment` (points
+    kept whole; every cluster non-empty and its total weight `W_k` within `max(weights)` of
+    `W / K`; total cosine distance at most `2 (K - 1)` above the optimum of the fractional problem
+    with exactly equal weights unless `max(weights) >= W / K`, see there). The centroid update
+    and the objective are unchanged (unweighted mean cosine distance over points). That step is
+    not an exact minimizer, so the objective may rise; the loop then stops. The final
+    `partition.config` gains `weighted: True`, `weight_total`, `weight_max`,
+    `weight_per_cluster` (`[K]`; ints when `weights` has an int dtype, else floats) and
+    `weight_max_deviation` (`max_k |W_k - W / K|`); without `weights` the config is as before.
+    Weights all equal give exactly the labels of `weights=None`.
+
     Args:
       features: `[N, D]` raw features (e.g. CLIP image embeddings, tf-idf + SVD of text).
       num_clusters: K, 1 <= K <= N.
@@ -236,20 +256,24 @@ def balanced_kmeans(features: Any, num_clusters: int, *, subtract_mean: bool = T
       max_iter, tol, n_init: iteration limit, convergence tolerance, number of restarts.
       rng: numpy Generator or integer seed for the k-means++ seeding.
       method: balanced-assignment solver, "auto" | "lsa" | "lp" (see `balance`).
+      weights: None, or `[N]` non-negative ints or floats with a positive sum (zero-weight points
+        go to their nearest centroid and do not count towards the balance).
 
     Returns:
-      `(partition, labels)`; labels `[N]` int64, `partition.sizes == bincount(labels)`.
+      `(partition, labels)`; labels `[N]` int64, `partition.sizes == bincount(labels)` (points).
 
     Raises:
-      ValueError: K > N, NaN/inf or zero-norm features (also after centring), bad ints.
+      ValueError: K > N, NaN/inf or zero-norm features (also after centring), bad ints, bad
+        `weights` (wrong shape, NaN/inf, negative, all zero; the message names `weights`).
     """
     x, mean = _prepare(features, num_clusters, subtract_mean)
     check_positive_int(max_iter, "max_iter")
     check_positive_int(n_init, "n_init")
+    w = None if weights is None else check_point_weights(weights, x.shape[0])
     gen, seed = _as_rng(rng)
     best = None
     for _ in range(n_init):
-        run = _balanced_lloyd(x, kmeans_plus_plus(x, num_clusters, gen), max_iter, tol, method)
+        run = _balanced_lloyd(x, kmeans_plus_plus(x, num_clusters, gen), max_iter, tol, method, w)
         if best is None or run[2] < best[2] - 1e-12:
             best = run
     centroids, labels, objective, iters, converged = best
@@ -257,16 +281,30 @@ def balanced_kmeans(features: Any, num_clusters: int, *, subtract_mean: bool = T
               "subtract_mean": subtract_mean, "max_iter": max_iter, "tol": tol, "n_init": n_init,
               "seed": seed, "method": method, "num_points": int(x.shape[0]),
               "objective": objective, "iterations": iters, "converged": converged}
+    if w is not None:
+        config.update(_weight_report(weights, w, labels, num_clusters))
     sizes = np.bincount(labels, minlength=num_clusters)
     return Partition(centroids=centroids, mean=mean, config=config, sizes=sizes), labels
 
 
-def _balanced_lloyd(x, centroids, max_iter, tol, method):
+def _weight_report(raw: Any, w: np.ndarray, labels: np.ndarray, k: int) -> dict:
+    per = np.bincount(labels, weights=w, minlength=k)
+    integer = np.issubdtype(np.asarray(raw).dtype, np.integer)
+    cast = (lambda v: int(np.rint(v))) if integer else float
+    return {"weighted": True, "weight_total": cast(w.sum()), "weight_max": cast(w.max()),
+            "weight_per_cluster": [cast(v) for v in per],
+            "weight_max_deviation": float(np.abs(per - w.sum() / k).max())}
+
+
+def _balanced_lloyd(x, centroids, max_iter, tol, method, weights=None):
     k = centroids.shape[0]
     prev_obj, prev_labels, converged, it = np.inf, None, False, 0
     for it in range(1, max_iter + 1):
         cost = 1.0 - x @ centroids.T
-        labels = balanced_assignment(cost, method=method)
+        if weights is None:
+            labels = balanced_assignment(cost, method=method)
+        else:
+            labels = weighted_balanced_assignment(cost, weights, method=method)
         obj = float(cost[np.arange(x.shape[0]), labels].mean())
         centroids = centroids_from_labels(x, labels, k, previous=centroids)
         if (prev_labels is not None and np.array_equal(labels, prev_labels)) or prev_obj - obj < tol:

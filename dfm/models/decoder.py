@@ -32,6 +32,7 @@ from dfm.models.layers import (
     dense_init,
     make_layers,
     rope_cos_sin,
+    segment_positions,
 )
 from dfm.models.numerics import precision_scope, remat_policy
 from dfm.sharding.rules import constrain
@@ -51,9 +52,11 @@ class Decoder(nnx.Module):
       config: `DecoderConfig`.
       rngs: `nnx.Rngs` for parameter initialization (uses the "params" / default stream).
 
-    Call: `model(tokens [batch, length] int, *, positions=None, attention_mask=None)` ->
-    logits `[batch, length, output_size]` float32. `positions [batch, length]` default
-    `arange(length)`; `attention_mask [batch, length]` (1 = real token) removes padded keys.
+    Call: `model(tokens [batch, length] int, *, positions=None, attention_mask=None, segment_ids=None)`
+    -> logits `[batch, length, output_size]` float32. `positions [batch, length]` default
+    `arange(length)`; `attention_mask [batch, length]` (1 = real token) removes padded keys;
+    `segment_ids [batch, length]` (packed sequences: 1.. = segment, 0 = padding) keeps attention
+    within each segment (positions then default to restarting at 0 in each segment).
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
@@ -101,8 +104,15 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, tokens: Array | None, *, positions: Array | None = None,
                       attention_mask: Array | None = None, extra_embedding: Array | None = None,
-                      inputs_embeds: Array | None = None) -> Array:
+                      inputs_embeds: Array | None = None, segment_ids: Array | None = None) -> Array:
         """Final-layer hidden states before the last norm, `[batch, length, hidden]`.
+
+        segment_ids: optional `[batch, length]` int for packed rows (several sequences laid end to
+        end, as InternVL's packed training does): 1.. = the sequence's segment,
+        0 = padding; each segment one contiguous run. A query attends only to keys of its own
+        segment (and causally, by position); `positions` default to
+        `dfm.models.layers.segment_positions` (0 at the start of every segment), so each segment's
+        outputs equal those of the sequence run alone.
 
         extra_embedding: optional `[batch, 1 or length, hidden]` added to the token embeddings
         (e.g. a time embedding in `SequenceClassifier`).
@@ -111,9 +121,16 @@ class Decoder(nnx.Module):
         `dfm.models.MultimodalModel`); `tokens` may then be None (if given it is only checked).
         """
         x, b, n = self._input_embeddings(tokens, inputs_embeds)
+        if segment_ids is not None:
+            if jnp.shape(segment_ids) != (b, n):
+                raise ValueError(f"segment_ids: expected shape {(b, n)}, got {jnp.shape(segment_ids)}")
+            segment_ids = jnp.asarray(segment_ids)
+            if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids: expected integer segment ids, got dtype {segment_ids.dtype}")
         default_positions = positions is None
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+            positions = (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) if segment_ids is None
+                         else segment_positions(segment_ids))
         elif jnp.shape(positions) != (b, n):
             raise ValueError(f"positions: expected shape {(b, n)}, got {jnp.shape(positions)}")
         if attention_mask is not None and jnp.shape(attention_mask) != (b, n):
@@ -123,10 +140,11 @@ class Decoder(nnx.Module):
         with precision_scope(self.config.matmul_precision):
             x = constrain(x, RESIDUAL_AXES)
             cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
-            if default_positions and attention_mask is None:
+            if default_positions and attention_mask is None and segment_ids is None:
                 # index order = position order: the kernel's own causal mask, no mask array (cuDNN-able)
                 return self._run_layers(x, cos, sin, causal=self.config.causal, mask=None)
-            mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask)
+            mask = attention_weights_mask(positions, positions, causal=self.config.causal, key_mask=attention_mask,
+                                          q_segments=segment_ids, k_segments=segment_ids)
             return self._run_layers(x, cos, sin, causal=False, mask=mask)
 
     def _run_layers(self, x: Array, cos: Array, sin: Array, *, causal: bool, mask: Array | None) -> Array:
@@ -149,17 +167,19 @@ class Decoder(nnx.Module):
         return x
 
     def __call__(self, tokens: Array | None, *, positions: Array | None = None,
-                 attention_mask: Array | None = None, inputs_embeds: Array | None = None) -> Array:
+                 attention_mask: Array | None = None, inputs_embeds: Array | None = None,
+                 segment_ids: Array | None = None) -> Array:
         """Logits `[batch, length, output_size]` float32 of `tokens [batch, length]` (see class doc).
 
         `inputs_embeds [batch, length, hidden]`, when given, replaces the token embeddings (then
-        `tokens` may be None; see `hidden_states`).
+        `tokens` may be None; see `hidden_states`). `segment_ids [batch, length]`: packed rows,
+        attention within each segment (see `hidden_states`).
         Raises ValueError (concrete inputs) for tokens that are not a 2-D integer array with ids in
         `[0, vocab_size)`, `inputs_embeds` not `[batch, length, hidden]`, or `positions` /
-        `attention_mask` not of shape `[batch, length]`.
+        `attention_mask` / `segment_ids` not of shape `[batch, length]` (segment ids not integers).
         """
         return self.logits(self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                              inputs_embeds=inputs_embeds))
+                                              inputs_embeds=inputs_embeds, segment_ids=segment_ids))
 
     def _input_embeddings(self, tokens: Array | None, inputs_embeds: Array | None) -> tuple[Array, int, int]:
         """`(embeddings [batch, length, hidden] compute dtype, batch, length)` of `tokens` or `inputs_embeds`."""

@@ -116,11 +116,15 @@ def apply_rope(x: Array, cos: Array, sin: Array, *, heads_axis: int = 2) -> Arra
 
 
 def attention_weights_mask(q_positions: Array, k_positions: Array, *, causal: bool,
-                           key_mask: Array | None = None) -> Array:
+                           key_mask: Array | None = None, q_segments: Array | None = None,
+                           k_segments: Array | None = None) -> Array:
     """Boolean mask `[batch, 1, q_len, k_len]`: True where query i may attend to key j.
 
     Causal: `k_positions[j] <= q_positions[i]`. `key_mask [batch, k_len]` (True = real token)
-    removes padded / unwritten keys.
+    removes padded / unwritten keys. `q_segments [batch, q_len]` / `k_segments [batch, k_len]`
+    (int, packed sequences; both or neither): only keys of the query's own segment,
+    `k_segments[j] == q_segments[i]` (segment 0, the padding, sees only padding: never an empty
+    row for a padding query that sees itself).
     """
     if causal:
         mask = k_positions[:, None, :] <= q_positions[:, :, None]
@@ -128,7 +132,27 @@ def attention_weights_mask(q_positions: Array, k_positions: Array, *, causal: bo
         mask = jnp.ones((q_positions.shape[0], q_positions.shape[1], k_positions.shape[1]), bool)
     if key_mask is not None:
         mask = mask & key_mask[:, None, :].astype(bool)
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("q_segments, k_segments: give both or neither")
+    if q_segments is not None:
+        mask = mask & (k_segments[:, None, :] == q_segments[:, :, None])
     return mask[:, None]
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions restarting at 0 in every segment of packed rows.
+
+    segment_ids: `[batch, length]` int, each segment one contiguous run of equal ids (0 = padding).
+    Returns `[batch, length]` int32: the index minus the index where its run starts (the positions
+    each sequence would have alone; a new run starts wherever the id changes), 0 on padding.
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    n = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return jnp.where(segment_ids == 0, 0, index - first)
 
 
 class Attention(nnx.Module):

@@ -147,8 +147,9 @@ class MultimodalModel(nnx.Module):
       rngs: `nnx.Rngs` for parameter initialization.
 
     Call: `model(tokens [batch, length], pixel_values [n_images, H, W, C] | None, *, positions=None,
-    attention_mask=None)` -> logits `[batch, length, vocab]` float32, the next-token distribution
-    (row j is `p(x^{j+1} | x^{<=j}, images)`).
+    attention_mask=None, segment_ids=None)` -> logits `[batch, length, vocab]` float32, the
+    next-token distribution (row j is `p(x^{j+1} | x^{<=j}, images)`). With `segment_ids` (packed
+    rows) each segment sees only itself (`Decoder.hidden_states`).
     """
 
     def __init__(self, config: MultimodalConfig, *, rngs: nnx.Rngs):
@@ -234,12 +235,19 @@ class MultimodalModel(nnx.Module):
 
     # ------------------------------------------------------------------ full forward
     def __call__(self, tokens: Array, pixel_values: Array | None = None, *, positions: Array | None = None,
-                 attention_mask: Array | None = None) -> Array:
+                 attention_mask: Array | None = None, segment_ids: Array | None = None) -> Array:
         """Logits `[batch, length, vocab]` float32 of `tokens [batch, length]` with `pixel_values`
         `[n_images, H, W, C]` (or None) scattered in (`embed_inputs`). `positions` /
-        `attention_mask` as `Decoder.__call__`. Raises ValueError as `embed_inputs`."""
+        `attention_mask` / `segment_ids` as `Decoder.__call__`.
+
+        Packed rows (`segment_ids [batch, length]`, 1.. = segment, 0 = padding): the images are
+        still read in row-major token order, so `pixel_values` lists the images of the segments in
+        the order their image tokens appear in the packed rows; each segment's logits equal those
+        of its sequence run alone with its own images (positions restart in each segment).
+        Raises ValueError as `embed_inputs` and `Decoder.__call__`."""
         embeds = self.embed_inputs(tokens, pixel_values)
-        return self.language_model(tokens, positions=positions, attention_mask=attention_mask, inputs_embeds=embeds)
+        return self.language_model(tokens, positions=positions, attention_mask=attention_mask, inputs_embeds=embeds,
+                                   segment_ids=segment_ids)
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch: int, max_length: int) -> Cache:

@@ -31,8 +31,15 @@ from flax import nnx
 from dfm.io import atomic_write_bytes
 from dfm.progress import progress_bar
 from dfm.sharding.distributed import is_main_process
-from dfm.train.checkpoint import MODEL_STATE, abstract_tree, model_state_dict, open_manager, restore_into
+from dfm.train.checkpoint import (
+    MODEL_STATE,
+    abstract_tree,
+    model_state_dict,
+    open_manager,
+    restore_into,
+)
 from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
+from dfm.train.selection import BEST_SUBDIR, BestCheckpoint
 from dfm.train.steps import LossFn, make_train_step
 
 
@@ -56,12 +63,20 @@ class TrainResult:
         update, `wall` the cumulative training seconds (across resumes). Restored rows included.
       steps_done: completed optimizer steps (restored ones included).
       wall_time_s: seconds spent in this call.
+      validation: one row `{"step", "val_loss"}` per validation (step 0 = before training;
+        restored rows included); [] without validation.
+      best_step, best_val_loss: the step with the lowest validation loss so far and that loss
+        (None without validation). With `config.keep_best` and a finished run, `model` holds
+        the parameters of `best_step`.
     """
 
     model: nnx.Module
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     wall_time_s: float = 0.0
+    validation: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_val_loss: float | None = None
 
 
 def _optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
@@ -94,7 +109,8 @@ def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
 def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], config: TrainConfig, *,
           checkpoint_dir=None, desc: str = "train", stop_after: int | None = None,
           progress: bool = True, mesh: jax.sharding.Mesh | None = None, rules=None,
-          metrics_path=None, tensorboard_dir=None) -> TrainResult:
+          metrics_path=None, tensorboard_dir=None,
+          validate: Callable[[nnx.Module], float] | None = None) -> TrainResult:
     """Train `model` in place for `config.steps` AdamW steps, resuming from `checkpoint_dir`.
 
     Args:
@@ -131,6 +147,14 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
       tensorboard_dir: if given and tensorboardX (or torch with tensorboard) is installed, the
         same rows as TensorBoard scalars (events after the restored step are purged on resume);
         silently skipped otherwise.
+      validate: `validate(model) -> float`, the validation loss of the current parameters (a
+        deterministic function of them: fixed examples, fixed key; e.g. nats per target token).
+        Called before the first step, every `config.validate_every` steps and after the last
+        step (never when `validate_every` is 0); each value is a row `{"step", "val_loss"}` of
+        `TrainResult.validation`, of the metrics file and of TensorBoard (`val/loss`). The
+        lowest so far is kept (`dfm.train.selection.BestCheckpoint`, in
+        ``<checkpoint_dir>/best`` when checkpointing, so a resumed run continues the same
+        selection); with `config.keep_best` the model ends with those parameters.
 
     Returns:
       `TrainResult(model, history, steps_done, wall_time_s)`.
@@ -156,23 +180,40 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                               microbatches=config.microbatches)
     learning_rates = _learning_rates(config)
     manager = None if checkpoint_dir is None else open_manager(checkpoint_dir, async_save=config.async_checkpoint)
-    start, history, wall_before = 0, [], 0.0
+    start, history, wall_before, validation = 0, [], 0.0, []
     if manager is not None and manager.latest_step() is not None:
-        start, history, wall_before = _restore_latest_good(manager, model, optimizer, desc)
+        start, history, wall_before, validation = _restore_latest_good(manager, model, optimizer, desc)
         if start > config.steps:
             raise ValueError(
                 f"checkpoint_dir: {str(checkpoint_dir)!r} holds a run at step {start} > config.steps={config.steps}")
     end = config.steps if stop_after is None else min(stop_after, config.steps)
+    validating = validate is not None and config.validate_every > 0
+    best = None
+    if validating:
+        best = BestCheckpoint(None if checkpoint_dir is None else Path(checkpoint_dir) / BEST_SUBDIR,
+                              fresh=start == 0)
     if start >= end:
         if manager is not None:
             manager.close()
-        return TrainResult(model, history, start, time.perf_counter() - t_start)
+        return _finish(TrainResult(model, history, start, time.perf_counter() - t_start, validation),
+                       best, config)
 
     base_key = jax.random.PRNGKey(config.seed)
     log = _MetricsLog(metrics_path, tensorboard_dir, start) if is_main_process() else None
+
+    def check(done: int) -> None:
+        value = float(validate(model))
+        row = {"step": done, "val_loss": value}
+        validation.append(row)
+        if log is not None:
+            log.write(row)
+        best.offer(done, value, model)
+
     bar = progress_bar(config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()))
     t_loop = time.perf_counter()
     try:
+        if validating and start == 0:
+            check(0)
         for step in range(start, end):
             loss, metrics, grad_norm = step_fn(batch_fn(step), jax.random.fold_in(base_key, step),
                                                learning_rate=learning_rates[step])
@@ -191,17 +232,36 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                 if log is not None:
                     log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if validating and (done % config.validate_every == 0 or done == config.steps):
+                check(done)
             bar.update(1)
             if saving_step:
                 _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop,
-                      wait=not config.async_checkpoint)
+                      validation, wait=not config.async_checkpoint)
+    except BaseException:
+        if best is not None:
+            best.close()
+        raise
     finally:
         bar.close()
         if log is not None:
             log.close()
         if manager is not None:
             manager.close()
-    return TrainResult(model, history, end, time.perf_counter() - t_start)
+    return _finish(TrainResult(model, history, end, time.perf_counter() - t_start, validation), best, config)
+
+
+def _finish(result: TrainResult, best: BestCheckpoint | None, config: TrainConfig) -> TrainResult:
+    """Fill in the selection and, for a finished run with `keep_best`, load the best parameters."""
+    if best is None:
+        return result
+    try:
+        result.best_step, result.best_val_loss = best.step, best.val_loss
+        if config.keep_best and result.steps_done == config.steps:
+            best.restore(result.model)
+    finally:
+        best.close()
+    return result
 
 
 def read_metrics(path) -> list[dict]:
@@ -251,14 +311,16 @@ class _MetricsLog:
         out = dict(row)
         if "tokens" in row and now > self.last_time:
             out["tokens_per_s"] = row["tokens"] * (row["step"] - self.last_step) / (now - self.last_time)
-        self.last_step, self.last_time = row["step"], now
+        if "loss" in row:                  # a validation row does not restart the throughput window
+            self.last_step, self.last_time = row["step"], now
         if self.file is not None:
             self.file.write(json.dumps(out) + "\n")
             self.file.flush()
         if self.writer is not None:
             for key, value in out.items():
                 if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+                    tag = "val/loss" if key == "val_loss" else f"train/{key}"
+                    self.writer.add_scalar(tag, value, row["step"])
             self.writer.flush()
 
     def close(self) -> None:
@@ -285,11 +347,11 @@ def _summary_writer():
     return None
 
 
-def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float, *,
-          wait: bool = True) -> None:
+def _save(manager: ocp.CheckpointManager, step: int, model, optimizer, history, wall: float,
+          validation: list[dict], *, wait: bool = True) -> None:
     """Save a checkpoint; `wait=False` (async) returns once the arrays are copied to host and
     orbax writes them in the background (the next save, or closing the manager, waits for it)."""
-    meta = {"step": step, "history": list(history), "wall": wall}
+    meta = {"step": step, "history": list(history), "wall": wall, "validation": list(validation)}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_train_state(model, optimizer)), meta=ocp.args.JsonSave(meta)), force=True)
     if wait:
@@ -304,7 +366,8 @@ def _diverged_message(desc: str, value: float, step: int, manager, config: Train
             f"{config.learning_rate:g} is probably too high: lower it (or the warmup's peak) and re-run")
 
 
-def _restore_latest_good(manager: ocp.CheckpointManager, model, optimizer, desc: str) -> tuple[int, list[dict], float]:
+def _restore_latest_good(manager: ocp.CheckpointManager, model, optimizer,
+                         desc: str) -> tuple[int, list[dict], float, list[dict]]:
     """`_restore` of the newest checkpoint that restores; a broken one is deleted (with a warning)
     and the next older one tried; none restores: a fresh start (with a warning)."""
     for step in sorted(manager.all_steps(), reverse=True):
@@ -319,10 +382,11 @@ def _restore_latest_good(manager: ocp.CheckpointManager, model, optimizer, desc:
         raise ValueError(f"checkpoint_dir: {manager.directory}: broken checkpoints could not be removed")
     warnings.warn(f"{desc}: no checkpoint in {manager.directory} restores; starting the stage over",
                   CheckpointFallbackWarning, stacklevel=3)
-    return 0, [], 0.0
+    return 0, [], 0.0, []
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, model, optimizer) -> tuple[int, list[dict], float]:
+def _restore(manager: ocp.CheckpointManager, step: int, model,
+             optimizer) -> tuple[int, list[dict], float, list[dict]]:
     target = abstract_tree(_train_state(model, optimizer))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -331,4 +395,4 @@ def _restore(manager: ocp.CheckpointManager, step: int, model, optimizer) -> tup
     meta = restored["meta"]
     if int(meta["step"]) != step:
         raise ValueError(f"checkpoint_dir: step {step} has inconsistent metadata step {meta['step']}")
-    return step, list(meta["history"]), float(meta["wall"])
+    return step, list(meta["history"]), float(meta["wall"]), list(meta.get("validation", []))

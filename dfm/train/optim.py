@@ -40,6 +40,12 @@ class TrainConfig:
         goes on (worth it on accelerators, where a save would stall the device); the loop waits
         for the previous save before the next and at the end. False = every save completes
         before the next step (default; what CPU runs and the tests use).
+      validate_every: with a `validate` function given to `dfm.train.train`, compute the
+        validation loss before the first step, every this many steps and at the last step;
+        0 = never (default).
+      keep_best: with validation, the model returned at the end is the one with the lowest
+        validation loss (`dfm.train.selection.BestCheckpoint`; ties keep the earlier step, step 0
+        = the model as it came in) instead of the last one.
 
     Raises:
       ValueError: naming the field that is out of range.
@@ -60,6 +66,8 @@ class TrainConfig:
     frozen: tuple[str, ...] = ()
     microbatches: int = 1
     async_checkpoint: bool = False
+    validate_every: int = 0
+    keep_best: bool = False
 
     def __post_init__(self):
         for name in ("steps", "checkpoint_every", "log_every", "microbatches"):
@@ -85,6 +93,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio!r}")
         if not isinstance(self.frozen, tuple) or not all(isinstance(p, str) and p for p in self.frozen):
             raise ValueError(f"frozen: must be a tuple of non-empty dotted path prefixes, got {self.frozen!r}")
+        if not isinstance(self.validate_every, int) or isinstance(self.validate_every, bool) or self.validate_every < 0:
+            raise ValueError(f"validate_every: must be an int >= 0 (0 = never), got {self.validate_every!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"keep_best: must be a bool, got {self.keep_best!r}")
         if not isinstance(self.async_checkpoint, bool):
             raise ValueError(f"async_checkpoint: must be a bool, got {self.async_checkpoint!r}")
 

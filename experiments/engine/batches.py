@@ -27,17 +27,20 @@ class EpochBatches:
       num: number of sequences (>= 1).
       batch_size: sequences per batch.
       seed: experiment seed; stream: a name separating the stages (e.g. "expert-2").
+      steps: the stage's number of optimizer steps when known (the engine passes it; tasks that
+        lay out a whole stage ahead, e.g. packed sequences, read it), else None.
 
     Raises:
       ValueError: if `num` < 1 or `batch_size` < 1.
     """
 
-    def __init__(self, num: int, batch_size: int, seed: int, stream: str):
+    def __init__(self, num: int, batch_size: int, seed: int, stream: str, steps: int | None = None):
         if num < 1:
             raise ValueError(f"num: no sequences to train on for stream {stream!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.num, self.batch_size = num, batch_size
+        self.stream, self.steps = stream, steps
         self._seed = _stream_seed(seed, stream)
         self._perms: dict[int, np.ndarray] = {}
 

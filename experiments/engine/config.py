@@ -129,6 +129,18 @@ class StageConfig:
     of steps in proportion to their clusters' training examples (compute-matched: same batch
     size and sequence length, so the same number of training sequences in total), each with the
     same peak learning rate and the warmup scaled by ``steps_k / steps``.
+
+    Model selection (one rule for every model of the stage): the validation loss is computed
+    before the first step and at `validations` evenly spaced steps (the last one included) on the
+    model's own validation units (stage 1, dense and the random control: all of them; expert k:
+    the validation units of cluster k), and with ``keep = "best"`` the stage's model is the
+    parameters with the lowest validation loss (step 0 = the model it started from); ``"last"``
+    keeps the final parameters. ``validations = 0`` turns validation off (then the last is kept).
+    The test split is never read by training.
+
+    `continue_schedule` (stage 2 only): the peak learning rate is where stage 1's schedule ended
+    (stage 1's ``learning_rate`` x the cosine floor `dfm.train.TrainConfig.min_lr_ratio`) instead
+    of this section's `learning_rate`: stage 2 continues the decay instead of re-warming above it.
     """
 
     steps: int = constrained(200, lo=1)
@@ -137,6 +149,9 @@ class StageConfig:
     warmup_steps: int = constrained(20, lo=0)
     weight_decay: float = constrained(0.01, lo=0.0)
     checkpoint_every: int = constrained(100, lo=1)
+    validations: int = constrained(10, lo=0)
+    keep: str = constrained("best", choices=("best", "last"))
+    continue_schedule: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,13 @@ the resampled ratios (percentile bootstrap).
 Verdict (`verdict`) from an interval [lo, hi] of ``system - dense`` and the margin m >= 0:
 ``better`` if hi < 0; ``worse`` if lo > m; ``within margin`` if -m <= lo and hi <= m;
 otherwise ``inconclusive`` (the interval is too wide to decide). The point estimate is not used.
+For a score where higher is better (exact match), ``verdict(..., higher_is_better=True)`` is the
+same rule applied to the negated interval: ``better`` if lo > 0; ``worse`` if hi < -m.
+
+Means of per-item scores (`unit_bootstrap`): items (e.g. test questions) grouped into independent
+units (e.g. test images, several questions each); the same percentile bootstrap resamples units, so
+the interval accounts for the correlation of the items of one unit (one item per unit: the plain
+bootstrap over items).
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ VERDICTS = ("better", "worse", "within margin", "inconclusive")
 VERDICT_RULE = ("from the 95% interval [lo, hi] of (system - dense) in nats/token and the parity margin m: "
                 "'better' if hi < 0; 'worse' if lo > m; 'within margin' if -m <= lo and hi <= m; otherwise "
                 "'inconclusive'. The point estimate is not used.")
+VERDICT_RULE_HIGHER = ("from the 95% interval [lo, hi] of (system - dense) of a score where higher is better "
+                       "and the parity margin m: 'better' if lo > 0; 'worse' if hi < -m; 'within margin' if "
+                       "-m <= lo and hi <= m; otherwise 'inconclusive'. The point estimate is not used.")
 
 
 def per_unit_sums(values: np.ndarray, unit: np.ndarray, num_units: int) -> np.ndarray:
@@ -67,12 +77,19 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, *, resamp
     return {"mean": point, "ci95": [float(lo), float(hi)], "resamples": int(resamples), "units": int(n)}
 
 
-def verdict(lo: float, hi: float, margin: float) -> str:
-    """Parity verdict of an interval [lo, hi] of ``system - dense`` (see the module docstring)."""
+def verdict(lo: float, hi: float, margin: float, higher_is_better: bool = False) -> str:
+    """Parity verdict of an interval [lo, hi] of ``system - dense`` (see the module docstring);
+    `higher_is_better`: the difference is of a score (exact match), not a loss.
+
+    Raises:
+      ValueError: a negative margin or lo > hi.
+    """
     if margin < 0:
         raise ValueError(f"verdict: the margin must be >= 0, got {margin}")
     if lo > hi:
         raise ValueError(f"verdict: empty interval [{lo}, {hi}]")
+    if higher_is_better:
+        lo, hi = -hi, -lo
     if hi < 0:
         return "better"
     if lo > margin:
@@ -80,6 +97,40 @@ def verdict(lo: float, hi: float, margin: float) -> str:
     if -margin <= lo and hi <= margin:
         return "within margin"
     return "inconclusive"
+
+
+def unit_bootstrap(values, unit, reference=None, *, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Percentile bootstrap over units of the mean of per-item `values` (paired: of ``values -
+    reference``).
+
+    Args:
+      values: ``[n]`` per-item scores (e.g. exact match 0 / 1 per test question).
+      unit: ``[n]`` the unit of each item (any hashable ids; e.g. the question's test image);
+        each resample draws U units with replacement, all items of a drawn unit together.
+      reference: optional ``[n]`` scores of the reference system on the same items (dense).
+      resamples, seed, level: as in `paired_bootstrap` (which this calls with per-unit sums and
+        item counts).
+
+    Returns:
+      ``{"mean": mean of values (- reference), "ci95": [lo, hi], "resamples": B, "units": U,
+      "items": n}``.
+
+    Raises:
+      ValueError: empty or mismatched inputs (named).
+    """
+    values = np.asarray(values, np.float64)
+    ref = np.zeros_like(values) if reference is None else np.asarray(reference, np.float64)
+    unit = np.asarray(unit)
+    if values.ndim != 1 or len(values) == 0 or ref.shape != values.shape or unit.shape != values.shape:
+        raise ValueError(f"unit_bootstrap: values, reference, unit must be 1-D of the same length >= 1, got "
+                         f"{values.shape}, {ref.shape}, {unit.shape}")
+    _, index = np.unique(unit, return_inverse=True)
+    num = int(index.max()) + 1
+    out = paired_bootstrap(per_unit_sums(values, index, num), per_unit_sums(ref, index, num),
+                           per_unit_sums(np.ones_like(values), index, num), resamples=resamples, seed=seed,
+                           level=level)
+    return out | {"items": len(values)}
 
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float | None, list | None]:

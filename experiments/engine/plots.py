@@ -62,8 +62,8 @@ def loss_curves(stages: dict, path: Path, title: str = "", first: str = "base") 
     Panels: stage 1, dense, the K experts overlaid ("expert k" in the legend), the random-partition
     control, the router (its own loss: cross-entropy over clusters), each present only when the
     run has it; the token-loss panels share their y axis. Validation losses (rows with a
-    "val_loss", in the marker's "validation" list or in its history) are drawn as dots in their
-    stage's colour.
+    "val_loss", in the marker's "validation" list or in its history) are drawn as dotted lines
+    with dots in their stage's colour, and the kept (best-validation) step as a star.
 
     Args:
       stages: stage name -> marker info with "history" rows {"step", "loss"} (and optionally
@@ -94,7 +94,10 @@ def loss_curves(stages: dict, path: Path, title: str = "", first: str = "base") 
                         color=color, label=_label(name))
             val = _validation(info)
             if val:
-                ax.plot(*zip(*val), "o", ms=4, color=color, label=f"{_label(name)} (validation)")
+                ax.plot(*zip(*val), "o:", ms=3.5, lw=0.9, color=color, label=f"{_label(name)} (validation)")
+                if info.get("kept") == "best" and info.get("best_step") is not None:
+                    ax.plot([info["best_step"]], [info["best_val_loss"]], "*", ms=11, color=color,
+                            markeredgecolor="black", markeredgewidth=0.6, zorder=5)
         ax.set_title(family if family != "stage 1" else f"stage 1 ({first})", fontsize=9)
         ax.set_xlabel("optimizer step of the stage", fontsize=8)
         ax.grid(alpha=0.3)
@@ -104,7 +107,7 @@ def loss_curves(stages: dict, path: Path, title: str = "", first: str = "base") 
         if family == "router":
             ax.set_ylabel("router loss (nats)", fontsize=8)
         else:
-            ax.set_ylabel("training loss (nats / token)", fontsize=8)
+            ax.set_ylabel("loss (nats / token)", fontsize=8)
             token_axes.append(ax)
     for ax in list(axes.flat)[len(order):]:
         ax.set_visible(False)
@@ -115,6 +118,6 @@ def loss_curves(stages: dict, path: Path, title: str = "", first: str = "base") 
             ax.set_ylim(lo, hi)
     if not order:
         axes[0, 0].text(0.5, 0.5, "no training history", ha="center", va="center")
-    fig.suptitle(title or "training loss", fontsize=10)
+    fig.suptitle(title or "training loss (lines), validation loss (dots; star: the kept step)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -6,12 +6,15 @@ partition all change), each sub-run an ordinary run directory (resumable: a fini
 a finished sub-run, is skipped). Then `summarize` writes ``<out>/summary.json`` and
 ``<out>/summary.md``:
 
-- per system: its loss (the task's metric, nats/token) over seeds: mean, sample sd (ddof 1), per
-  seed values;
+- per system: its metric over seeds: mean, sample sd (ddof 1), per seed values. The metric is the
+  report's ``comparison.metric_key`` (default ``"loss"``: the text job's nats/token; the multimodal
+  job's ``"exact_match"``), read from each system's entry of that name, with
+  ``comparison.higher_is_better`` (default false) deciding the direction of the verdicts and
+  ``comparison.unit`` / ``comparison.bootstrap_units`` the wording of the summary;
 - ``delta_vs_dense`` = system - dense per seed, ``{"mean", "std", "ci95", "seeds", "per_seed",
   "verdict"}``: ``ci95`` is the Student-t 95% interval of the mean of the per-seed differences
   (>= 2 seeds; with one seed it is that seed's bootstrap interval), ``per_seed`` each seed's
-  difference with its paired bootstrap interval over test documents (the sub-run's report.json),
+  difference with its paired bootstrap interval over test units (the sub-run's report.json),
   and ``verdict`` is `experiments.engine.intervals.verdict` of ``ci95`` with the config's parity
   margin. The t-interval treats the seeds as independent replicates of the whole job, so it covers
   the variation of training and partition, not only of the test documents.
@@ -22,7 +25,12 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from experiments.engine.intervals import VERDICT_RULE, t_interval, verdict
+from experiments.engine.intervals import (
+    VERDICT_RULE,
+    VERDICT_RULE_HIGHER,
+    t_interval,
+    verdict,
+)
 from experiments.engine.rundir import atomic_write_json, atomic_write_text, read_json
 
 
@@ -58,27 +66,32 @@ def summarize(out: Path, reports: dict | None = None, seeds: Sequence[int] | Non
         reports = {s: read_json(seed_dir(out, s) / "report.json") for s in seeds}
     seeds = sorted(reports)
     first = reports[seeds[0]]
-    margin = first.get("comparison", {}).get("parity_margin")
+    comparison = first.get("comparison") or {}
+    margin = comparison.get("parity_margin")
     if margin is None:
         margin = (first.get("config", {}).get("eval") or {}).get("parity_margin", 0.02)
+    key = comparison.get("metric_key", "loss")
+    higher = bool(comparison.get("higher_is_better", False))
+    unit = comparison.get("unit", "nats/token")
+    units = comparison.get("bootstrap_units", "test documents")
     names = [s["name"] for s in first["systems"]]
     systems = []
     for name in names:
         rows = {}
         for s in seeds:
             by_name = {x["name"]: x for x in reports[s]["systems"]}
-            if name in by_name and "dense" in by_name:
+            if name in by_name and "dense" in by_name and key in by_name[name] and key in by_name["dense"]:
                 rows[s] = (by_name[name], by_name["dense"])
         if not rows:
             continue
         used = sorted(rows)
-        losses = [rows[s][0]["loss"] for s in used]
+        losses = [rows[s][0][key] for s in used]
         loss_mean, loss_sd, _ = t_interval(losses)
         per_seed = []
         for s in used:
             system, dense = rows[s]
             d = system.get("delta_vs_dense") or {}
-            per_seed.append({"seed": s, "delta": d.get("mean", system["loss"] - dense["loss"]),
+            per_seed.append({"seed": s, "delta": d.get("mean", system[key] - dense[key]),
                              "ci95": d.get("ci95"), "verdict": d.get("verdict")})
         deltas = [p["delta"] for p in per_seed]
         d_mean, d_sd, d_ci = t_interval(deltas)
@@ -89,10 +102,10 @@ def summarize(out: Path, reports: dict | None = None, seeds: Sequence[int] | Non
         elif d_ci is None or not all(map(math.isfinite, d_ci)):
             call = "inconclusive"
         else:
-            call = verdict(d_ci[0], d_ci[1], margin)
+            call = verdict(d_ci[0], d_ci[1], margin, higher_is_better=higher)
         systems.append({
             "name": name, "kind": rows[used[0]][0].get("kind"), "router": rows[used[0]][0].get("router"),
-            "loss": {"mean": loss_mean, "std": loss_sd, "per_seed": dict(zip(map(str, used), losses))},
+            key: {"mean": loss_mean, "std": loss_sd, "per_seed": dict(zip(map(str, used), losses))},
             "delta_vs_dense": {"mean": d_mean, "std": d_sd, "ci95": d_ci, "seeds": used, "per_seed": per_seed,
                                "verdict": call},
         })
@@ -100,13 +113,14 @@ def summarize(out: Path, reports: dict | None = None, seeds: Sequence[int] | Non
         "config": first.get("config", {}).get("name"),
         "schedule": first.get("schedule"),
         "metric": first.get("metric"),
+        "metric_key": key, "higher_is_better": higher, "unit": unit,
         "seeds": seeds,
         "runs": {str(s): str(seed_dir(out, s)) for s in seeds},
         "parity_margin": margin,
-        "interval": ("ci95: Student-t 95% interval of the mean over seeds of (system - dense), nats/token "
-                     "(>= 2 seeds; one seed: its paired bootstrap interval over test documents); per_seed[*].ci95: "
-                     "each seed's paired bootstrap interval over test documents"),
-        "verdict_rule": VERDICT_RULE,
+        "interval": (f"ci95: Student-t 95% interval of the mean over seeds of (system - dense), {unit} "
+                     f"(>= 2 seeds; one seed: its paired bootstrap interval over {units}); per_seed[*].ci95: "
+                     f"each seed's paired bootstrap interval over {units}"),
+        "verdict_rule": VERDICT_RULE_HIGHER if higher else VERDICT_RULE,
         "systems": systems,
         "s11": [_s11(reports[s]) for s in seeds],
     }
@@ -133,25 +147,28 @@ def _ci(ci):
     return "-" if not ci else f"[{_num(ci[0], True)}, {_num(ci[1], True)}]"
 
 
-HEADER = ("| system | loss mean ± sd | Δ vs dense mean ± sd [95% CI over seeds] | per-seed Δ [bootstrap 95% CI] "
+HEADER = ("| system | {key} mean ± sd | Δ vs dense mean ± sd [95% CI over seeds] | per-seed Δ [bootstrap 95% CI] "
           "| verdict |")
 
 
 def summary_markdown(summary: dict) -> str:
     """summary.md: one row per system, mean ± sd over seeds, intervals and the verdict."""
     n = len(summary["seeds"])
+    key, unit = summary.get("metric_key", "loss"), summary.get("unit", "nats/token")
     runs = ", ".join(f"`{p}`" for p in summary["runs"].values())
-    lines = [f"# `{summary['config']}` over {n} seed(s) {summary['seeds']} ({summary['schedule']} schedule)", "",
+    schedule = f" ({summary['schedule']} schedule)" if summary.get("schedule") else ""
+    lines = [f"# `{summary['config']}` over {n} seed(s) {summary['seeds']}{schedule}", "",
              f"Sub-runs: {runs}. Each seed varies the job seed and the partition seed.", "",
-             HEADER,
+             HEADER.format(key=key),
              "|---|---:|---:|---|---|"]
     for s in summary["systems"]:
-        d, loss = s["delta_vs_dense"], s["loss"]
+        d, loss = s["delta_vs_dense"], s[key]
         per = "; ".join(f"s{p['seed']}: {_num(p['delta'], True)} {_ci(p['ci95'])}" for p in d["per_seed"])
         lines.append(f"| {s['name']} | {_num(loss['mean'])} ± {_num(loss['std'])} | "
                      f"{_num(d['mean'], True)} ± {_num(d['std'])} {_ci(d['ci95'])} | {per} | {d['verdict']} |")
-    lines += ["", f"Δ = system - dense in nats/token (negative: better than dense). {summary['interval']}.",
-              f"Verdict {summary['verdict_rule']} Margin m = {summary['parity_margin']} nats/token.", ""]
+    better = "positive" if summary.get("higher_is_better") else "negative"
+    lines += ["", f"Δ = system - dense in {unit} ({better}: better than dense). {summary['interval']}.",
+              f"Verdict {summary['verdict_rule']} Margin m = {summary['parity_margin']} ({unit}).", ""]
     gaps = [x for x in summary["s11"] if x]
     if gaps:
         lines += ["S11 per seed: dense - oracle gap (estimates I(X; K) only for well-trained models) / plug-in "

@@ -4,9 +4,10 @@
     <stage 1>  one model on all training examples ("base" in the text job, "stage1" in the
                multimodal job; `Task.stage1`)
     partition  spherical balanced k-means (`dfm.decentral.balanced_kmeans`) on the train units'
-               features (`Task.partition_input`), a random partition of the same cluster sizes
-               (seeded permutation of the labels; the control), val / test units assigned to the
-               nearest centroid
+               features (`Task.partition_input`), balanced in training examples (units weighted
+               by their examples, `[partition] balance = "examples"`) or in units; a random
+               partition under the same balance (the control, `random_partition`); val / test
+               units assigned to the nearest centroid
     dense      stage 2: continues from stage 1 on all training examples for `stage2.steps` steps
     expert-k   stage 2: continues from stage 1 on cluster k only, `steps_k` steps with
                sum_k steps_k = stage2.steps (proportional to the clusters' training examples)
@@ -37,7 +38,13 @@ import numpy as np
 
 from experiments.engine.config import JobConfig
 from experiments.engine.locks import stage_lock
-from experiments.engine.rundir import RunDir, RunDirError, atomic_write_json, prepare_run_dir, read_json
+from experiments.engine.rundir import (
+    RunDir,
+    RunDirError,
+    atomic_write_json,
+    prepare_run_dir,
+    read_json,
+)
 from experiments.engine.task import Task
 
 
@@ -186,18 +193,24 @@ def run_partition(ctx: Context, data) -> dict:
 
 
 def _partition(ctx: Context, data) -> dict:
-    from dfm.decentral import assign, balanced_kmeans
+    from dfm.decentral import assign, balanced_kmeans, two_stage_balanced_kmeans
 
     t0 = time.perf_counter()
     pc = ctx.config.partition
     k = pc.num_clusters
-    stage1 = load_stage_model(ctx, data, ctx.task.stage1) if ctx.task.partition_needs_stage1 else None
+    after = ctx.task.partition_after_stage1(ctx.config)
+    stage1 = load_stage_model(ctx, data, ctx.task.stage1) if after else None
     inp = ctx.task.partition_input(ctx, data, stage1)
     if len(inp.features["train"]) < k:
         raise StageError(f"partition.num_clusters: K={k} clusters but only {len(inp.features['train'])} train "
                          f"{inp.units}")
-    partition, labels = balanced_kmeans(inp.features["train"], k, rng=pc.seed)
-    random_labels = np.random.default_rng(pc.seed).permutation(labels)  # same sizes exactly
+    by_examples = getattr(pc, "balance", "units") == "examples"
+    weights = np.bincount(inp.example_unit, minlength=len(inp.features["train"])) if by_examples else None
+    if getattr(pc, "kmeans", "exact") == "two_stage":      # the config requires balance = "units" with it
+        partition, labels = two_stage_balanced_kmeans(inp.features["train"], k, rng=pc.seed)
+    else:
+        partition, labels = balanced_kmeans(inp.features["train"], k, rng=pc.seed, weights=weights)
+    random_labels = random_partition(labels, weights, k, pc.seed)
     counts = np.bincount(labels[inp.example_unit], minlength=k)
     if counts.min() == 0:
         raise StageError(f"partition: cluster {int(np.argmin(counts))} has no training {inp.examples} "
@@ -212,6 +225,7 @@ def _partition(ctx: Context, data) -> dict:
     u, e = inp.units, inp.examples
     info = {
         "num_clusters": k,
+        "balance": "examples" if by_examples else "units",
         f"{u}_per_cluster": np.bincount(labels, minlength=k).tolist(),
         f"{e}_per_cluster": counts.tolist(),
         f"random_{e}_per_cluster": np.bincount(random_labels[inp.example_unit], minlength=k).tolist(),
@@ -222,6 +236,20 @@ def _partition(ctx: Context, data) -> dict:
     ctx.run.mark_done("partition", info)
     ctx.log(f"[partition] K={k}: {u} {info[f'{u}_per_cluster']}, {e} {info[f'{e}_per_cluster']}")
     return info
+
+
+def random_partition(labels: np.ndarray, weights: np.ndarray | None, num_clusters: int, seed: int) -> np.ndarray:
+    """The random control's labels ``[n_units]``: without weights a seeded permutation of `labels`
+    (exactly the same units per cluster); with weights (examples per unit) a random assignment
+    under the same balance in examples as the k-means partition
+    (`dfm.decentral.weighted_balanced_assignment` of uniform random costs), so the control's
+    experts get the same budgets as the cluster experts up to that balance's bound."""
+    rng = np.random.default_rng(seed)
+    if weights is None:
+        return rng.permutation(labels)
+    from dfm.decentral import weighted_balanced_assignment
+
+    return np.asarray(weighted_balanced_assignment(rng.random((len(labels), num_clusters)), weights), np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,20 +274,26 @@ def train_config(ctx: Context, stage: str, steps: int):
     """`dfm.train.TrainConfig` of a stage: its section's optimizer; experts keep the dense
     schedule's shape, compressed to their steps (warmup scaled by ``steps_k / stage2.steps``, but
     never to 0 when the section has a warmup: an expert continues from stage 1 with a fresh AdamW
-    state, and starting it at the peak learning rate is what the warmup exists to avoid)."""
+    state, and starting it at the peak learning rate is what the warmup exists to avoid). Stage 2
+    with `continue_schedule` peaks where stage 1's schedule ended. Validation: `validations`
+    evenly spaced points (``validate_every = ceil(steps / validations)``) and the section's `keep`."""
     from dfm.train import TrainConfig
 
     opt = ctx.task.stage_config(ctx.config, stage)
-    warmup = opt.warmup_steps
+    warmup, lr = opt.warmup_steps, opt.learning_rate
+    if stage != ctx.task.stage1 and opt.continue_schedule:
+        lr = getattr(ctx.config, ctx.task.stage1).learning_rate * TrainConfig(steps=1).min_lr_ratio
     if stage not in (ctx.task.stage1, "dense"):
         warmup = round(opt.warmup_steps * steps / ctx.config.stage2.steps)
         if opt.warmup_steps > 0:
             warmup = max(1, warmup)
-    return TrainConfig(steps=steps, learning_rate=opt.learning_rate, warmup_steps=min(steps, warmup),
+    validate_every = -(-steps // opt.validations) if opt.validations else 0
+    return TrainConfig(steps=steps, learning_rate=lr, warmup_steps=min(steps, warmup),
                        weight_decay=opt.weight_decay, seed=ctx.config.seed, checkpoint_every=opt.checkpoint_every,
                        log_every=max(1, steps // 100), frozen=ctx.task.frozen(opt),
                        microbatches=ctx.config.numerics.microbatches,
-                       async_checkpoint=ctx.config.numerics.async_checkpoint)
+                       async_checkpoint=ctx.config.numerics.async_checkpoint,
+                       validate_every=validate_every, keep_best=validate_every > 0 and opt.keep == "best")
 
 
 def training_mesh(mesh_section):
@@ -303,9 +337,10 @@ def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int
     """Save the final model and write the stage's marker; None (and a log line) if stopped early.
 
     The marker holds steps, batch size, training examples, examples seen, wall time, the final
-    loss, the loss history (and any other logged metric, e.g. accuracy), the validation rows of
-    ``logs/<stage>/metrics.jsonl`` (those with a "val_loss", e.g. appended by a task with
-    `dfm.train.loop.append_metrics`; the loss-curve plot draws them) and `extra`.
+    loss, the loss history (and any other logged metric, e.g. accuracy), the validation rows
+    (`result.validation`, or else the rows of ``logs/<stage>/metrics.jsonl`` with a "val_loss";
+    the loss-curve plot draws them), the model kept ("best" with its `best_step` and
+    `best_val_loss`, or "last") and `extra`.
     """
     from dfm.train import save_model
     from dfm.train.loop import read_metrics
@@ -321,13 +356,21 @@ def finish_training(ctx: Context, stage: str, model, result, tc, batch_size: int
         "wall_time_s": float(h[-1]["wall"]) if h else result.wall_time_s,
         "final_loss": float(h[-1]["loss"]) if h else None,
         "history": [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in h],
-        "validation": [{"step": r["step"], "val_loss": r["val_loss"]} for r in read_metrics(ctx.run.metrics(stage))
+        "validation": [{"step": r["step"], "val_loss": r["val_loss"]}
+                       for r in (getattr(result, "validation", None) or read_metrics(ctx.run.metrics(stage)))
                        if "val_loss" in r and "step" in r],
+        "kept": "best" if tc.keep_best and getattr(result, "best_step", None) is not None else "last",
+        "best_step": getattr(result, "best_step", None),
+        "best_val_loss": getattr(result, "best_val_loss", None),
         **(extra or {}),
     }
     ctx.run.mark_done(stage, info, model=True)
     took = f" (this call {time.perf_counter() - t0:.1f} s)" if t0 is not None else ""
-    ctx.log(f"[{stage}] {tc.steps} steps on {num_examples} examples, loss {info['final_loss']:.4f}, "
+    kept = ""
+    if info["best_step"] is not None:
+        kept = (f", validation {info['best_val_loss']:.4f} at step {info['best_step']}"
+                f"{' (kept)' if info['kept'] == 'best' else ''}")
+    ctx.log(f"[{stage}] {tc.steps} steps on {num_examples} examples, loss {info['final_loss']:.4f}{kept}, "
             f"{info['wall_time_s']:.1f} s{took}")
     return info
 
@@ -381,6 +424,7 @@ def _finished(ctx: Context, stage: str) -> bool:
 def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict | None:
     from dfm.train.loop import train
     from experiments.engine.batches import EpochBatches
+    from experiments.engine.validation import make_validate, validation_units
 
     t0 = time.perf_counter()
     if stage == ctx.task.stage1:
@@ -400,10 +444,19 @@ def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict
         model = load_stage_model(ctx, data, ctx.task.stage1)
     tc = train_config(ctx, stage, steps)
     batch_size = ctx.task.stage_config(ctx.config, stage).batch_size
-    batches = EpochBatches(len(index), batch_size, ctx.config.seed, stage)
-    result = train(model, ctx.task.loss_fn(ctx, data), ctx.task.batch_fn(ctx, data, index, batches), tc,
+    batches = EpochBatches(len(index), batch_size, ctx.config.seed, stage, steps=steps)
+    loss_fn, validate = ctx.task.loss_fn(ctx, data), None
+    if tc.validate_every:
+        units = None if stage == ctx.task.stage1 else validation_units(stage, assignments)
+        val_batches = ctx.task.validation_batches(ctx, data, units)
+        if val_batches:
+            validate = make_validate(loss_fn, val_batches)
+        else:
+            ctx.log(f"[{stage}] no validation examples for this model: it keeps its last parameters")
+    result = train(model, loss_fn, ctx.task.batch_fn(ctx, data, index, batches), tc,
                    checkpoint_dir=ctx.run.checkpoints(stage), desc=stage, stop_after=stop_after,
-                   progress=ctx.progress, mesh=training_mesh(ctx.config.mesh), **metrics_kwargs(ctx, stage))
+                   progress=ctx.progress, mesh=training_mesh(ctx.config.mesh), validate=validate,
+                   **metrics_kwargs(ctx, stage))
     return finish_training(ctx, stage, model, result, tc, batch_size, len(index),
                            extra=ctx.task.stage_marker(ctx, stage, steps, batch_size), t0=t0)
 
@@ -497,7 +550,7 @@ def physical_memory_bytes() -> int | None:
 
 def run_until_partition(ctx: Context, data) -> dict:
     """The data stage, stage 1 when the partition needs it, and the partition."""
-    if ctx.task.partition_needs_stage1:
+    if ctx.task.partition_after_stage1(ctx.config):
         run_train(ctx, data, ctx.task.stage1)
     return run_partition(ctx, data)
 

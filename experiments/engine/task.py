@@ -104,10 +104,16 @@ class Task(abc.ABC):
         return None
 
     # ---------------------------------------------------------------- partition
+    def partition_after_stage1(self, config: JobConfig) -> bool:
+        """Whether this config's partition features come from the stage-1 model (then stage 1 runs
+        before the partition); default the class attribute `partition_needs_stage1`."""
+        del config
+        return self.partition_needs_stage1
+
     @abc.abstractmethod
     def partition_input(self, ctx, data, stage1_model) -> PartitionInput:
         """Features of the units of every split (and any files the evaluation needs, written to
-        ``ctx.run.partition``); `stage1_model` is None unless `partition_needs_stage1`."""
+        ``ctx.run.partition``); `stage1_model` is None unless `partition_after_stage1(config)`."""
 
     # ---------------------------------------------------------------- training
     @abc.abstractmethod
@@ -121,6 +127,15 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def batch_fn(self, ctx, data, index: np.ndarray, batches) -> Callable[[int], Any]:
         """``batch(step)`` of the training examples `index` (an `EpochBatches` gives the rows)."""
+
+    def validation_batches(self, ctx, data, units: np.ndarray | None):
+        """Fixed batches of validation examples for `loss_fn` (model selection during training;
+        `experiments.engine.validation`): the examples of the validation units `units` (indices
+        into the validation split's units; None = all), in a fixed order, as a list (or any
+        sequence with `len` and indexing, e.g. one that builds each batch when read). Empty = no
+        validation (the default; the stage then keeps its last model)."""
+        del ctx, data, units
+        return []
 
     def frozen(self, stage_config: StageConfig) -> tuple[str, ...]:
         """Dotted parameter prefixes that a stage does not update (default: none)."""

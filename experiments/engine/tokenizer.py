@@ -4,6 +4,9 @@
 string round-trips) and wraps the result in `transformers.PreTrainedTokenizerFast` with BOS, EOS
 and PAD special tokens (ids 0, 1, 2); `save_pretrained` writes it so that
 ``transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")`` loads it back.
+
+A job may instead use a pretrained checkpoint's tokenizer (`load_pretrained_tokenizer`); then
+`special_token_ids` gives the BOS / EOS / PAD ids it reads sequences with.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.engine.rundir import load_file
+from experiments.engine.task import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -94,3 +98,48 @@ def encode_documents(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
         return []
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [np.asarray(list(x) + [tokenizer.eos_token_id], dtype=np.int32) for x in ids]
+
+
+PRETRAINED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_pretrained_tokenizer(directory: Path):
+    """The tokenizer of a local HF checkpoint directory: ``transformers.AutoTokenizer.from_pretrained``
+    (``tokenizer.json`` / ``tokenizer_config.json``), so its ids are transformers' ids for the same text.
+
+    Raises:
+      DataError: the directory is missing, holds none of `PRETRAINED_TOKENIZER_FILES`, or
+        transformers cannot build a tokenizer from it (naming it).
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such tokenizer directory")
+    if not any((directory / name).is_file() for name in PRETRAINED_TOKENIZER_FILES):
+        raise DataError(f"{directory}: no tokenizer files (none of {', '.join(PRETRAINED_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{directory}: cannot load its tokenizer ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """``{"bos_id", "eos_id", "pad_id"}``: the ids the job reads a sequence with (input = BOS +
+    tokens), ends each document with, and pads with.
+
+    The tokenizer's own BOS / EOS / PAD where it declares them (a tokenizer of `train_tokenizer`:
+    0, 1, 2). A tokenizer without a BOS token (Qwen2's: its documents are separated by
+    ``<|endoftext|>``, its EOS) uses its EOS id as BOS; one without PAD uses EOS.
+
+    Raises:
+      DataError: the tokenizer has no EOS token (documents could not be ended).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: no eos_token; the job ends "
+                        f"every document with EOS")
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    return {"bos_id": int(eos if bos is None else bos), "eos_id": int(eos), "pad_id": int(eos if pad is None else pad)}

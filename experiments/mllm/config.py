@@ -1,17 +1,27 @@
 """Configuration of the multimodal job (`task = "mllm"` configs): TOML -> frozen, validated dataclasses.
 
 A multimodal config (e.g. ``experiments/configs/mllm-digits.toml``) has the top-level keys
-``task = "mllm"`` (what routes ``dfm run --config NAME`` here), ``name`` and ``seed``, and the
-sections below, parsed by the engine's machinery (`experiments.engine.config`): every key is
+``task = "mllm"`` (what routes ``dfm run --config NAME`` here), ``name``, ``seed`` and ``init_from``,
+and the sections below, parsed by the engine's machinery (`experiments.engine.config`): every key is
 optional, an unknown key or section is a `ConfigError` naming it, and a bad value is a
 `ConfigError` naming the field (``"stage1.steps: must be >= 1, got 0"``).
+
+``init_from`` (top level, default "" = train from random init): a local Hugging Face LLaVA
+(`LlavaForConditionalGeneration`: CLIP + Llama / Qwen2) or InternVL (`InternVLForConditionalGeneration`:
+InternViT + Qwen2 / Llama) directory (`experiments.mllm.pretrained`). Stage 1 starts from its
+weights (`dfm.hf.load_pretrained`); the architecture is the checkpoint's, so [vision], [text],
+[projector], ``data.image_size`` and ``data.vocab_size`` are ignored (the run logs it); the
+tokenizer, its chat template and the image-token layout are the checkpoint's (as transformers'
+processor lays them out, `experiments.mllm.chat`); images are resized to the checkpoint's
+``vision_config.image_size``. A top-level key rather than a section: it names where the whole model
+comes from, like ``seed`` names its random init.
 
 Sections:
   [data]       where the LLaVA-format records come from (`DataConfig`)
   [vision]     the ViT tower (`VisionSection`, mapped onto `dfm.models.vision.VisionConfig`)
   [text]       the LLaMA-style language model (`TextSection`, onto `dfm.models.DecoderConfig`)
   [projector]  LLaVA MLP or InternVL pixel-shuffle projector (`ProjectorSection`)
-  [partition]  spherical balanced k-means on the frozen image features (`PartitionSection`)
+  [partition]  spherical balanced k-means on image features: the frozen tower's or CLIP's (`PartitionSection`)
   [stage1]     alignment on all data (`StageSection`)
   [stage2]     instruction tuning of the dense model and the experts, compute-matched (`StageSection`)
   [eval]       routing, generation and the report (`EvalSection`)
@@ -27,6 +37,7 @@ from experiments.engine.config import ConfigError, JobConfig, MeshSection, Numer
 TASK = "mllm"
 SOURCES = ("default", "llava", "internvl")
 TRAINABLE = ("all", "projector", "projector+tower", "projector+llm")
+CLIP_PREFIX = "clip:"
 
 
 @dataclass(frozen=True)
@@ -40,16 +51,21 @@ class DataConfig:
       train, val, test: paths of the record files for "llava" / "internvl" (ignored for "default").
         Relative paths are relative to the working directory.
       image_root: directory the records' image paths are relative to ("llava" only).
-      image_size: images are resized to `image_size` x `image_size` pixels (RGB).
+      image_size: images are resized to `image_size` x `image_size` pixels (RGB). With `init_from`
+        the checkpoint's image size is used instead (the default dataset is still drawn at this size).
       max_digits: use at most this many of the 1797 digits (0 = all) ("default" only).
       num_shapes, num_photos: images drawn with `skimage.draw.random_shapes` / derived from
         `skimage.data` photos ("default" only).
       vocab_size: byte-level BPE vocabulary trained on the train texts (special tokens included;
-        the `<image>` token is added on top).
+        the `<image>` token is added on top). Ignored with `init_from` (the checkpoint's tokenizer).
       max_length: tokens per training sequence, image tokens included; longer conversations are
         cut at a turn boundary (a record whose first turn does not fit is an error naming it).
       max_test: evaluate at most this many test questions (0 = all), taken in turn from each
         question type.
+      max_packed_tokens: 0 (default) pads every training conversation to `max_length`; else each
+        step's conversations (the same ones) are packed first-fit-decreasing into rows of this
+        many tokens, attending within their own conversation (`experiments.mllm.packing`; the
+        InternVL recipe packs to 8192). Must be 0 or >= `max_length`.
     """
 
     source: str = constrained("default", choices=SOURCES)
@@ -59,11 +75,12 @@ class DataConfig:
     image_root: str = ""
     image_size: int = constrained(32, lo=8, hi=1024)
     max_digits: int = constrained(0, lo=0)
-    num_shapes: int = constrained(400, lo=0)
-    num_photos: int = constrained(200, lo=0)
+    num_shapes: int = constrained(600, lo=0)
+    num_photos: int = constrained(550, lo=0)
     vocab_size: int = constrained(384, lo=262, hi=262144)
     max_length: int = constrained(64, lo=8, hi=8192)
     max_test: int = constrained(0, lo=0)
+    max_packed_tokens: int = constrained(0, lo=0)
 
 
 @dataclass(frozen=True)
@@ -111,17 +128,38 @@ class ProjectorSection:
 
 @dataclass(frozen=True)
 class PartitionSection:
-    """K experts from spherical balanced k-means on pooled image features of the stage-1 tower.
+    """K experts from spherical balanced k-means on image features.
 
     Attributes:
       num_clusters: K.
       random_control: also train K experts on a random partition of the same cluster sizes.
+      balance: "examples" (default): balanced k-means equalises the clusters' training examples
+        (sequences / conversations per unit as weights, units kept whole;
+        `dfm.decentral.weighted_balanced_assignment`), so the compute-matched experts get equal
+        budgets; "units": equal numbers of units (documents / images) per cluster.
+      kmeans: "exact" (default): balanced k-means on every unit (`dfm.decentral.balanced_kmeans`);
+        "two_stage": the authors' fine -> coarse clustering for many units (MiniBatchKMeans into
+        20 K fine clusters, then balanced k-means of their centroids weighted by their sizes;
+        `dfm.decentral.two_stage_balanced_kmeans`); balances units, so it needs balance = "units".
       seed: seed of k-means++ and of the random partition.
+      features: what the images are clustered and routed by. "tower" (default): the patch mean of
+        the stage-1 tower's layer `projector.vision_feature_layer` (`MultimodalModel.routing_features`);
+        "clip:<dir>": the L2-normalised image embedding of a local HF CLIP checkpoint (`CLIPModel`,
+        `CLIPVisionModelWithProjection` or `CLIPVisionModel`; `dfm.hf.clip_image_embeddings`, the
+        paper's CLIP ViT-B/16 `get_image_features`), independent of the trained models.
     """
 
     num_clusters: int = constrained(3, lo=1)
     random_control: bool = True
+    balance: str = constrained("examples", choices=("examples", "units"))
+    kmeans: str = constrained("exact", choices=("exact", "two_stage"))
     seed: int = constrained(0, lo=0)
+    features: str = "tower"
+
+    @property
+    def clip_dir(self) -> str:
+        """The CLIP checkpoint directory of ``features = "clip:<dir>"`` ("" for "tower")."""
+        return self.features[len(CLIP_PREFIX):] if self.features.startswith(CLIP_PREFIX) else ""
 
 
 @dataclass(frozen=True)
@@ -130,10 +168,13 @@ class StageSection(StageConfig):
     plus which parameters it updates.
 
     Attributes:
-      train: "all", "projector" (LLaVA stage 1 with pretrained parts), "projector+tower", or
-        "projector+llm" (LLaVA stage 2: the tower stays frozen). The multimodal job trains from
-        scratch, so its stage 1 uses "all"; stage 2 must keep the tower frozen ("projector+llm")
-        so the routing features are the same for every expert.
+      train: "all", "projector" (LLaVA stage 1 with pretrained parts, `init_from`),
+        "projector+tower", or "projector+llm" (LLaVA stage 2: the tower stays frozen). Trained from
+        scratch, stage 1 uses "all". Stage 2 must keep the tower frozen ("projector+llm" or
+        "projector") while the routing features come from it (``partition.features = "tower"``),
+        so they are the same for every expert; with ``partition.features = "clip:<dir>"`` the
+        features do not depend on the trained tower and stage 2 may train it ("all",
+        "projector+tower"), as InternVL's full fine-tuning does.
     """
 
     train: str = constrained("all", choices=TRAINABLE)
@@ -148,12 +189,18 @@ class EvalSection:
       max_new_tokens: greedy decoding length of an answer.
       batch_size: sequences per forward pass.
       grid_examples: test images in the PNG example grid of the report.
+      parity_margin: exact match as a fraction (0.01 = 1 point); a system whose 95% interval of
+        (system - dense) exact match lies inside [-parity_margin, parity_margin] is reported
+        'within margin' of dense (`experiments.engine.intervals.verdict`, higher is better).
+      bootstrap_resamples: resamples of the paired bootstrap over test images (`experiments.mllm.report`).
     """
 
     top_k: int = constrained(2, lo=1)
     max_new_tokens: int = constrained(6, lo=1)
     batch_size: int = constrained(64, lo=1)
     grid_examples: int = constrained(12, lo=0)
+    parity_margin: float = constrained(0.01, lo=0.0, hi=1.0)
+    bootstrap_resamples: int = constrained(2000, lo=1)
 
 
 @dataclass(frozen=True)
@@ -170,6 +217,7 @@ class MultimodalExperimentConfig(JobConfig):
     name: str = "mllm-digits"
     task: str = constrained(TASK, choices=(TASK,))
     seed: int = constrained(0, lo=0)
+    init_from: str = ""
     data: DataConfig = DataConfig()
     vision: VisionSection = VisionSection()
     text: TextSection = TextSection()
@@ -183,6 +231,13 @@ class MultimodalExperimentConfig(JobConfig):
 
     def __post_init__(self):
         self.validate_fields()
+        if self.data.max_packed_tokens and self.data.max_packed_tokens < self.data.max_length:
+            raise ConfigError(f"data.max_packed_tokens: must be 0 (no packing) or >= data.max_length "
+                              f"({self.data.max_length}) so every conversation fits a row, "
+                              f"got {self.data.max_packed_tokens}")
+        if self.partition.kmeans == "two_stage" and self.partition.balance != "units":
+            raise ConfigError("partition.kmeans: \"two_stage\" balances units (documents / images), not "
+                              "training examples; set partition.balance = \"units\" with it")
         if self.data.source != "default" and not (self.data.train and self.data.val and self.data.test):
             raise ConfigError(f"data.val: source {self.data.source!r} needs data.train, data.val and data.test "
                               "paths (val fits the router temperature; it must not be the test set)")
@@ -211,9 +266,15 @@ class MultimodalExperimentConfig(JobConfig):
         if self.eval.top_k > self.partition.num_clusters:
             raise ConfigError(f"eval.top_k: must be <= partition.num_clusters "
                               f"({self.partition.num_clusters}), got {self.eval.top_k}")
-        if self.stage2.train in ("all", "projector+tower"):
+        f = self.partition.features
+        if f != "tower" and not (f.startswith(CLIP_PREFIX) and f[len(CLIP_PREFIX):].strip()):
+            raise ConfigError(f"partition.features: must be 'tower' or 'clip:<HF CLIP directory>', got {f!r}")
+        if self.stage2.train in ("all", "projector+tower") and f == "tower":
             raise ConfigError("stage2.train: the tower must stay frozen in stage 2 (the routing features "
-                              f"come from it); use 'projector+llm' or 'projector', got {self.stage2.train!r}")
+                              "come from it with partition.features = 'tower'); use 'projector+llm' or "
+                              f"'projector', or partition.features = 'clip:<dir>', got {self.stage2.train!r}")
+        if self.init_from != self.init_from.strip():
+            raise ConfigError(f"init_from: no leading or trailing spaces, got {self.init_from!r}")
         for section, size, heads in (("vision", self.vision.hidden_size, self.vision.num_heads),
                                      ("text", self.text.hidden_size, self.text.num_heads)):
             if size % heads or (section == "text" and (size // heads) % 2):

@@ -10,6 +10,10 @@ Written to ``<run>/data`` (atomically): ``arrays.npz`` (train `tokens [N, max_le
 [n_images, S, S, 3]` uint8), ``questions.json`` (val / test questions: the first turn of each record with
 its reference answer(s), question type, pair id and image index), ``summary.json``; and the HF
 tokenizer in ``<run>/tokenizer``.
+
+With ``init_from`` (`experiments.mllm.pretrained`) the tokenizer is the checkpoint's (its chat
+template and image-token layout, `experiments.mllm.chat`, no BPE is trained) and the images are
+resized to the checkpoint's image size.
 """
 from __future__ import annotations
 
@@ -112,13 +116,21 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
         for r in records[split]:
             if IMAGE_TOKEN not in r.turns[0].text:
                 raise DataError(f"{split}: record {r.id!r}: the <image> placeholder must be in the first human turn")
-    tokenizer = build_tokenizer([t.text for r in records["train"] for t in r.turns], config.data.vocab_size)
+    if config.init_from:
+        from experiments.mllm.pretrained import RunTokenizer, read_checkpoint
+
+        ckpt = read_checkpoint(config.init_from)
+        saved = RunTokenizer(ckpt)
+        tokenizer, image_size = saved.tokenizer, ckpt.image_size
+    else:
+        tokenizer = saved = build_tokenizer([t.text for r in records["train"] for t in r.turns], config.data.vocab_size)
+        image_size = config.data.image_size
     img_id = image_token_id(tokenizer)
     arrays, images = {}, {}
     for split in SPLITS:
         paths = sorted({str(_one_image(r, split)) for r in records[split]})
         images[split] = {p: i for i, p in enumerate(paths)}
-        arrays[f"images_{split}"] = _load_images([Path(p) for p in paths], config.data.image_size)
+        arrays[f"images_{split}"] = _load_images([Path(p) for p in paths], image_size)
     ids, masks, img = [], [], []
     for r in records["train"]:
         try:
@@ -140,12 +152,12 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
                       [str(r.extra.get("source") or r.extra.get("question_type") or "all") for r in records["train"]])
     questions = {s: _question_rows(records[s], s, images[s]) for s in ("val", "test")}
     atomic_write_json(data_dir / "questions.json", questions)
-    save_tokenizer(tokenizer, run_root / "tokenizer")   # last before the summary: a failed run leaves none
+    save_tokenizer(saved, run_root / "tokenizer")   # last before the summary: a failed run leaves none
     types = sorted({q["question_type"] for q in questions["test"]})
     summary = {
         "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
         "pad_id": tokenizer.pad_token_id, "image_token_id": img_id,
-        "num_image_tokens": num_image_tokens,
+        "num_image_tokens": num_image_tokens, **({"init_from": config.init_from} if config.init_from else {}),
         "records": {s: len(records[s]) for s in SPLITS},
         "images": {s: int(arrays[f"images_{s}"].shape[0]) for s in SPLITS},
         "train_sequences": len(ids), "train_answer_tokens": int(arrays["loss_mask"].sum()),

@@ -2,76 +2,128 @@
 
 Sources (each image is a 32 x 32 RGB PNG by default):
 
-- ``digits``: scikit-learn's `load_digits` (1797 8 x 8 grey digits; the first `max_digits`),
-  bilinearly upscaled, tinted with a seeded random colour on black. Label: the sklearn target.
+- ``digits``: scikit-learn's `load_digits` (1797 8 x 8 grey digits; the first `max_digits`): 1, 2 or 3
+  copies of the digit (one copy fills the image; two or three copies at half size in distinct
+  quadrants), bilinearly upscaled and tinted with a named colour of `COLORS` on black.
+  Label: {"digit" (the sklearn target), "count", "color"}.
 - ``shapes``: `skimage.draw.random_shapes` with one shape kind (rectangle / circle / triangle), 1-4
-  shapes, one colour per image on white; a draw is kept only if every shape lies inside the image,
-  the requested number was placed and the shapes do not touch (8-connected components = shapes).
-  Label: {"shape", "count", "color"}.
-- ``photos``: `PHOTOS`, scikit-image sample images that load without a download in scikit-image
-  0.26 (bundled with the wheel), each a class with a name; sample i uses class i mod len(PHOTOS),
-  a seeded random square crop (60-100 % of the short side) and horizontal flip, area-resized.
+  shapes, one colour of `COLORS` per image on white; a draw is kept only if every shape lies inside
+  the image, the requested number was placed and the shapes do not touch (8-connected components =
+  shapes). Label: {"shape", "count", "color"}.
+- ``photos``: `PHOTOS`, 10 classes of texture tiles and faces from scikit-image sample images that
+  load without a download (bundled with the wheel). Each photograph is cut into a grid of disjoint
+  square cells (side `PhotoSource.cell` source pixels, inside `PhotoSource.region`); the 100 faces
+  of ``lfw_subset`` are 100 cells, one per person. The cells of each class are split into train /
+  val / test (seeded; at least one cell each), and a photo image is a random square sub-crop (70-100
+  % of the side) of one cell of its own split, flipped at random and area-resized. So no val / test
+  photo shares a source pixel with a train photo, and test faces are of people never seen in
+  training. The ``what`` questions stay answerable on held-out cells: the texture photographs are
+  stationary (a held-out part of the brick wall is another sample of the same wall: the protocol
+  of texture benchmarks such as Brodatz or Outex, which classify non-overlapping sub-images of one
+  texture image), and an unseen person's face is still a face. (Version 1 named crops of 21 whole
+  photographs, the same photographs in train and test; object photographs such as the cat or the
+  astronaut are not used, since a held-out part of them does not show the object.)
   Label: the class name.
 
-Question types (record key ``question_type``): digits: ``digit``, ``parity``, ``compare``;
-shapes: ``count``, ``shape``, ``color``; photos: ``name``; all sources: ``mme`` (MME-style yes/no
-pair on one image, one answer yes and one no, sharing ``pair_id``). Every question carries
-``answers``, 10 reference answers as in VQA (e.g. 8 x "7" + 2 x "seven"; synonyms such as
-"cat" / "kitten"), so VQA accuracy is meaningful.
+Question types (record key ``question_type``) and their templates (`TEMPLATES`, record key
+``template``): every template is asked of images of at least two sources, so the question text does
+not name the source (and so not the cluster); the image must:
+
+- ``what`` ("What is shown?", ...): all sources; the digit ("7"), the shape ("circle"), the class;
+- ``color`` ("What color is the main object?", ...): digits and shapes;
+- ``count`` ("How many objects are there?", ...): digits (1-3) and shapes (1-4);
+- ``mme``: an MME-style yes / no pair on one image (one yes, one no; sharing ``pair_id``): "Is there
+  {x} in the image?" (all sources: x is the image's object for yes, and for no an object drawn
+  uniformly from every other object of every source, `OBJECTS`) or "Is the main object {color}?"
+  (digits and shapes).
+
+Every question carries ``answers``, 10 reference answers as in VQA (e.g. 8 x "7" + 2 x "seven";
+synonyms such as "gravel" / "stones"), so VQA accuracy is meaningful.
 
 Split: by image, per source, with a seeded permutation (test first, then val, the rest train), so an
-image is never in two splits. Crops of one photo class are different images and do appear in
-different splits (that is what makes naming learnable). Records (LLaVA JSONL, see `formats`):
+image is never in two splits (photos: also by cell, above). Records (LLaVA JSONL, see `formats`):
 
 - train: one record per image with `train_turns` (2) QA turns drawn without replacement from the
   image's questions (its open questions and one of its two mme questions, yes or no at random);
-- val / test: single-turn records; per image one question type of its source, assigned in equal
-  shares (type k to the images at positions = k mod n_types of a seeded permutation); ``mme`` gives
-  two records (yes and no, random order) with ``pair_id`` = image id.
+- val: single-turn records; per image one question type of its source, assigned in equal shares
+  (type k to the images at positions = k mod n_types of a seeded permutation); ``mme`` gives two
+  records (yes and no, random order) with ``pair_id`` = image id;
+- test: single-turn records, every question type of the image's source (``mme``: both questions), so
+  5 questions per digit or shape image and 3 per photo: the default sizes give 2046 test questions
+  on 442 test images (and 382 val questions).
 
-Every record has ``question_type`` and ``answers`` of its first turn, ``turn_types`` /
-``turn_answers`` for all turns, ``source``, ``label`` and ``source_index`` (index in load_digits,
-shape draw number, or photo name). All randomness comes from ``numpy.random.default_rng([seed,
-source, stream])``, so a source's images do not change when another source's size does.
+Every record has ``question_type``, ``template`` and ``answers`` of its first turn, ``turn_types`` /
+``turn_templates`` / ``turn_answers`` for all turns, ``source``, ``label``, ``source_index`` (index
+in load_digits, shape draw number, or photo class) and ``unit`` (the image's independent source unit:
+the digit sample, the shape draw, the photo cell "loader:top:left:side" or face "lfw_subset:i");
+photos also ``region`` [loader, top, left, side] (the crop in source pixels; a face index for
+faces). All randomness comes from ``numpy.random.default_rng([seed, source, stream])``, so a
+source's images do not change when another source's size does.
 """
 from __future__ import annotations
 
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dfm.io import atomic_path
-from experiments.mllm.formats import GPT, HUMAN, IMAGE_TOKEN, Record, Turn, load_llava, write_llava
+from experiments.mllm.formats import (
+    GPT,
+    HUMAN,
+    IMAGE_TOKEN,
+    Record,
+    Turn,
+    load_llava,
+    write_llava,
+)
 from experiments.mllm.images import save_png
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("digits", "shapes", "photos")
-VERSION = 1
+VERSION = 2
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SOURCE_TYPES = {"digits": ("digit", "parity", "compare", "mme"), "shapes": ("count", "shape", "color", "mme"),
-                "photos": ("name", "mme")}
+TEMPLATES = {
+    "what": ("What is shown?", "What is in the image?", "What does the image show?"),
+    "color": ("What color is the main object?", "What is the color of the main object?"),
+    "count": ("How many objects are there?", "How many objects are in the image?"),
+    "mme": ("Is there {} in the image?", "Is the main object {}?"),
+}
+SOURCE_TYPES = {"digits": ("what", "color", "count", "mme"), "shapes": ("what", "color", "count", "mme"),
+                "photos": ("what", "mme")}
 SHAPE_KINDS = ("rectangle", "circle", "triangle")
 SHAPE_ANSWERS = {"rectangle": ("rectangle",) * 8 + ("box",) * 2, "circle": ("circle",) * 8 + ("round",) * 2,
                  "triangle": ("triangle",) * 10}
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 190), "orange": (245, 140, 30)}
 COLOR_ANSWERS = {c: (c,) * 10 for c in COLORS} | {"purple": ("purple",) * 7 + ("violet",) * 3}
+YES, NO = ("yes",) * 10, ("no",) * 10
+
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """One photograph of a class: `skimage.data.<loader>`, cut into disjoint `cell` x `cell` squares
+    inside `region` (fractions top, left, bottom, right of the image). For "lfw_subset" every face
+    is one cell."""
+
+    loader: str
+    cell: int
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
 class Photo:
-    """A photo class: `loader` (function of `skimage.data`), `label` (the main answer), 10 reference
-    `answers`, the noun `phrase` of yes/no questions."""
+    """A photo class: `label` (the main answer), 10 reference `answers`, the noun `phrase` of yes/no
+    questions, its photographs `sources`."""
 
-    loader: str
     label: str
     answers: tuple[str, ...]
     phrase: str
+    sources: tuple[PhotoSource, ...]
 
 
 def _ans(*pairs) -> tuple[str, ...]:
@@ -79,35 +131,31 @@ def _ans(*pairs) -> tuple[str, ...]:
 
 
 PHOTOS = (
-    Photo("astronaut", "astronaut", _ans(("astronaut", 6), ("woman", 2), ("person", 2)), "an astronaut"),
-    Photo("camera", "cameraman", _ans(("cameraman", 6), ("man", 2), ("photographer", 2)), "a cameraman"),
-    Photo("chelsea", "cat", _ans(("cat", 8), ("kitten", 2)), "a cat"),
-    Photo("coffee", "coffee", _ans(("coffee", 6), ("cup", 3), ("mug", 1)), "a cup of coffee"),
-    Photo("coins", "coins", _ans(("coins", 8), ("money", 2)), "coins"),
-    Photo("rocket", "rocket", _ans(("rocket", 8), ("spaceship", 2)), "a rocket"),
-    Photo("horse", "horse", _ans(("horse", 10)), "a horse"),
-    Photo("moon", "moon", _ans(("moon", 8), ("crater", 2)), "the moon"),
-    Photo("clock", "clock", _ans(("clock", 10)), "a clock"),
-    Photo("page", "text", _ans(("text", 6), ("page", 4)), "a page of text"),
-    Photo("retina", "eye", _ans(("eye", 6), ("retina", 4)), "an eye"),
-    Photo("colorwheel", "color wheel", _ans(("color wheel", 7), ("rainbow", 3)), "a color wheel"),
-    Photo("brick", "bricks", _ans(("bricks", 6), ("wall", 4)), "a brick wall"),
-    Photo("grass", "grass", _ans(("grass", 10)), "grass"),
-    Photo("gravel", "gravel", _ans(("gravel", 7), ("stones", 3)), "gravel"),
-    Photo("checkerboard", "checkerboard", _ans(("checkerboard", 8), ("chessboard", 2)), "a checkerboard"),
-    Photo("logo", "logo", _ans(("logo", 10)), "a logo"),
-    Photo("hubble_deep_field", "galaxies", _ans(("galaxies", 6), ("space", 4)), "galaxies"),
-    Photo("immunohistochemistry", "tissue", _ans(("tissue", 6), ("cells", 4)), "tissue"),
-    Photo("stereo_motorcycle", "motorcycle", _ans(("motorcycle", 8), ("motorbike", 2)), "a motorcycle"),
-    Photo("lfw_subset", "face", _ans(("face", 8), ("person", 2)), "a face"),
+    Photo("bricks", _ans(("bricks", 6), ("wall", 2), ("brick", 2)), "bricks", (PhotoSource("brick", 64),)),
+    Photo("grass", _ans(("grass", 10)), "grass", (PhotoSource("grass", 64),)),
+    Photo("gravel", _ans(("gravel", 7), ("stones", 3)), "gravel", (PhotoSource("gravel", 64),)),
+    Photo("moon", _ans(("moon", 6), ("craters", 2), ("moon surface", 2)), "the moon surface",
+          (PhotoSource("moon", 64),)),
+    Photo("galaxies", _ans(("galaxies", 6), ("stars", 2), ("space", 2)), "galaxies",
+          (PhotoSource("hubble_deep_field", 110),)),
+    Photo("coins", _ans(("coins", 8), ("money", 2)), "coins", (PhotoSource("coins", 48),)),
+    Photo("tissue", _ans(("tissue", 6), ("cells", 4)), "tissue", (PhotoSource("immunohistochemistry", 64),)),
+    Photo("retina", _ans(("retina", 6), ("eye", 2), ("blood vessels", 2)), "a retina",
+          (PhotoSource("retina", 105, (0.2, 0.2, 0.8, 0.8)),)),        # inside the fundus disc
+    Photo("text", _ans(("text", 6), ("writing", 2), ("letters", 2)), "text",
+          (PhotoSource("page", 40), PhotoSource("text", 40))),
+    Photo("face", _ans(("face", 8), ("person", 2)), "a face", (PhotoSource("lfw_subset", 0),)),
 )
+# every object of the yes / no questions: "Is there {object} in the image?"
+OBJECTS = tuple(f"a {d}" for d in range(10)) + tuple(f"a {k}" for k in SHAPE_KINDS) + tuple(p.phrase for p in PHOTOS)
 
 
 @dataclass(frozen=True)
 class Item:
-    """One question about an image: type, question text (no placeholder), answer, 10 references."""
+    """One question about an image: type, template, question text (no placeholder), answer, 10 references."""
 
     qtype: str
+    template: str
     question: str
     answer: str
     answers: tuple[str, ...]
@@ -124,6 +172,8 @@ class Sample:
     source_index: object
     open: dict[str, Item]
     mme: tuple[Item, Item]
+    unit: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 def _rng(seed: int, source: str, stream: int) -> np.random.Generator:
@@ -134,40 +184,60 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
+def _item(rng, qtype: str, answer: str, answers, fill: str | None = None, template: int | None = None) -> Item:
+    """A question of `qtype` from a random template (or template number `template`), `{}` filled with `fill`."""
+    t = TEMPLATES[qtype][template] if template is not None else _pick(rng, TEMPLATES[qtype])
+    return Item(qtype, t, t.format(fill) if fill is not None else t, answer, tuple(answers))
+
+
 def _number_answers(n: int) -> tuple[str, ...]:
     return (str(n),) * 8 + (NUMBER_WORDS[n],) * 2
 
 
+def _questions(rng, what: tuple[str, tuple], obj: str, color: str | None = None,
+               count: int | None = None) -> tuple[dict, tuple[Item, Item]]:
+    """The open questions and the yes / no pair of an image showing `obj` (an `OBJECTS` phrase)."""
+    items = {"what": _item(rng, "what", what[0], what[1])}
+    if color is not None:
+        items["color"] = _item(rng, "color", color, COLOR_ANSWERS[color])
+    if count is not None:
+        items["count"] = _item(rng, "count", str(count), _number_answers(count))
+    if color is not None and rng.random() < 0.5:
+        other = _pick(rng, [c for c in COLORS if c != color])
+        mme = _item(rng, "mme", "yes", YES, color, 1), _item(rng, "mme", "no", NO, other, 1)
+    else:
+        other = _pick(rng, [o for o in OBJECTS if o != obj])
+        mme = _item(rng, "mme", "yes", YES, obj, 0), _item(rng, "mme", "no", NO, other, 0)
+    return items, mme
+
+
 # ---------------------------------------------------------------- digits
 def digit_samples(max_digits: int | None, size: int, seed: int) -> list[Sample]:
-    """The first `max_digits` (all if None) sklearn digits as tinted RGB images with questions."""
+    """The first `max_digits` (all if None) sklearn digits as tinted RGB images of 1-3 copies, with questions."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     n = len(digits.target) if max_digits is None else min(max_digits, len(digits.target))
     img_rng, q_rng = _rng(seed, "digits", 0), _rng(seed, "digits", 1)
+    colors, half = tuple(COLORS), size // 2
     out = []
     for i in range(n):
         d = int(digits.target[i])
+        color, count = _pick(img_rng, colors), int(img_rng.integers(1, 4))
         grey = Image.fromarray(np.round(digits.images[i] / 16.0 * 255).astype(np.uint8), "L")
-        g = np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
-        tint = img_rng.uniform(0.35, 1.0, 3)
-        tint /= tint.max()
-        pixels = np.round(g[..., None] * tint * 255).astype(np.uint8)
-        t = int(q_rng.integers(0, 9))
-        other = _pick(q_rng, [x for x in range(10) if x != d])
-        yes_no = ("yes",) * 10, ("no",) * 10
-        open_items = {
-            "digit": Item("digit", _pick(q_rng, ("What digit is shown?", "Which digit is in the image?")),
-                          str(d), _number_answers(d)),
-            "parity": Item("parity", "Is the digit even or odd?", "even" if d % 2 == 0 else "odd",
-                           ("even" if d % 2 == 0 else "odd",) * 10),
-            "compare": Item("compare", f"Is the digit greater than {t}?", "yes" if d > t else "no",
-                            yes_no[0] if d > t else yes_no[1]),
-        }
-        mme = (Item("mme", f"Is this the digit {d}?", "yes", yes_no[0]),
-               Item("mme", f"Is this the digit {other}?", "no", yes_no[1]))
-        out.append(Sample(f"digits-{i:05d}", "digits", pixels, d, i, open_items, mme))
+        canvas = np.zeros((size, size), np.float32)
+        if count == 1:
+            canvas[:] = np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+            cells = [0, 1, 2, 3]
+        else:
+            small = np.asarray(grey.resize((half, half), Image.Resampling.BILINEAR), np.float32)
+            cells = sorted(int(c) for c in img_rng.choice(4, size=count, replace=False))
+            for c in cells:
+                canvas[(c // 2) * half:(c // 2 + 1) * half, (c % 2) * half:(c % 2 + 1) * half] = small
+        pixels = np.round(canvas[..., None] / 255.0 * np.asarray(COLORS[color], np.float32)).astype(np.uint8)
+        items, mme = _questions(q_rng, (str(d), _number_answers(d)), f"a {d}", color, count)
+        out.append(Sample(f"digits-{i:05d}", "digits", pixels, {"digit": d, "count": count, "color": color,
+                                                                "quadrants": cells}, i, items, mme, f"digits:{i}"))
     return out
 
 
@@ -211,29 +281,14 @@ def shape_samples(num_shapes: int, size: int, seed: int) -> list[Sample]:
         mask, n = draw_shapes(size, kind, int(img_rng.integers(1, 5)), img_rng)
         pixels = np.full((size, size, 3), 255, np.uint8)
         pixels[mask] = COLORS[color]
-        plural = n > 1
-        open_items = {
-            "count": Item("count", _pick(q_rng, ("How many shapes are there?", "How many shapes are in the image?")),
-                          str(n), _number_answers(n)),
-            "shape": Item("shape", _pick(q_rng, ("What shape is shown?", "Which shape is in the image?")),
-                          kind, SHAPE_ANSWERS[kind]),
-            "color": Item("color", "What color are the shapes?" if plural else "What color is the shape?",
-                          color, COLOR_ANSWERS[color]),
-        }
-        if q_rng.random() < 0.5:
-            other = _pick(q_rng, [k for k in SHAPE_KINDS if k != kind])
-            qs = f"Is there a {kind} in the image?", f"Is there a {other} in the image?"
-        else:
-            other = _pick(q_rng, [c for c in colors if c != color])
-            qs = f"Is there a {color} shape in the image?", f"Is there a {other} shape in the image?"
-        mme = Item("mme", qs[0], "yes", ("yes",) * 10), Item("mme", qs[1], "no", ("no",) * 10)
+        items, mme = _questions(q_rng, (kind, SHAPE_ANSWERS[kind]), f"a {kind}", color, n)
         out.append(Sample(f"shapes-{i:05d}", "shapes", pixels, {"shape": kind, "count": n, "color": color},
-                          i, open_items, mme))
+                          i, items, mme, f"shapes:{i}"))
     return out
 
 
 # ---------------------------------------------------------------- photos
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def photo_array(loader: str) -> np.ndarray:
     """The `skimage.data` image `loader` as uint8 RGB [h, w, 3] (for "lfw_subset": the 100 faces,
     [100, 25, 25, 3]).
@@ -245,7 +300,7 @@ def photo_array(loader: str) -> np.ndarray:
 
     try:
         x = getattr(skimage.data, loader)()
-    except Exception as e:  # ModuleNotFoundError (pooch) or a download error
+    except Exception as e:  # noqa: BLE001 (ModuleNotFoundError (pooch) or any download error)
         raise RuntimeError(f"photos: skimage.data.{loader}() is not available offline: {e}") from None
     if loader == "stereo_motorcycle":
         x = x[0]
@@ -255,7 +310,7 @@ def photo_array(loader: str) -> np.ndarray:
         x = np.where(x, 255, 0).astype(np.uint8)
     elif x.dtype != np.uint8:
         x = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-    if x.shape[-1] == 4:  # RGBA logo: composite on white
+    if x.shape[-1] == 4:  # RGBA: composite on white
         a = x[..., 3:].astype(np.float32) / 255.0
         x = np.round(x[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
     if x.shape[-1] != 3:
@@ -263,51 +318,87 @@ def photo_array(loader: str) -> np.ndarray:
     return x
 
 
-def photo_crop(array: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random square crop (60-100 % of the short side), random horizontal flip, area-resized to
-    `size`: uint8 [size, size, 3]."""
-    h, w = array.shape[:2]
-    side = max(1, int(round(min(h, w) * rng.uniform(0.6, 1.0))))
-    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = array[top:top + side, left:left + side]
+def photo_cells(source: PhotoSource) -> list[tuple[str, int, int, int]]:
+    """The disjoint cells `(loader, top, left, side)` of one photograph, row by row (for
+    "lfw_subset": `(loader, face index, 0, 25)`)."""
+    x = photo_array(source.loader)
+    if source.loader == "lfw_subset":
+        return [(source.loader, i, 0, x.shape[1]) for i in range(len(x))]
+    h, w = x.shape[:2]
+    t0, l0 = int(source.region[0] * h), int(source.region[1] * w)
+    rows, cols = (int(source.region[2] * h) - t0) // source.cell, (int(source.region[3] * w) - l0) // source.cell
+    return [(source.loader, t0 + r * source.cell, l0 + c * source.cell, source.cell)
+            for r in range(rows) for c in range(cols)]
+
+
+def photo_crop(cell: tuple[str, int, int, int], size: int, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """A random square sub-crop (70-100 % of the side) of `cell` (`photo_cells`), flipped at random,
+    area-resized to `size`: (uint8 [size, size, 3], its region [loader, top, left, side] in source
+    pixels; for a face [loader, face index, top, left, side] inside the face)."""
+    loader, top, left, side = cell
+    array = photo_array(loader)
+    if loader == "lfw_subset":
+        array, top, left = array[top], 0, 0
+    s = max(1, round(side * rng.uniform(0.7, 1.0)))
+    dt, dl = int(rng.integers(0, side - s + 1)), int(rng.integers(0, side - s + 1))
+    crop = array[top + dt:top + dt + s, left + dl:left + dl + s]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     im = Image.fromarray(np.ascontiguousarray(crop))
-    resample = Image.Resampling.BOX if side >= size else Image.Resampling.BICUBIC
-    return np.asarray(im.resize((size, size), resample), np.uint8)
+    resample = Image.Resampling.BOX if s >= size else Image.Resampling.BICUBIC
+    region = [loader, cell[1], dt, dl, s] if loader == "lfw_subset" else [loader, top + dt, left + dl, s]
+    return np.asarray(im.resize((size, size), resample), np.uint8), region
 
 
-def photo_samples(num_photos: int, size: int, seed: int) -> list[Sample]:
-    """`num_photos` crops of the `PHOTOS` classes (sample i: class i mod len(PHOTOS)), with questions."""
+def photo_units(seed: int, val_fraction: float, test_fraction: float) -> dict[str, dict[str, list]]:
+    """`{class label: {split: [cells]}}`: each class's cells (`photo_cells` of its photographs)
+    split by a seeded permutation: round(n * test_fraction) (>= 1) to test, then round(n *
+    val_fraction) (>= 1) to val, the rest (>= 1) to train."""
+    rng = _rng(seed, "photos", 4)
+    out = {}
+    for photo in PHOTOS:
+        cells = [c for s in photo.sources for c in photo_cells(s)]
+        n_test, n_val = max(1, round(len(cells) * test_fraction)), max(1, round(len(cells) * val_fraction))
+        if n_test + n_val >= len(cells):
+            raise ValueError(f"photos: class {photo.label!r} has {len(cells)} cells, too few for the fractions")
+        perm = [cells[int(i)] for i in rng.permutation(len(cells))]
+        out[photo.label] = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    return out
+
+
+def photo_samples(splits: list[str], size: int, seed: int, units: dict) -> list[Sample]:
+    """Photo images (sample i: class i mod len(PHOTOS), split `splits[i]`), each a crop of one cell
+    of its class and split (`units`, from `photo_units`). Val / test images take the split's cells
+    in a seeded order (distinct cells while they last); train images a random train cell."""
     img_rng, q_rng = _rng(seed, "photos", 0), _rng(seed, "photos", 1)
+    used: dict[tuple[str, str], int] = {}
     out = []
-    for i in range(num_photos):
+    for i, split in enumerate(splits):
         photo = PHOTOS[i % len(PHOTOS)]
-        array = photo_array(photo.loader)
-        if photo.loader == "lfw_subset":
-            array = array[int(img_rng.integers(len(array)))]
-        pixels = photo_crop(array, size, img_rng)
-        other = _pick(q_rng, [p for p in PHOTOS if p.label != photo.label])
-        open_items = {"name": Item("name", _pick(q_rng, ("What is in this image?", "What does this image show?")),
-                                   photo.label, photo.answers)}
-        mme = (Item("mme", f"Does this image show {photo.phrase}?", "yes", ("yes",) * 10),
-               Item("mme", f"Does this image show {other.phrase}?", "no", ("no",) * 10))
-        out.append(Sample(f"photos-{i:05d}", "photos", pixels, photo.label, photo.loader, open_items, mme))
+        cells = units[photo.label][split]
+        if split == "train":
+            cell = cells[int(img_rng.integers(len(cells)))]
+        else:
+            k = used.get((photo.label, split), 0)
+            used[(photo.label, split)] = k + 1
+            cell = cells[k % len(cells)]
+        pixels, region = photo_crop(cell, size, img_rng)
+        items, mme = _questions(q_rng, (photo.label, photo.answers), photo.phrase)
+        out.append(Sample(f"photos-{i:05d}", "photos", pixels, photo.label, photo.label, items, mme,
+                          f"{cell[0]}:{cell[1]}" if cell[0] == "lfw_subset" else ":".join(map(str, cell)),
+                          {"region": region}))
     return out
 
 
 # ---------------------------------------------------------------- records
-def split_samples(samples: list[Sample], val_fraction: float, test_fraction: float,
-                  rng: np.random.Generator) -> dict[str, list[Sample]]:
-    """Seeded split by image: a permutation, the first round(n * test_fraction) to test, the next
-    round(n * val_fraction) to val, the rest to train (each list in image order)."""
-    n = len(samples)
+def assign_splits(n: int, val_fraction: float, test_fraction: float, rng: np.random.Generator) -> list[str]:
+    """The split of each of `n` images: a seeded permutation, the first round(n * test_fraction)
+    to test, the next round(n * val_fraction) to val, the rest to train."""
     perm = rng.permutation(n)
-    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
-    which = {int(i): "test" for i in perm[:n_test]} | {int(i): "val" for i in perm[n_test:n_test + n_val]}
-    out = {s: [] for s in SPLITS}
-    for i, sample in enumerate(samples):
-        out[which.get(i, "train")].append(sample)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    out = ["train"] * n
+    for rank, i in enumerate(perm[:n_test + n_val]):
+        out[int(i)] = "test" if rank < n_test else "val"
     return out
 
 
@@ -316,46 +407,57 @@ def _record(sample: Sample, rid: str, items: list[Item], image: Path, extra: dic
     for k, item in enumerate(items):
         turns.append(Turn(HUMAN, (IMAGE_TOKEN + "\n" if k == 0 else "") + item.question))
         turns.append(Turn(GPT, item.answer))
-    meta = {"question_type": items[0].qtype, "answers": list(items[0].answers),
-            "turn_types": [it.qtype for it in items], "turn_answers": [list(it.answers) for it in items],
-            "source": sample.source, "label": sample.label, "source_index": sample.source_index}
+    meta = {"question_type": items[0].qtype, "template": items[0].template, "answers": list(items[0].answers),
+            "turn_types": [it.qtype for it in items], "turn_templates": [it.template for it in items],
+            "turn_answers": [list(it.answers) for it in items], "source": sample.source, "label": sample.label,
+            "source_index": sample.source_index, "unit": sample.unit, **sample.extra}
     return Record(rid, (image,), tuple(turns), meta | (extra or {}))
 
 
 def sample_records(sample: Sample, split: str, image: Path, rng: np.random.Generator,
                    train_turns: int = 2, qtype: str | None = None) -> list[Record]:
-    """The records of one image (see the module docstring: multi-turn train, single-turn eval);
-    `qtype` is the question type of a val / test image (None: drawn uniformly)."""
+    """The records of one image (see the module docstring: multi-turn train, single-turn val with
+    one question type `qtype` (None: drawn uniformly), single-turn test with every type)."""
     if split == "train":
         pool = list(sample.open.values()) + [sample.mme[int(rng.integers(2))]]
         idx = rng.choice(len(pool), size=min(train_turns, len(pool)), replace=False)
         return [_record(sample, f"{sample.id}-0", [pool[int(i)] for i in idx], image)]
-    qtype = _pick(rng, SOURCE_TYPES[sample.source]) if qtype is None else qtype
-    if qtype != "mme":
-        return [_record(sample, f"{sample.id}-0", [sample.open[qtype]], image)]
-    pair = list(sample.mme) if rng.random() < 0.5 else list(sample.mme)[::-1]
-    return [_record(sample, f"{sample.id}-{k}", [item], image, {"pair_id": sample.id}) for k, item in enumerate(pair)]
+    if split == "test":
+        qtypes = SOURCE_TYPES[sample.source]
+    else:
+        qtypes = (_pick(rng, SOURCE_TYPES[sample.source]) if qtype is None else qtype,)
+    items = []
+    for t in qtypes:
+        if t != "mme":
+            items.append((sample.open[t], None))
+        else:
+            pair = list(sample.mme) if rng.random() < 0.5 else list(sample.mme)[::-1]
+            items += [(it, {"pair_id": sample.id}) for it in pair]
+    return [_record(sample, f"{sample.id}-{k}", [item], image, extra) for k, (item, extra) in enumerate(items)]
 
 
 def _summary(records: dict[str, list[Record]]) -> dict:
-    out = {"records": {}, "turns": {}, "images": {}, "questions": {}, "sources": {}}
+    out = {"records": {}, "turns": {}, "images": {}, "questions": {}, "sources": {}, "templates": {}}
+    templates: dict[str, set] = {}
     for split, recs in records.items():
         types: dict[str, int] = {}
         sources: dict[str, set] = {}
         for r in recs:
-            for t in r.extra["turn_types"]:
+            for t, tpl in zip(r.extra["turn_types"], r.extra["turn_templates"]):
                 types[t] = types.get(t, 0) + 1
+                templates.setdefault(tpl, set()).add(r.extra["source"])
             sources.setdefault(r.extra["source"], set()).add(r.images[0])
         out["records"][split] = len(recs)
         out["turns"][split] = sum(types.values())
         out["images"][split] = len({r.images[0] for r in recs})
         out["questions"][split] = dict(sorted(types.items()))
         out["sources"][split] = {s: len(v) for s, v in sorted(sources.items())}
+    out["templates"] = {t: sorted(s) for t, s in sorted(templates.items())}
     return out
 
 
 def build_default_dataset(out_dir: Path, *, seed: int = 0, image_size: int = 32, max_digits: int | None = None,
-                          num_shapes: int = 450, num_photos: int = 294, test_fraction: float = 0.15,
+                          num_shapes: int = 600, num_photos: int = 550, test_fraction: float = 0.15,
                           val_fraction: float = 0.1, train_turns: int = 2, log=None) -> dict:
     """Build (or find) the default dataset in `out_dir`.
 
@@ -369,16 +471,19 @@ def build_default_dataset(out_dir: Path, *, seed: int = 0, image_size: int = 32,
       seed: seed of every random draw.
       image_size: image side in pixels (>= 16).
       max_digits: use the first `max_digits` sklearn digits (None: all 1797).
-      num_shapes, num_photos: number of shape / photo images (>= 0); the default 294 is 14 crops
-        per photo class. The defaults give about 3800 train QA turns and 490 test questions.
-      test_fraction, val_fraction: fractions of each source's images in test / val.
+      num_shapes, num_photos: number of shape / photo images (>= 0); the default 550 photos are 55
+        per photo class. The defaults give 2947 images: 2046 test questions on 442 test images,
+        382 val questions, 4420 train QA turns (seed 0).
+      test_fraction, val_fraction: fractions of each source's images in test / val (photos: also of
+        each class's cells).
       train_turns: QA turns per train record (>= 1).
       log: optional callable for one progress line.
 
     Returns:
-      the manifest: "params", "photo_classes", per split "records", "turns" (QA turns), "images",
-      "questions" (turns per question type), "sources" (images per source), "seconds", plus
-      "paths" (Path objects: "root", "images", "manifest", "train", "val", "test"; not in the file).
+      the manifest: "params", "photo_classes", "photo_cells" (cells per class and split), per split
+      "records", "turns" (QA turns), "images", "questions" (turns per question type), "sources"
+      (images per source), "templates" (template -> sources asking it), "seconds", plus "paths"
+      (Path objects: "root", "images", "manifest", "train", "val", "test"; not in the file).
 
     Raises:
       ValueError: bad arguments (named), or an empty split.
@@ -406,13 +511,17 @@ def build_default_dataset(out_dir: Path, *, seed: int = 0, image_size: int = 32,
         paths["manifest"].unlink()  # an interrupted rebuild must not look complete
     t0 = time.perf_counter()
     samples = {"digits": digit_samples(max_digits, image_size, seed),
-               "shapes": shape_samples(num_shapes, image_size, seed),
-               "photos": photo_samples(num_photos, image_size, seed)}
+               "shapes": shape_samples(num_shapes, image_size, seed)}
+    sizes = {"digits": len(samples["digits"]), "shapes": num_shapes, "photos": num_photos}
+    splits = {s: assign_splits(sizes[s], val_fraction, test_fraction, _rng(seed, s, 2)) for s in SOURCES}
+    units = photo_units(seed, val_fraction, test_fraction)
+    samples["photos"] = photo_samples(splits["photos"], image_size, seed, units)
     records = {s: [] for s in SPLITS}
     written = set()
     for source in SOURCES:
-        split_rng, rec_rng = _rng(seed, source, 2), _rng(seed, source, 3)
-        for split, group in split_samples(samples[source], val_fraction, test_fraction, split_rng).items():
+        rec_rng = _rng(seed, source, 3)
+        for split in SPLITS:
+            group = [x for x, s in zip(samples[source], splits[source]) if s == split]
             types = SOURCE_TYPES[source]
             qtypes = [types[k % len(types)] for k in rec_rng.permutation(len(group))]
             for sample, qtype in zip(group, qtypes):
@@ -429,6 +538,7 @@ def build_default_dataset(out_dir: Path, *, seed: int = 0, image_size: int = 32,
         if stale.name not in written:
             stale.unlink()
     manifest = {"params": params, "photo_classes": [p.label for p in PHOTOS[:max(0, min(num_photos, len(PHOTOS)))]],
+                "photo_cells": {c: {s: len(v) for s, v in u.items()} for c, u in units.items()},
                 **_summary(records), "seconds": round(time.perf_counter() - t0, 2)}
     with atomic_path(paths["manifest"]) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)

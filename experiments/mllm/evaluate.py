@@ -13,7 +13,11 @@ with `dfm.decentral.mixture_token_log_probs`.
 Metrics per system: answer NLL (teacher-forced reference answer incl. EOS, nats / token, and its
 perplexity) and greedy answers (`eval.max_new_tokens` tokens, cut at EOS) scored by
 `experiments.mllm.metrics`: exact match and VQA accuracy per question type, MME acc / acc+ on the
-paired yes/no questions.
+paired yes/no questions, and every question's own exact match and VQA accuracy
+(``question_scores``, from which the report's intervals are computed: `experiments.mllm.report`).
+
+Cost: greedy decoding dominates; it grows linearly with the test questions (`data.max_test`), one
+decoding per system (the oracle reuses top-1's answers when their weights coincide).
 """
 from __future__ import annotations
 
@@ -25,8 +29,13 @@ import numpy as np
 
 from dfm.progress import progress_bar
 from experiments.engine.rundir import load_file, load_npz
-from experiments.engine.stages import (Context, expert_names, load_assignments, load_stage_model,
-                                       training_stages)
+from experiments.engine.stages import (
+    Context,
+    expert_names,
+    load_assignments,
+    load_stage_model,
+    training_stages,
+)
 from experiments.mllm import modeling
 from experiments.mllm.data import MultimodalData
 from experiments.mllm.text import decode_answer, encode_answer, encode_prompt, pad_rows
@@ -142,8 +151,14 @@ def _answer_nll(lp_answer: np.ndarray, router, answer_mask: np.ndarray):
 
 def evaluate(ctx: Context, data: MultimodalData) -> dict:
     """Score every system on the test questions; returns the results dict the report renders."""
-    from dfm.decentral import BayesFilterRouter, CentroidRouter, FixedRouter, Partition, fit_centroid_router
-    from experiments.mllm.metrics import score_predictions
+    from dfm.decentral import (
+        BayesFilterRouter,
+        CentroidRouter,
+        FixedRouter,
+        Partition,
+        fit_centroid_router,
+    )
+    from experiments.mllm.metrics import question_scores, score_predictions
     from experiments.mllm.scorers import score_by_metric
 
     c, a, tok = ctx.config, data.arrays, data.tokenizer
@@ -204,7 +219,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", randoms,
                      lambda rows: random_bayes))
     bar = progress_bar(len(plan) * len(test_rows), desc="generate", disable=not ctx.progress)
-    preds, systems, final_states = {}, [], {}
+    preds, per_question, systems, final_states = {}, {}, [], {}
     all_rows = np.arange(len(test_rows))
     for name, kind, router, members, router_for in plan:
         t1 = time.perf_counter()
@@ -219,6 +234,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         nll = _nll(nll_tok, test.answer_mask)
         pred_by_id = {r["id"]: p for r, p in zip(test_rows, preds[name])}
         scores = score_predictions(test_rows, pred_by_id)
+        per_question[name] = question_scores(test_rows, pred_by_id)
         if any(r.get("task") is not None or r.get("metric") is not None for r in test_rows):
             scores["by_task"] = score_by_metric(test_rows, pred_by_id, default="vqa")   # per-record scorers
         systems.append({"name": name, "kind": kind, "router": router, "answer_nll": nll,
@@ -232,9 +248,9 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         "weights": {n: w.tolist() for n, w in weights.items()},
         "bayes_weights_after_answer": np.asarray(bayes.weights(final_states["ensemble/bayes"]), np.float64).tolist(),
         "test_clusters": test_clusters.tolist(),
-        "test_rows": [{k2: r[k2] for k2 in ("id", "image", "question", "answer", "question_type", "source")}
-                      for r in test_rows],
-        "predictions": preds,
+        "test_rows": [{k2: r.get(k2) for k2 in ("id", "image", "question", "answer", "answers", "question_type",
+                                                "pair_id", "source")} for r in test_rows],
+        "predictions": preds, "question_scores": per_question,
         "train_clusters_by_source": _composition(data.train_sources, assignments.examples(), k),
         "stages": {n: ctx.run.stage_info(n) for n in training_stages(ctx)},
         "partition": ctx.run.stage_info("partition"), "data": data.summary,

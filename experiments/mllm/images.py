@@ -62,6 +62,18 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 `[n, h, w, 3]` -> uint8 `[n, size, size, 3]`: `dfm.hf.clip_features.resize_bicubic`
+    (PIL bicubic, `CLIPImageProcessor`'s ``resample=BICUBIC``).
+
+    Raises:
+      ValueError: `images` not uint8 `[n, h, w, 3]`, or `size` < 1.
+    """
+    from dfm.hf.clip_features import resize_bicubic
+
+    return resize_bicubic(images, size)
+
+
 def load_images(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
     """`load_image` of each path, stacked: float32 [len(paths), size, size, 3] in [0, 1]."""
     out = np.empty((len(paths), size, size, 3), np.float32)

@@ -174,6 +174,33 @@ def _row_fields(row) -> dict:
             "answers": list(answers), "pair_id": get("pair_id")}
 
 
+def _scored(rows: Iterable, predictions: Mapping[str, str]) -> list[dict]:
+    """`_row_fields` of every row plus its "em" and "vqa" scores (see `score_predictions`)."""
+    items = [_row_fields(r) for r in rows]
+    if not items:
+        raise ValueError("rows: empty, nothing to score")
+    missing = [it["id"] for it in items if it["id"] not in predictions]
+    if missing:
+        raise ValueError(f"predictions: missing {len(missing)} id(s), e.g. {missing[:5]}")
+    for it in items:
+        pred = predictions[it["id"]]
+        it["em"] = exact_match(pred, it["reference"])
+        it["vqa"] = vqa_accuracy(pred, it["answers"])
+    return items
+
+
+def question_scores(rows: Iterable, predictions: Mapping[str, str]) -> dict[str, list[float]]:
+    """Per-question scores, in row order: ``{"exact_match": [n], "vqa_accuracy": [n]}`` (0 / 1 and
+    the VQA accuracy in [0, 1] of each row; rows and predictions as in `score_predictions`, whose
+    means these are).
+
+    Raises:
+      ValueError: no rows, or a row without a prediction (ids named).
+    """
+    items = _scored(rows, predictions)
+    return {"exact_match": [it["em"] for it in items], "vqa_accuracy": [it["vqa"] for it in items]}
+
+
 def score_predictions(rows: Iterable, predictions: Mapping[str, str]) -> dict:
     """Scores per question type and overall.
 
@@ -192,17 +219,9 @@ def score_predictions(rows: Iterable, predictions: Mapping[str, str]) -> dict:
     Raises:
       ValueError: no rows, a row without a prediction (ids named), or bad mme rows.
     """
-    items = [_row_fields(r) for r in rows]
-    if not items:
-        raise ValueError("rows: empty, nothing to score")
-    missing = [it["id"] for it in items if it["id"] not in predictions]
-    if missing:
-        raise ValueError(f"predictions: missing {len(missing)} id(s), e.g. {missing[:5]}")
+    items = _scored(rows, predictions)
     groups = defaultdict(list)
     for it in items:
-        pred = predictions[it["id"]]
-        it["em"] = exact_match(pred, it["reference"])
-        it["vqa"] = vqa_accuracy(pred, it["answers"])
         groups[it["question_type"]].append(it)
 
     def summary(group):

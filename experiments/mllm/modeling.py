@@ -23,18 +23,40 @@ from flax import nnx
 
 from dfm.models import DecoderConfig
 
+
 def num_image_tokens(config) -> int:
-    """Text positions one image occupies: patches (class token dropped) after pixel shuffle."""
+    """Text positions one image occupies: patches (class token dropped) after pixel shuffle; with
+    ``init_from`` the checkpoint's (`experiments.mllm.pretrained`)."""
+    if config.init_from:
+        from experiments.mllm.pretrained import read_checkpoint
+
+        return read_checkpoint(config.init_from).num_image_tokens
     side = config.data.image_size // config.vision.patch_size
     if config.projector.kind == "internvl":
-        side = int(round(side * config.projector.downsample_ratio))
+        side = round(side * config.projector.downsample_ratio)
     return side * side
 
 
 def model_config(config, vocab_size: int, image_token_id: int):
-    """`dfm.models.multimodal.MultimodalConfig` of the run (vision tower, projector, decoder)."""
+    """`dfm.models.multimodal.MultimodalConfig` of the run (vision tower, projector, decoder).
+
+    With ``init_from``: the checkpoint's architecture with the run's ``[numerics]``; `vocab_size`
+    (the tokenizer's length) must fit its vocabulary and `image_token_id` must be its own
+    (ConfigError naming ``init_from`` otherwise).
+    """
     from dfm.models.multimodal import MultimodalConfig
     from dfm.models.vision import VisionConfig
+
+    if config.init_from:
+        from experiments.engine.config import ConfigError
+        from experiments.mllm.pretrained import read_checkpoint
+
+        mc = read_checkpoint(config.init_from).model_config(config.numerics)
+        if vocab_size > mc.text.vocab_size or image_token_id != mc.image_token_id:
+            raise ConfigError(f"init_from: the run's tokenizer ({vocab_size} tokens, image token {image_token_id}) "
+                              f"does not fit the checkpoint (vocab_size {mc.text.vocab_size}, image_token_id "
+                              f"{mc.image_token_id})")
+        return mc
 
     v, t, p = config.vision, config.text, config.projector
     vision = VisionConfig(image_size=config.data.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
@@ -53,11 +75,25 @@ def model_config(config, vocab_size: int, image_token_id: int):
     return mc
 
 
-def new_model(mconfig, seed: int):
-    """A freshly initialized `MultimodalModel` (parameters from `nnx.Rngs(seed)`)."""
+def new_model(mconfig, seed: int, init_from: str = ""):
+    """A freshly initialized `MultimodalModel` (parameters from `nnx.Rngs(seed)`), or with
+    `init_from` the checkpoint's weights in a model of `mconfig` (`experiments.mllm.pretrained.new_model`)."""
     from dfm.models.multimodal import MultimodalModel
 
+    if init_from:
+        from experiments.mllm import pretrained
+
+        return pretrained.new_model(pretrained.read_checkpoint(init_from), mconfig, seed)
     return MultimodalModel(mconfig, rngs=nnx.Rngs(seed))
+
+
+def image_size(config) -> int:
+    """Side in pixels of the run's images: ``data.image_size``, or the checkpoint's with ``init_from``."""
+    if config.init_from:
+        from experiments.mllm.pretrained import read_checkpoint
+
+        return read_checkpoint(config.init_from).image_size
+    return config.data.image_size
 
 
 def frozen_prefixes(train: str) -> tuple[str, ...]:
@@ -80,12 +116,16 @@ def pixels(images_uint8: np.ndarray) -> np.ndarray:
 def llava_loss(model, batch, key):
     """Mean cross-entropy of the answer tokens (LLaVA's masked LM loss).
 
-    batch: `{"tokens": [B, L] int32, "mask": [B, L] bool (True = target), "pixels": [B, S, S, 3]}`.
+    batch: `{"tokens": [B, L] int32, "mask": [B, L] bool (True = target), "pixels": [B, S, S, 3]}`,
+    or a packed batch (`experiments.mllm.packing.pack_batch`) with also `"segment_ids"` and
+    `"positions"` `[R, P]` int32: each row holds several conversations, attending within their own
+    segment; the mean over the same answer tokens is then the padded batch's loss.
     Returns `(loss, {"tokens": number of targets})`.
     """
     del key
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1], batch["pixels"])
+    packed = {name: batch[name][:, :-1] for name in ("segment_ids", "positions") if name in batch}
+    logits = model(tokens[:, :-1], batch["pixels"], **packed)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     m = batch["mask"][:, 1:].astype(jnp.float32)
     n = m.sum()

@@ -1,20 +1,34 @@
-"""Report of the multimodal job: report.json, report.md (per-task table of every system), plots.
+"""Report of the multimodal job: report.json, report.md (tables of every system), plots.
 
-Files in the run directory: ``report.json`` (with, per test question: every system's prediction,
-the fixed routers' weights, its cluster and the Bayes filter's weights after the answer) /
-``report.md``; ``plots/loss_curves.png``,
+Files in the run directory: ``report.json`` (with, per test question: every system's prediction and
+its exact match / VQA accuracy (``question_scores``), the fixed routers' weights, its cluster and the
+Bayes filter's weights after the answer) / ``report.md``; ``plots/loss_curves.png``,
 ``plots/routing.png`` (mean router weight per expert for the test questions of each image source),
 ``plots/partition.png`` (train conversations per source and cluster), ``plots/examples.png`` (test
 images with question, reference and each system's answer).
+
+Intervals (`dense_comparison`, with `experiments.engine.intervals.unit_bootstrap`): every system
+gets ``exact_match`` (its mean), ``intervals`` (95% intervals of its exact match, VQA accuracy and
+exact match per question type) and ``delta_vs_dense = {"mean", "std", "ci95", "seeds", "verdict",
+"margin", ...}``: its exact match minus dense's (a fraction: 0.01 = 1 point) with the paired
+percentile bootstrap interval and the parity verdict (higher is better) against ``eval.parity_margin``
+(``std`` is null for one seed; ``dfm run --seeds N`` gives the spread over seeds,
+`experiments.engine.seeds`). The bootstrap resamples test images, each with all its questions (a
+test image carries several questions, whose scores are correlated): with one question per image it
+is the plain bootstrap over questions. Every statistic is recomputable from ``question_scores``
+and ``test_rows[*].image``.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from experiments.engine.intervals import VERDICT_RULE_HIGHER, unit_bootstrap, verdict
 from experiments.engine.plots import loss_curves
 from experiments.engine.rundir import atomic_write_json, atomic_write_text
 from experiments.engine.stages import Context
 from experiments.mllm import plots
+
+METRIC = "exact_match"
 
 
 def _types(systems: list[dict]) -> list[str]:
@@ -35,15 +49,64 @@ def routing_by_source(results: dict) -> tuple[list[str], dict]:
     return sources, out
 
 
+def dense_comparison(results: dict, seed: int, margin: float, resamples: int) -> dict:
+    """Add ``exact_match``, ``intervals`` and ``delta_vs_dense`` to every system of `results` (in
+    place; see the module docstring) from ``results["question_scores"]`` and the test rows' images;
+    returns the report's ``comparison`` entry (metric, margin, statistic, verdict rule).
+
+    Raises:
+      KeyError: a system without question scores, or no "dense" system.
+    """
+    rows, scores = results["test_rows"], results["question_scores"]
+    unit = np.asarray([r["image"] for r in rows])
+    qtype = np.asarray([r["question_type"] for r in rows])
+    dense = np.asarray(scores["dense"][METRIC], np.float64)
+
+    def interval(values, mask=None, reference=None):
+        m = np.ones(len(values), bool) if mask is None else mask
+        return unit_bootstrap(values[m], unit[m], None if reference is None else reference[m],
+                              resamples=resamples, seed=seed)
+
+    for system in results["systems"]:
+        name = system["name"]
+        em, vqa = (np.asarray(scores[name][k], np.float64) for k in (METRIC, "vqa_accuracy"))
+        by_type = {}
+        for t in sorted(set(qtype.tolist())):
+            b = interval(em, qtype == t)
+            by_type[t] = {"n": b["items"], "exact_match": b["mean"], "ci95": b["ci95"]}
+        ivs = {k: interval(v) for k, v in ((METRIC, em), ("vqa_accuracy", vqa))}
+        system[METRIC] = ivs[METRIC]["mean"]
+        system["intervals"] = {k: {"mean": b["mean"], "ci95": b["ci95"]} for k, b in ivs.items()}
+        system["intervals"]["exact_match_by_type"] = by_type
+        d = interval(em, reference=dense)
+        lo, hi = d["ci95"]
+        system["delta_vs_dense"] = {
+            "mean": d["mean"], "std": None, "ci95": [lo, hi], "seeds": [seed],
+            "verdict": "reference" if name == "dense" else verdict(lo, hi, margin, higher_is_better=True),
+            "margin": margin, "resamples": resamples, "units": d["units"], "questions": d["items"],
+            "metric": METRIC}
+    units = len(set(unit.tolist()))
+    return {"metric_key": METRIC, "higher_is_better": True, "unit": "exact match (fraction; 0.01 = 1 point)",
+            "bootstrap_units": "test images",
+            "statistic": f"system - dense exact match; 95% paired percentile bootstrap over the {units} test images "
+                         f"({len(rows)} questions; an image's questions resampled together; {resamples} "
+                         f"resamples, seed {seed})",
+            "parity_margin": margin, "verdict_rule": VERDICT_RULE_HIGHER}
+
+
 def build_report(ctx: Context, results: dict) -> dict:
-    systems = results["systems"]
+    """Assemble report.json's contents (without the per-question lists) from the evaluation results."""
+    systems, c = results["systems"], ctx.config
     dense = next(s for s in systems if s["name"] == "dense")
     for s in systems:
         s["delta_exact_match_vs_dense"] = s["scores"]["all"]["exact_match"] - dense["scores"]["all"]["exact_match"]
+    comparison = dense_comparison(results, c.seed, c.eval.parity_margin, c.eval.bootstrap_resamples)
     sources, routing = routing_by_source(results)
     return {
-        "config": ctx.config.to_dict(), "systems": systems, "question_types": _types(systems),
+        "config": c.to_dict(), "metric": METRIC, "comparison": comparison, "systems": systems,
+        "question_types": _types(systems),
         "num_test_questions": results["num_test_questions"], "num_val_questions": results["num_val_questions"],
+        "num_test_images": len({r["image"] for r in results["test_rows"]}),
         "temperature": results["temperature"], "priors": results["priors"],
         "skipped_experts": results.get("skipped_experts", []),
         "routing_by_source": {"sources": sources, "weights": routing},
@@ -57,52 +120,98 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _ci(ci, signed=False) -> str:
+    if not ci:
+        return ""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f" [{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
+
+
+def pct_ci(mean, ci) -> str:
+    """``52.3 [48.1, 56.4]``: a fraction and its interval in percent (points)."""
+    return _pct(mean) + _ci(ci)
+
+
+def delta_text(system: dict) -> str:
+    """``+1.2 ± - [-0.8, +3.1]``: Δ EM vs dense in points, ± sd over seeds (- for one seed) and the 95%
+    interval; the plain difference for a report without intervals."""
+    d = system.get("delta_vs_dense")
+    if not d:
+        return f"{100 * system.get('delta_exact_match_vs_dense', float('nan')):+.1f}"
+    sd = "-" if d.get("std") is None else f"{100 * d['std']:.1f}"
+    return f"{100 * d['mean']:+.1f} ± {sd}" + _ci(d.get("ci95"), signed=True)
+
+
 def markdown(rep: dict) -> str:
+    """report.md text."""
     types = rep["question_types"]
+    comp = rep.get("comparison") or {}
     lines = [f"# {rep['config']['name']}: dense vs decentralized LLaVA-style experts", "",
-             f"{rep['num_test_questions']} test questions; K = {rep['config']['partition']['num_clusters']} experts "
-             f"(spherical balanced k-means on stage-1 image features); top-k temperature fitted on "
-             f"{rep['num_val_questions']} val questions: T = {rep['temperature']:.4g}.", "",
-             *([f"**WARNING: expert(s) {rep['skipped_experts']} were skipped (lost); every ensemble routes among "
-                "the remaining experts (renormalised routers) and the oracle is not reported.**", ""]
+             (f"{rep['num_test_questions']} test questions on {rep.get('num_test_images', '?')} test images; "
+              f"K = {rep['config']['partition']['num_clusters']} experts "
+              f"(spherical balanced k-means on stage-1 image features); top-k temperature fitted on "
+              f"{rep['num_val_questions']} val questions: T = {rep['temperature']:.4g}."), "",
+             *([(f"**WARNING: expert(s) {rep['skipped_experts']} were skipped (lost); every ensemble routes "
+                 "among the remaining experts (renormalised routers) and the oracle is not reported.**"), ""]
                if rep.get("skipped_experts") else []),
-             "Exact match (%) per question type, VQA accuracy (%) and answer NLL (nats/token, teacher-forced "
-             "reference answer); MME acc / acc+ (%) on the paired yes/no questions.", ""]
-    head = ["system", "router"] + [f"EM {t}" for t in types] + ["EM all", "VQA acc", "MME acc", "MME acc+",
-                                                                 "answer NLL", "Δ EM vs dense"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+             ("Exact match (EM, %) and VQA accuracy (%) with 95% intervals, MME acc / acc+ (%) on the paired "
+              "yes/no questions, answer NLL (nats/token, teacher-forced reference answer), and the EM difference "
+              "with dense in points with its interval and the parity verdict."), ""]
+    head = ["system", "router", "EM % [95% CI]", "VQA acc % [95% CI]", "MME acc", "MME acc+", "answer NLL",
+            "Δ EM vs dense ± sd [95% CI]", "vs dense"]
+    lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for s in rep["systems"]:
-        sc = s["scores"]
+        sc, iv = s["scores"], s.get("intervals") or {}
         mme = sc.get("mme", {})
-        cells = [s["name"], s["router"] or ""] + [_pct(sc[t]["exact_match"]) for t in types] + [
-            _pct(sc["all"]["exact_match"]), _pct(sc["all"]["vqa_accuracy"]),
-            _pct(mme.get("acc")) if mme else "—", _pct(mme.get("acc_plus")) if mme else "—",
-            f"{s['answer_nll']:.4f}", f"{100 * s['delta_exact_match_vs_dense']:+.1f}"]
+        cells = [s["name"], s["router"] or "", pct_ci(sc["all"]["exact_match"], iv.get(METRIC, {}).get("ci95")),
+                 pct_ci(sc["all"]["vqa_accuracy"], iv.get("vqa_accuracy", {}).get("ci95")),
+                 _pct(mme.get("acc")) if mme else "—", _pct(mme.get("acc_plus")) if mme else "—",
+                 f"{s['answer_nll']:.4f}", delta_text(s), (s.get("delta_vs_dense") or {}).get("verdict", "-")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "The oracle (the test image's cluster) is the nearest centroid, so it equals centroid top-1 "
-              "(THEORY S12). The Bayes filter (S9) starts at the priors w_k and is updated by each answer "
-              "token: the experts model the answer given image and question, not the image.", ""]
+    if comp:
+        lines += ["", (f"Δ = system - dense in EM points (positive: better than dense); ± sd over seeds (- for "
+                       f"one seed); intervals: {comp['statistic']}. Verdict {comp['verdict_rule']} Margin m = "
+                       f"{100 * comp['parity_margin']:g} EM point(s).")]
+    counts = {t: rep["systems"][0]["scores"][t]["n"] for t in types}
+    lines += ["", "### Exact match (%) per question type [95% CI]", "",
+              "| system | " + " | ".join(f"{t} (n={counts[t]})" for t in types) + " |",
+              "|---|" + "---:|" * len(types)]
+    for s in rep["systems"]:
+        by = (s.get("intervals") or {}).get("exact_match_by_type", {})
+        lines.append(f"| {s['name']} | " + " | ".join(
+            pct_ci(s["scores"][t]["exact_match"], (by.get(t) or {}).get("ci95")) for t in types) + " |")
+    lines += ["", ("The oracle (the test image's cluster) is the nearest centroid, so it equals centroid top-1 "
+                   "(THEORY S12). The Bayes filter (S9) starts at the priors w_k and is updated by each answer "
+                   "token: the experts model the answer given image and question, not the image."), ""]
     part = rep["partition"]
     lines += ["## Partition", "",
-              f"Images per cluster {part['images_per_cluster']}, train conversations per cluster "
-              f"{part['conversations_per_cluster']}, test images per cluster {part['test_images_per_cluster']}.", ""]
-    comp = rep["train_clusters_by_source"]
-    if comp:
-        lines += ["| source | " + " | ".join(f"cluster {k}" for k in range(len(next(iter(comp.values()))))) + " |",
-                  "|---|" + "---|" * len(next(iter(comp.values())))]
-        lines += [f"| {src} | " + " | ".join(str(v) for v in counts) + " |" for src, counts in comp.items()]
+              (f"Images per cluster {part['images_per_cluster']}, train conversations per cluster "
+               f"{part['conversations_per_cluster']}, test images per cluster {part['test_images_per_cluster']}."),
+              ""]
+    comp_src = rep["train_clusters_by_source"]
+    if comp_src:
+        k = len(next(iter(comp_src.values())))
+        lines += ["| source | " + " | ".join(f"cluster {j}" for j in range(k)) + " |", "|---|" + "---|" * k]
+        lines += [f"| {src} | " + " | ".join(str(v) for v in row) + " |" for src, row in comp_src.items()]
     lines += ["", "## Routing (mean weight per expert, test questions by image source)", ""]
     r = rep["routing_by_source"]
     for name, rows in r["weights"].items():
         lines.append(f"- **{name}**: " + "; ".join(
             f"{src} [{', '.join(f'{x:.2f}' for x in row)}]" for src, row in zip(r["sources"], rows)))
-    lines += ["", "## Stages", "", "| stage | steps | conversations | final loss | seconds |", "|---|---|---|---|---|"]
+    lines += ["", "## Stages", "",
+              "Each stage keeps its best-validation checkpoint (answer loss on its own validation images: all of "
+              "them for stage 1, dense and the random control, cluster k's for expert k); the test questions are "
+              "read only by the evaluation.", "",
+              "| stage | steps trained | step kept | validation loss (kept) | conversations | final training loss "
+              "| seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
     for n, info in rep["stages"].items():
-        lines.append(f"| {n} | {info['steps']} | {info['train_examples']} | {info['final_loss']:.4f} | "
-                     f"{info['wall_time_s']:.1f} |")
-    lines += ["", "Plots: `plots/loss_curves.png`, `plots/routing.png`, `plots/partition.png`, "
-              "`plots/examples.png`.", "", "## Config", "", "```toml", rep.get("config_toml", "").rstrip(), "```", ""]
+        kept = info.get("best_step") if info.get("kept") == "best" else info["steps"]
+        val = info.get("best_val_loss") if info.get("kept") == "best" else None
+        lines.append(f"| {n} | {info['steps']} | {kept} | {'-' if val is None else f'{val:.4f}'} | "
+                     f"{info['train_examples']} | {info['final_loss']:.4f} | {info['wall_time_s']:.1f} |")
+    lines += ["", ("Plots: `plots/loss_curves.png`, `plots/routing.png`, `plots/partition.png`, "
+                   "`plots/examples.png`."), "", "## Config", "", "```toml", rep.get("config_toml", "").rstrip(),
+              "```", ""]
     return "\n".join(lines)
 
 
@@ -111,7 +220,8 @@ def write_report(ctx: Context, results: dict, images_test: np.ndarray) -> dict:
     rep = build_report(ctx, results)
     rep["config_toml"] = ctx.config.to_toml()
     run = ctx.run
-    loss_curves(results["stages"], run.plots / "loss_curves.png", f"{ctx.config.name}: training loss",
+    loss_curves(results["stages"], run.plots / "loss_curves.png",
+                f"{ctx.config.name}: training loss (lines), validation loss (dots; star: the kept step)",
                 first="stage1")
     plots.routing_heatmaps(rep["routing_by_source"]["weights"], rep["routing_by_source"]["sources"],
                            run.plots / "routing.png")
@@ -125,27 +235,27 @@ def write_report(ctx: Context, results: dict, images_test: np.ndarray) -> dict:
         shown = {k: [v[i] for i in pick] for k, v in results["predictions"].items()
                  if k in ("dense", "ensemble/centroid-top1", "ensemble/bayes", "random-ensemble/bayes")}
         plots.example_grid(imgs, rows, shown, run.plots / "examples.png")
-    per_question = {k: results[k] for k in ("predictions", "test_rows", "weights", "test_clusters",
-                                            "bayes_weights_after_answer")}
+    per_question = {k: results[k] for k in ("predictions", "question_scores", "test_rows", "weights",
+                                            "test_clusters", "bayes_weights_after_answer")}
     atomic_write_json(run.report_json, rep | per_question)
     atomic_write_text(run.report_md, markdown(rep))
     return rep
 
 
 def print_summary(rep: dict) -> None:
-    """Rich table: exact match / VQA accuracy / MME / answer NLL per system."""
+    """Rich table: exact match / VQA accuracy / answer NLL per system, Δ EM vs dense and the verdict."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{rep['config']['name']}: {rep['num_test_questions']} test questions")
-    for col in ("system", "EM %", "VQA %", "MME acc+", "answer NLL", "Δ EM vs dense"):
-        table.add_column(col, justify="left" if col == "system" else "right")
+    for col in ("system", "EM % [95% CI]", "VQA %", "answer NLL", "Δ EM vs dense [95% CI]", "verdict"):
+        table.add_column(col, justify="left" if col in ("system", "verdict") else "right")
     for s in rep["systems"]:
         sc = s["scores"]
-        mme = sc.get("mme", {})
-        table.add_row(s["name"], _pct(sc["all"]["exact_match"]), _pct(sc["all"]["vqa_accuracy"]),
-                      _pct(mme.get("acc_plus")) if mme else "—", f"{s['answer_nll']:.4f}",
-                      f"{100 * s['delta_exact_match_vs_dense']:+.1f}")
+        ci = ((s.get("intervals") or {}).get(METRIC) or {}).get("ci95")
+        table.add_row(s["name"], pct_ci(sc["all"]["exact_match"], ci), _pct(sc["all"]["vqa_accuracy"]),
+                      f"{s['answer_nll']:.4f}", delta_text(s).replace(" ± -", ""),
+                      (s.get("delta_vs_dense") or {}).get("verdict", "-"))
     Console().print(table)
     if rep.get("skipped_experts"):
         Console().print(f"WARNING: expert(s) {rep['skipped_experts']} skipped; ensembles renormalised over the "

@@ -2,12 +2,17 @@
 
 Data: LLaVA-format records (the default digits / shapes / photos dataset, or LLaVA JSON(L) /
 InternVL meta.json files; `experiments.mllm.data`). Stage 1 ("stage1"): alignment on all
-conversations, tower + projector + LM (`[stage1] train`). Partition: the patch-mean features of
-the stage-1 tower's layer that the projector reads (`modeling.image_features`; the tower stays
-frozen from here on, so the same features route at inference), so the partition needs stage 1.
-Stage 2: instruction tuning of the dense model and the experts. Evaluation: greedy answers and
-answer NLL of every system (`experiments.mllm.evaluate`); export: HF LLaVA directories and the
-decentralized directory (`dfm.hf`). See docs/multimodal.md.
+conversations, tower + projector + LM (`[stage1] train`), from random init or from a pretrained
+LLaVA / InternVL checkpoint (``init_from``, `experiments.mllm.pretrained`: its weights, tokenizer,
+chat template and image-token layout). Partition (`experiments.mllm.routing`): the patch-mean
+features of the stage-1 tower's layer that the projector reads (``partition.features = "tower"``;
+the tower stays frozen from here on, so the same features route at inference), or the CLIP image
+embeddings of a CLIP checkpoint (``"clip:<dir>"``, independent of stage 1: the partition then runs
+before it, `partition_after_stage1`). Stage 2: instruction tuning of the
+dense model and the experts. Evaluation: greedy answers and answer NLL of every system, routed by
+the partition stage's ``features.npz`` (`experiments.mllm.evaluate`); export: HF LLaVA / InternVL
+directories and the decentralized directory (`dfm.hf`) with ``routing_features.json``. See
+docs/multimodal.md.
 """
 from __future__ import annotations
 
@@ -39,7 +44,14 @@ class MultimodalTask(Task):
         return config
 
     def prepare_data(self, ctx: Context) -> MultimodalData:
-        return load_data(ctx.config, ctx.run.root, modeling.num_image_tokens(ctx.config), log=ctx.log)
+        c = ctx.config
+        if c.init_from and not ctx.run.data_summary.is_file():
+            from experiments.mllm.pretrained import ignored_settings
+
+            ignored = ignored_settings(c)
+            ctx.log(f"[data] init_from {c.init_from}: the checkpoint's architecture, tokenizer and image size"
+                    + (f"; ignored settings: {', '.join(ignored)}" if ignored else ""))
+        return load_data(c, ctx.run.root, modeling.num_image_tokens(c), log=ctx.log)
 
     def num_train_examples(self, data: MultimodalData) -> int:
         return len(data.arrays["tokens"])
@@ -53,39 +65,89 @@ class MultimodalTask(Task):
         c = ctx.config
         params = count_parameters(lambda: self.new_model(ctx, data))
         batch = max(c.stage1.batch_size, c.stage2.batch_size)
-        return training_memory_bytes(params, batch=batch, seq_len=c.data.max_length, hidden=c.text.hidden_size,
-                                     layers=c.text.num_layers, heads=c.text.num_heads, vocab=data.vocab_size)
+        t = modeling.model_config(c, data.vocab_size, data.image_token_id).text
+        return training_memory_bytes(params, batch=batch, seq_len=c.data.max_length, hidden=t.hidden_size,
+                                     layers=t.num_layers, heads=t.num_heads, vocab=t.vocab_size)
+
+    def partition_after_stage1(self, config) -> bool:
+        """Tower features need the stage-1 model; CLIP features (``partition.features = "clip:..."``) do not."""
+        return not config.partition.clip_dir
 
     def partition_input(self, ctx: Context, data: MultimodalData, stage1_model) -> PartitionInput:
-        """Pooled stage-1 tower features of every image (saved as features.npz for routing)."""
-        a, bs = data.arrays, ctx.config.eval.batch_size
-        feats = {s: modeling.image_features(stage1_model, a[f"images_{s}"], bs) for s in ("train", "val", "test")}
+        """Image features of every split (`experiments.mllm.routing.partition_features`: the pooled
+        stage-1 tower's, or CLIP's; saved as features.npz, by which the evaluation routes)."""
+        from experiments.mllm.routing import partition_features
+
+        a, c = data.arrays, ctx.config
+        images = {s: a[f"images_{s}"] for s in ("train", "val", "test")}
+        feats = partition_features(c, images, stage1_model, c.eval.batch_size)
         atomic_save_npz(ctx.run.partition / "features.npz", **feats)
         return PartitionInput(feats, a["image"], "images", "conversations")
 
     def new_model(self, ctx: Context, data: MultimodalData):
+        """Random init from the config's seed, or the ``init_from`` checkpoint's weights."""
         mconfig = modeling.model_config(ctx.config, data.vocab_size, data.image_token_id)
-        return modeling.new_model(mconfig, ctx.config.seed)
+        return modeling.new_model(mconfig, ctx.config.seed, init_from=ctx.config.init_from)
 
     def loss_fn(self, ctx: Context, data: MultimodalData):
         return modeling.llava_loss
 
     def batch_fn(self, ctx: Context, data: MultimodalData, index: np.ndarray, batches):
+        """Padded batches `{"tokens", "mask", "pixels"}` of `batches.batch_size` conversations; with
+        ``data.max_packed_tokens`` the same conversations packed into a fixed number of rows per
+        stage (`experiments.mllm.packing`; planned here over the stage's steps, logged, and kept
+        for `stage_marker`)."""
         a = data.arrays
         tokens, mask, images, image_of = a["tokens"][index], a["loss_mask"][index], a["images_train"], a["image"][index]
+        capacity = ctx.config.data.max_packed_tokens
+        if not capacity:
+            def batch(step):
+                rows = batches.indices(step)
+                return {"tokens": jnp.asarray(tokens[rows]), "mask": jnp.asarray(mask[rows]),
+                        "pixels": jnp.asarray(modeling.pixels(images[image_of[rows]]))}
 
-        def batch(step):
+            return batch
+        from experiments.mllm import packing
+
+        c, pad_id = ctx.config, data.summary.get("pad_id")
+        lengths = packing.conversation_lengths(tokens, mask, pad_id, data.image_token_id)
+        stages, steps = packing.stage_steps_of(ctx, batches)
+        plan = packing.plan_rows(batches, lengths, steps, capacity, c.data.max_length,
+                                 groups=c.numerics.microbatches, row_multiple=packing.batch_rows_multiple(c.mesh))
+        plans = vars(self).setdefault("_packing_plans", {})
+        for stage in stages or [None]:
+            plans[(str(ctx.run.root), stage)] = plan.summary()
+        ctx.log(f"[{'/'.join(stages) or 'train'}] packed sequences: {plan.describe()}")
+
+        def packed_batch(step):
             rows = batches.indices(step)
-            return {"tokens": jnp.asarray(tokens[rows]), "mask": jnp.asarray(mask[rows]),
-                    "pixels": jnp.asarray(modeling.pixels(images[image_of[rows]]))}
+            out = packing.pack_batch(tokens[rows], mask[rows], lengths[rows], images[image_of[rows]],
+                                     capacity=capacity, rows=plan.rows, groups=plan.groups,
+                                     pad_id=0 if pad_id is None else int(pad_id))
+            out["pixels"] = modeling.pixels(out["pixels"])
+            return {name: jnp.asarray(value) for name, value in out.items()}
 
-        return batch
+        return packed_batch
+
+    def validation_batches(self, ctx: Context, data: MultimodalData, units: np.ndarray | None) -> list:
+        """The validation questions of the images `units` with their reference answers
+        (`experiments.mllm.validation`), batches of ``eval.batch_size``."""
+        from experiments.mllm.validation import validation_batches
+
+        return validation_batches(data, units, ctx.config.eval.batch_size)
 
     def frozen(self, stage_config: StageConfig) -> tuple[str, ...]:
         return modeling.frozen_prefixes(stage_config.train)
 
     def stage_marker(self, ctx: Context, stage: str, steps: int, batch_size: int) -> dict:
-        return {"train": self.stage_config(ctx.config, stage).train}
+        """The stage's `train` setting; with ``data.max_packed_tokens`` also its packing summary
+        (`experiments.mllm.packing.PackingPlan.summary`: tokens per step packed vs padded)."""
+        marker = {"train": self.stage_config(ctx.config, stage).train}
+        plans = vars(self).get("_packing_plans", {})
+        plan = plans.get((str(ctx.run.root), stage)) or plans.get((str(ctx.run.root), None))
+        if ctx.config.data.max_packed_tokens and plan:
+            marker["packing"] = plan
+        return marker
 
     def evaluate(self, ctx: Context, data: MultimodalData) -> dict:
         return evaluate.evaluate(ctx, data)
@@ -101,22 +163,33 @@ class MultimodalTask(Task):
         unless `vocab` is given."""
         from experiments.engine.plan import Dims, kv_dim
 
-        v = vocab if vocab is not None else config.data.vocab_size + 1
-        mconfig = modeling.model_config(config, v, image_token_id=v - 1)
+        if config.init_from:   # the checkpoint's architecture (its vocabulary unless `vocab` is given)
+            from experiments.mllm.pretrained import read_checkpoint
+
+            mconfig = read_checkpoint(config.init_from).model_config(config.numerics)
+            if vocab is not None:
+                mconfig = mconfig.replace(text=mconfig.text.replace(vocab_size=vocab),
+                                          image_token_id=min(mconfig.image_token_id, vocab - 1))
+        else:
+            v = vocab if vocab is not None else config.data.vocab_size + 1
+            mconfig = modeling.model_config(config, v, image_token_id=v - 1)
         t, vis = mconfig.text, mconfig.vision
         dims = Dims(seq_len=config.data.max_length, hidden=t.hidden_size, intermediate=t.intermediate_size,
                     layers=t.num_layers, heads=t.num_heads, kv_dim=kv_dim(t), vocab=t.output_size or t.vocab_size,
                     vision={"seq_len": (vis.image_size // vis.patch_size) ** 2 + 1, "hidden": vis.hidden_size,
                             "layers": vis.num_layers, "heads": vis.num_heads})
-        return (lambda: modeling.new_model(mconfig, config.seed)), dims
+        return (lambda: modeling.new_model(mconfig, config.seed)), dims   # random init: only traced for shapes
 
     def export(self, ctx: Context, data: MultimodalData) -> dict:
         """The trained models as HF directories (`dfm.hf`, docs/checkpoints.md).
 
-        ``<run>/hf/dense`` and ``<run>/hf/stage1``: LLaVA directories (`LlavaForConditionalGeneration`
-        loads them; our tokenizer inside). ``<run>/decentralized``: the K experts, the partition and
-        the top-k centroid router with the temperature fitted at evaluation
-        (`dfm.hf.load_decentralized` rebuilds the ensemble).
+        ``<run>/hf/dense`` and ``<run>/hf/stage1``: LLaVA / InternVL directories
+        (`LlavaForConditionalGeneration` / `InternVLForConditionalGeneration` load them; the run's
+        tokenizer inside, with its chat template). ``<run>/decentralized``: the K experts, the
+        partition and the top-k centroid router with the temperature fitted at evaluation
+        (`dfm.hf.load_decentralized` rebuilds the ensemble), plus ``routing_features.json`` naming
+        the featurizer the centroids live in (`experiments.mllm.routing.write_featurizer_record`;
+        the CLIP checkpoint copied beside it for ``partition.features = "clip:<dir>"``).
         """
         from dfm.decentral import CentroidRouter, Partition
         from dfm.hf import save_decentralized, save_pretrained
@@ -137,5 +210,9 @@ class MultimodalTask(Task):
         out["decentralized"] = str(save_decentralized(ctx.run.root / "decentralized", experts, partition,
                                                       router=router, priors=priors, tokenizer=tok_dir,
                                                       overwrite=True))
+        from experiments.mllm.routing import write_featurizer_record
+
+        out["routing_features"] = write_featurizer_record(c, ctx.run.root / "decentralized",
+                                                          partition.centroids.shape[1])
         ctx.log(f"[export] HF directories: {out['dense']}, {out['decentralized']}")
         return out

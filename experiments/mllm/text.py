@@ -8,6 +8,11 @@ The `<image>` placeholder is one special token in the text; `expand_image_tokens
 `num_image_tokens` times, the positions where `MultimodalModel.embed_inputs` scatters the
 projected image features (as the HF LLaVA processor does before the model). Only the answer tokens
 and their `<|eos|>` are trained on (LLaVA masks the human turns and the image).
+
+A pretrained checkpoint's tokenizer (``init_from``; it has a chat template) is laid out by its
+template and its processor's image-token expansion instead (`experiments.mllm.chat`):
+`image_token_id`, `encode_conversation`, `encode_prompt` and `encode_answer` dispatch on
+`chat.is_templated(tokenizer)`, so the data stage and the evaluation use either layout unchanged.
 """
 from __future__ import annotations
 
@@ -16,13 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.engine.tokenizer import train_tokenizer
+from experiments.mllm import chat
+from experiments.mllm.chat import TemplateError  # raised by both layouts
 
 IMAGE_TOKEN = "<image>"
 USER, ASSISTANT = "USER:", "ASSISTANT:"
-
-
-class TemplateError(ValueError):
-    """A conversation cannot be laid out (e.g. its first turn does not fit `max_length`)."""
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int):
@@ -37,7 +40,10 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int):
 
 
 def image_token_id(tokenizer) -> int:
-    """Id of `<image>` in `tokenizer` (ValueError if the tokenizer lacks it)."""
+    """Id of `<image>` in `tokenizer` (ValueError if the tokenizer lacks it); for a templated
+    (pretrained) tokenizer the token its model's image features replace (`chat.image_token_id`)."""
+    if chat.is_templated(tokenizer):
+        return chat.image_token_id(tokenizer)
     tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tid is None or tid == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer: has no {IMAGE_TOKEN!r} token")
@@ -66,7 +72,11 @@ def encode_conversation(tokenizer, turns, max_length: int, num_image_tokens: int
       True where token j is part of an answer (or its EOS), i.e. a target of the LM loss.
     Raises:
       TemplateError: the first question + answer do not fit in `max_length` (names the record).
+
+    A templated (pretrained) tokenizer is laid out by `chat.encode_conversation` (same contract).
     """
+    if chat.is_templated(tokenizer):
+        return chat.encode_conversation(tokenizer, turns, max_length, num_image_tokens, record_id)
     img = image_token_id(tokenizer)
     ids, mask = [tokenizer.bos_token_id], [False]
     for j in range(0, len(turns) - 1, 2):
@@ -84,14 +94,20 @@ def encode_conversation(tokenizer, turns, max_length: int, num_image_tokens: int
 
 
 def encode_prompt(tokenizer, question: str, num_image_tokens: int) -> np.ndarray:
-    """`[P]` int32 ids of `<|bos|>USER: {question} ASSISTANT:` with `<image>` expanded."""
+    """`[P]` int32 ids of `<|bos|>USER: {question} ASSISTANT:` with `<image>` expanded (a templated
+    tokenizer: the processor's ids of its chat template's prompt, `chat.encode_prompt`)."""
+    if chat.is_templated(tokenizer):
+        return chat.encode_prompt(tokenizer, question, num_image_tokens)
     q = _ids(tokenizer, human_segment(question, True))
     return np.asarray([tokenizer.bos_token_id] + expand_image_tokens(q, image_token_id(tokenizer), num_image_tokens),
                       np.int32)
 
 
 def encode_answer(tokenizer, answer: str) -> np.ndarray:
-    """`[A]` int32 ids of ` {answer}<|eos|>` (the tokens the model must produce after the prompt)."""
+    """`[A]` int32 ids of ` {answer}<|eos|>` (the tokens the model must produce after the prompt;
+    a templated tokenizer: its assistant turn up to EOS, `chat.encode_answer`)."""
+    if chat.is_templated(tokenizer):
+        return chat.encode_answer(tokenizer, answer)
     return np.asarray(_ids(tokenizer, " " + answer.strip()) + [tokenizer.eos_token_id], np.int32)
 
 

@@ -7,9 +7,10 @@ every key is optional (the dataclass default applies); an unknown key or section
 `ConfigError` naming the field (``"base.steps: must be >= 1, got 0"``).
 
 Sections:
-  [data]       corpus split, tokenizer vocabulary and sequence length (`DataConfig`)
+  [data]       corpus source and split, tokenizer vocabulary and sequence length (`DataConfig`)
   [partition]  tf-idf + SVD features and balanced k-means (`PartitionConfig`)
-  [model]      decoder sizes, mapped onto `dfm.models.DecoderConfig` (`ModelConfig`)
+  [model]      decoder sizes, mapped onto `dfm.models.DecoderConfig`, or a pretrained HF checkpoint
+               to start from (`ModelConfig`)
   [masked]     kappa scheduler of the masked (DFM) schedule (`MaskedConfig`)
   [base]       stage 1, the shared base model (`StageConfig`)
   [stage2]     stage 2, dense baseline and experts, compute-matched (`StageConfig`)
@@ -31,17 +32,25 @@ SCHEDULES = ("ar", "masked")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Corpus split, tokenizer and sequence chunking (see `experiments.text.corpus`, `.data`).
+    """Corpus, split, tokenizer and sequence chunking (see `experiments.text.sources`, `.corpus`, `.data`).
 
     Attributes:
-      vocab_size: byte-level BPE vocabulary size including the 3 special tokens (BOS, EOS, PAD).
+      corpus: the documents (`experiments.text.sources`): "stdlib" (default: the Python standard
+        library's documentation), "stdlib+python" (that plus the stdlib's Python source, one
+        ``source:<module>`` document per file) or a path (relative to the working directory) to a
+        folder of ``*.txt`` / ``*.md`` files or to a ``.jsonl`` file of ``{"text": ..., "id": ...}``
+        lines. See docs/your_data.md.
+      vocab_size: byte-level BPE vocabulary size including the 3 special tokens (BOS, EOS, PAD);
+        ignored with ``model.init_from`` (the checkpoint's tokenizer is used).
       seq_len: tokens per training/evaluation sequence (the model additionally sees BOS in front).
       val_fraction, test_fraction: shares of documents in val/test, by a hash of the document id.
       max_eval_docs: evaluate on at most this many test documents (taken in turn from each true
         cluster, in id order); 0 = all.
-      exclude_dirs: stdlib directories (any path component) whose modules are not in the corpus.
+      exclude_dirs: stdlib directories (any path component) whose modules are not in the corpus
+        (built-in corpora only).
     """
 
+    corpus: str = constrained("stdlib")
     vocab_size: int = constrained(1024, lo=260, hi=262144)
     seq_len: int = constrained(128, lo=8, hi=8192)
     val_fraction: float = constrained(0.1, lo=0.0, hi=0.5, lo_open=True)
@@ -61,21 +70,42 @@ class PartitionConfig:
       svd_dim: TruncatedSVD components of the tf-idf features.
       max_features: tf-idf vocabulary size (most frequent terms).
       random_control: also train K experts on a random partition of the same cluster sizes.
+      balance: "examples" (default): balanced k-means equalises the clusters' training examples
+        (sequences / conversations per unit as weights, units kept whole;
+        `dfm.decentral.weighted_balanced_assignment`), so the compute-matched experts get equal
+        budgets; "units": equal numbers of units (documents / images) per cluster.
+      kmeans: "exact" (default): balanced k-means on every unit (`dfm.decentral.balanced_kmeans`);
+        "two_stage": the authors' fine -> coarse clustering for many units (MiniBatchKMeans into
+        20 K fine clusters, then balanced k-means of their centroids weighted by their sizes;
+        `dfm.decentral.two_stage_balanced_kmeans`); balances units, so it needs balance = "units".
       seed: seed of the featurizer, the k-means initialization and the random partition.
     """
 
-    num_clusters: int = constrained(4, lo=2, hi=64)
+    num_clusters: int = constrained(4, lo=1, hi=64)
     svd_dim: int = constrained(64, lo=2)
     max_features: int = constrained(20000, lo=16)
     random_control: bool = True
+    balance: str = constrained("examples", choices=("examples", "units"))
+    kmeans: str = constrained("exact", choices=("exact", "two_stage"))
     seed: int = constrained(0, lo=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder sizes; vocab size and causality come from [data] and the schedule.
+    """Decoder sizes, or the pretrained checkpoint stage 1 starts from.
 
-    Field names are those of `dfm.models.DecoderConfig` (HF LlamaConfig meaning).
+    Field names are those of `dfm.models.DecoderConfig` (HF LlamaConfig meaning); vocab size and
+    causality come from [data] and the schedule.
+
+    Attributes:
+      init_from: "" (default: stage 1, "base", starts from random init with the sizes below and a
+        BPE trained on the corpus) or a local HF directory of a Llama / Qwen2 causal LM
+        (``config.json`` + safetensors, sharded or not; relative to the working directory). Then
+        the architecture and the vocabulary come from the checkpoint (every size below and
+        ``data.vocab_size`` are ignored), the tokenizer is the checkpoint's, stage 1 is a short
+        continued pre-training of the checkpoint on the corpus (``base.steps`` >= 1; use a small
+        ``base.learning_rate``) and the export writes the checkpoint's tokenizer and chat template.
+        AR schedule only. See `experiments.text.modeling.new_model` and docs/your_data.md.
     """
 
     hidden_size: int = constrained(128, lo=8)
@@ -85,6 +115,7 @@ class ModelConfig:
     num_kv_heads: int = constrained(0, lo=0)  # 0 = num_heads (MHA)
     rope_theta: float = constrained(10000.0, lo=0.0, lo_open=True)
     tie_word_embeddings: bool = True
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,8 +217,17 @@ class ExperimentConfig(JobConfig):
 
     def __post_init__(self):
         self.validate_fields()
+        if self.partition.kmeans == "two_stage" and self.partition.balance != "units":
+            raise ConfigError("partition.kmeans: \"two_stage\" balances units (documents / images), not "
+                              "training examples; set partition.balance = \"units\" with it")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: must be distinct integers >= 0, got {list(self.seeds)}")
+        if not self.data.corpus.strip():
+            raise ConfigError('data.corpus: must be "stdlib", "stdlib+python" or a path to a folder or a .jsonl '
+                              'file, got ""')
+        if self.model.init_from and self.schedule != "ar":
+            raise ConfigError(f"model.init_from: a pretrained checkpoint is a causal LM, so only schedule = \"ar\" "
+                              f"can start from it, got schedule {self.schedule!r}")
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             raise ConfigError("data.test_fraction: val_fraction + test_fraction must be < 0.9")
         if self.eval.top_k > self.partition.num_clusters:

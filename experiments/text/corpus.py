@@ -79,6 +79,35 @@ def module_text(source: str, module: str) -> str:
     return "\n\n".join(parts)
 
 
+def stdlib_module_files(root: Path | None = None, exclude_dirs: Iterable[str] = ()) -> list[tuple[str, Path]]:
+    """``(dotted module name, file)`` of every ``.py`` module under the stdlib, in walk order.
+
+    Directories named in `exclude_dirs` (any path component) or starting with "." are not entered;
+    files whose path is not a valid dotted module name (e.g. ``site-packages`` leftovers, scripts
+    with dashes) are skipped; ``pkg/__init__.py`` is the module ``pkg``.
+
+    Args:
+      root: stdlib directory (default `stdlib_root()`).
+      exclude_dirs: directory names to skip.
+    """
+    root = stdlib_root() if root is None else Path(root)
+    exclude = set(exclude_dirs)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in exclude and not d.startswith("."))
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            path = Path(dirpath) / filename
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if not parts or any(not p.isidentifier() for p in parts):
+                continue
+            out.append((".".join(parts), path))
+    return out
+
+
 def module_documents(root: Path | None = None, exclude_dirs: Iterable[str] = ()) -> list[Document]:
     """One document per stdlib module with at least one docstring, sorted by id.
 
@@ -86,28 +115,14 @@ def module_documents(root: Path | None = None, exclude_dirs: Iterable[str] = ())
       root: stdlib directory (default `stdlib_root()`).
       exclude_dirs: directory names; a module with any of them as a path component is skipped.
     """
-    root = stdlib_root() if root is None else Path(root)
-    exclude = set(exclude_dirs)
     docs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in exclude and not d.startswith("."))
-        for filename in sorted(filenames):
-            if not filename.endswith(".py"):
-                continue
-            path = Path(dirpath) / filename
-            rel = path.relative_to(root).with_suffix("")
-            parts = list(rel.parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            if not parts or any(not p.isidentifier() for p in parts):
-                continue
-            module = ".".join(parts)
-            try:
-                text = module_text(path.read_text(encoding="utf-8", errors="replace"), module)
-            except (SyntaxError, ValueError):
-                continue
-            if text.strip():
-                docs.append(Document(f"module:{module}", text))
+    for module, path in stdlib_module_files(root, exclude_dirs):
+        try:
+            text = module_text(path.read_text(encoding="utf-8", errors="replace"), module)
+        except (SyntaxError, ValueError):
+            continue
+        if text.strip():
+            docs.append(Document(f"module:{module}", text))
     return sorted(docs, key=lambda d: d.id)
 
 

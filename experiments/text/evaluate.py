@@ -201,6 +201,11 @@ def evaluate(ctx: Context, data: TextData) -> dict:
     evaluate_schedule = _evaluate_ar if c.schedule == "ar" else _evaluate_masked
     systems, per_seq, weights_doc, temperature = evaluate_schedule(ctx, data, inputs)
     clusters, s11 = _s11_terms(per_seq, test, k, seq_len)
+    seq_labels = test.labels[test.doc[test.scored]]
+    for cl in clusters:                      # every system on each true cluster's scored tokens
+        m = seq_labels == cl["cluster"]
+        cl["systems"] = {sy["name"]: (float(sy["nll_per_sequence"][m].sum() / cl["tokens"]) if cl["tokens"] else None)
+                         for sy in systems}
     samples = generate(ctx, data, models, experts, inputs.priors)
     arrays = {"x1": test.x1, "doc": test.doc, "context": test.context, "labels": test.labels,
               "priors": inputs.priors, "random_priors": inputs.random_priors}

@@ -1,7 +1,12 @@
 """The text job's export stage: the trained models as HF directories (`dfm.hf`, docs/checkpoints.md).
 
-``<run>/export/dense``: the dense model as an HF Llama directory (`LlamaForCausalLM`) with the
-run's tokenizer (`tokenizer.json`, `AutoTokenizer` loads it) and a chat template.
+``<run>/export/dense``: the dense model as an HF Llama directory (`LlamaForCausalLM`; a Qwen2
+checkpoint given as ``model.init_from`` exports as `Qwen2ForCausalLM`) with the run's tokenizer
+(`tokenizer.json`, `AutoTokenizer` loads it) and a chat template: `CHAT_TEMPLATE` for the job's own
+BPE; with ``model.init_from`` the checkpoint's tokenizer and its own chat template (or
+`CHAT_TEMPLATE` when it has none), with its BOS token declared when it had none (Qwen2: the
+``<|endoftext|>`` the job reads sequences with, `experiments.engine.tokenizer.special_token_ids`;
+`dfm.DecentralizedModel` needs one).
 ``<run>/export/decentralized``: `dfm.hf.save_decentralized` of the K experts (each an HF Llama
 directory with the tokenizer), the partition, the tf-idf + SVD featurizer (arrays + JSON) and the
 top-k centroid router with the temperature fitted at evaluation (THEORY S12, S13);
@@ -38,10 +43,20 @@ def featurizer_path(partition_dir: Path) -> Path:
     return new if new.is_file() or not (partition_dir / "featurizer.pkl").is_file() else partition_dir / "featurizer.pkl"
 
 
-def export_tokenizer(tokenizer, directory: Path) -> Path:
-    """`tokenizer` with `CHAT_TEMPLATE`, saved (`tokenizer.json` + `tokenizer_config.json` holding
-    the template) into `directory`."""
-    tokenizer.chat_template = CHAT_TEMPLATE
+def export_tokenizer(tokenizer, directory: Path, *, pretrained: bool = False, bos_id: int | None = None) -> Path:
+    """`tokenizer` with a chat template, saved (`tokenizer.json` + `tokenizer_config.json` holding
+    the template) into `directory`.
+
+    Args:
+      pretrained: a checkpoint's tokenizer (``model.init_from``): its own chat template is kept
+        (`CHAT_TEMPLATE` only when it has none); else `CHAT_TEMPLATE` is set.
+      bos_id: the BOS id the job used; declared as the tokenizer's ``bos_token`` when it has none
+        (this changes no encoding: transformers adds no BOS to such a tokenizer's input).
+    """
+    if not pretrained or not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.bos_token is None and bos_id is not None:
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(int(bos_id))
     tokenizer.save_pretrained(str(directory), save_jinja_files=False)
     return directory
 
@@ -62,7 +77,7 @@ def export(ctx: Context, data: TextData) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.tmp"))
     try:
-        tok_dir = export_tokenizer(data.tokenizer, tmp)
+        tok_dir = export_tokenizer(data.tokenizer, tmp, pretrained=bool(c.model.init_from), bos_id=data.bos_id)
         out = {"dense": str(save_pretrained(load_stage_model(ctx, data, "dense"), out_dir / "dense",
                                             tokenizer=tok_dir, overwrite=True))}
         if ctx.skip_experts:

@@ -5,23 +5,68 @@ sequence ``x1 [batch, L]`` is ``shift_right(x1, bos)`` and the loss is `dfm.loss
 Masked schedule (THEORY S4, S5(e)): a bidirectional decoder embedding ``vocab + 1`` states (mask
 id = vocab) and predicting ``vocab`` classes, trained with `dfm.losses.dfm_loss` on the discretized
 kappa schedule of the config. Losses are reported per token (nats / L).
+
+With ``model.init_from`` (a local HF Llama / Qwen2 directory) the AR decoder is the checkpoint's:
+`decoder_config` reads its architecture and `new_model` its weights (`dfm.hf.load_pretrained`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.engine.task import DataError
 from experiments.text.config import ExperimentConfig
 
 
+def init_from_path(config: ExperimentConfig) -> Path | None:
+    """``model.init_from`` as an absolute path (relative to the working directory), or None."""
+    return Path(config.model.init_from).expanduser().absolute() if config.model.init_from else None
+
+
+def pretrained_decoder_config(config: ExperimentConfig):
+    """`DecoderConfig` of the checkpoint at ``model.init_from`` (`dfm.hf.configs.decoder_config_from_hf`,
+    HF LlamaConfig / Qwen2Config fields) with the config's ``[numerics]`` knobs (dtype, param_dtype,
+    attention, matmul_precision, remat, scan_layers).
+
+    Raises:
+      DataError: ``model.init_from`` is not a directory, its ``config.json`` is missing or invalid,
+        not a Llama / Qwen2 model or uses an unsupported feature, or is not a causal LM with one
+        logit per token (an exported masked denoiser); the message names the path.
+    """
+    from dfm.hf import CheckpointError, read_config
+    from dfm.hf.configs import decoder_config_from_hf
+
+    path, n = init_from_path(config), config.numerics
+    if not path.is_dir():
+        raise DataError(f"model.init_from: {path} is not a directory (expected a local HF checkpoint directory)")
+    try:
+        hf, file = read_config(path)
+        dc = decoder_config_from_hf(hf, file, dtype=n.dtype, param_dtype=n.param_dtype, attention=n.attention,
+                                    matmul_precision=n.matmul_precision)
+    except (CheckpointError, ValueError) as exc:
+        raise DataError(f"model.init_from: {exc}") from None
+    if not dc.causal or dc.num_outputs != dc.vocab_size:
+        raise DataError(f"model.init_from: {path} is not a causal LM with one logit per token (causal="
+                        f"{dc.causal}, output_size={dc.num_outputs}, vocab_size={dc.vocab_size})")
+    return dataclasses.replace(dc, remat=n.remat, scan_layers=n.scan_layers)
+
+
 def decoder_config(config: ExperimentConfig, vocab: int):
-    """`dfm.models.DecoderConfig` of the experiment's language models."""
+    """`dfm.models.DecoderConfig` of the experiment's language models.
+
+    With ``model.init_from`` it is the checkpoint's (`pretrained_decoder_config`): `vocab` and
+    every ``[model]`` size are ignored (the data stage sets ``vocab_size`` to the checkpoint's).
+    """
     from dfm.models import DecoderConfig
 
+    if config.model.init_from:
+        return pretrained_decoder_config(config)
     m = config.model
     masked = config.schedule == "masked"
     return DecoderConfig(
@@ -39,11 +84,44 @@ def decoder_config(config: ExperimentConfig, vocab: int):
     )
 
 
+def _tracing() -> bool:
+    """True inside a JAX trace (e.g. `nnx.eval_shape`), where only the model's structure is used."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
 def new_model(config: ExperimentConfig, vocab: int, seed: int):
-    """A freshly initialized `dfm.models.Decoder` (parameters from ``nnx.Rngs(seed)``)."""
+    """The model stage 1 starts from, and the template the engine loads every saved stage into
+    (`dfm.models.Decoder`).
+
+    Without ``model.init_from``: freshly initialized from ``nnx.Rngs(seed)`` with the ``[model]``
+    sizes and `vocab` tokens. With it: the checkpoint's weights, `dfm.hf.load_pretrained(init_from)`
+    with the ``[numerics]`` dtypes and knobs (its logits are transformers' for the same tokens);
+    `vocab`, `seed` and the ``[model]`` sizes are then ignored. When traced abstractly
+    (`nnx.eval_shape`: the engine's template for loading a saved stage, the parameter count) the
+    weights are not read; the structure is the same.
+
+    Raises:
+      DataError: a checkpoint that cannot be used (`pretrained_decoder_config`), or whose weights
+        are missing, truncated or of the wrong shape (naming the file and tensor).
+    """
     from dfm.models import Decoder
 
-    return Decoder(decoder_config(config, vocab), rngs=nnx.Rngs(seed))
+    if not config.model.init_from:
+        return Decoder(decoder_config(config, vocab), rngs=nnx.Rngs(seed))
+    from dfm.hf import CheckpointError, load_pretrained
+
+    dc = pretrained_decoder_config(config)
+    if _tracing():
+        return Decoder(dc, rngs=nnx.Rngs(seed))
+    n = config.numerics
+    try:
+        model = load_pretrained(init_from_path(config), dtype=n.dtype, param_dtype=n.param_dtype,
+                                matmul_precision=n.matmul_precision, attention=n.attention, scan_layers=n.scan_layers)
+    except (CheckpointError, ValueError) as exc:
+        raise DataError(f"model.init_from: {exc}") from None
+    if model.config.remat != n.remat:      # a runtime knob that load_pretrained does not take
+        model.config = dataclasses.replace(model.config, remat=n.remat)
+    return model
 
 
 def router_config(config: ExperimentConfig, vocab: int):

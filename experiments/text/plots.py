@@ -36,14 +36,17 @@ def router_heatmaps(weights: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def cluster_sizes(partition_info: dict, path: Path) -> Path:
-    """Bars per cluster: train documents, train sequences, random-partition sequences, test documents."""
+def cluster_sizes(partition_info: dict, path: Path, evaluated: list[int] | None = None) -> Path:
+    """Bars per cluster: train documents, train sequences, random-partition sequences, and the
+    evaluated test documents (`evaluated`, those the report's tables score: with a context chunk and
+    at least one scored chunk; default all test documents of the partition)."""
     plt = pyplot()
     series = {
         "train documents": partition_info["documents_per_cluster"],
         "train sequences": partition_info["sequences_per_cluster"],
         "random-partition sequences": partition_info.get("random_sequences_per_cluster"),
-        "test documents": partition_info["test_documents_per_cluster"],
+        "evaluated test documents" if evaluated is not None else "test documents":
+            evaluated if evaluated is not None else partition_info["test_documents_per_cluster"],
     }
     series = {k: v for k, v in series.items() if v is not None}
     fig, axes = plt.subplots(1, len(series), figsize=(3.0 * len(series), 2.8))

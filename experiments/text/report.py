@@ -123,13 +123,18 @@ def markdown(rep: dict) -> str:
     masked = rep["schedule"] == "masked"
     metric = "DFM loss (ELBO, nats/token)" if masked else "NLL (nats/token)"
     dense = next(s for s in rep["systems"] if s["name"] == "dense")
+    src, tk = d.get("corpus") or {"source": "stdlib"}, d.get("tokenizer") or {"kind": "bpe"}
+    what = {"stdlib": f"Python {d['python']} standard-library documentation (pydoc topics + module docstrings)",
+            "stdlib+python": f"Python {d['python']} standard-library documentation and module source code",
+            }.get(src.get("kind", src.get("source", "stdlib")), f"`{src.get('path', src.get('source'))}`")
+    tok = "byte-level BPE" if tk.get("kind") == "bpe" else f"tokenizer of `{tk.get('init_from')}`"
     lines = [
         f"# Dense vs decentralized experts: `{c['name']}` ({rep['schedule']} schedule)",
         "",
-        f"Corpus: Python {d['python']} standard-library documentation (pydoc topics + module docstrings), "
+        f"Corpus: {what}, "
         f"fingerprint `{d['fingerprint']}`. Documents train/val/test: "
         f"{d['documents']['train']}/{d['documents']['val']}/{d['documents']['test']}; tokens "
-        f"{d['tokens']['train']:,}/{d['tokens']['val']:,}/{d['tokens']['test']:,} (byte-level BPE, vocab {d['vocab_size']}).",
+        f"{d['tokens']['train']:,}/{d['tokens']['val']:,}/{d['tokens']['test']:,} ({tok}, vocab {d['vocab_size']}).",
         f"K = {c['partition']['num_clusters']} experts; held-out: {rep['eval']['documents']} test documents, "
         f"{rep['eval']['scored_tokens']:,} scored tokens (first chunk of each document is context only).",
         "",
@@ -176,6 +181,13 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['tokens']:,} | "
                      f"{_fmt(cl['expert_loss'])} ({_fmt(cl.get('expert_perplexity'), 2)}) | "
                      f"{_fmt(cl['dense_loss'])} ({_fmt(cl.get('dense_perplexity'), 2)}) |")
+    names = list(rep["clusters"][0].get("systems") or {}) if rep["clusters"] else []
+    if names:
+        lines += ["", "Every system on each true cluster's scored test tokens (nats/token; the evaluated test "
+                      "documents, as in the table above and plots/cluster_sizes.png):", "",
+                  "| cluster | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for cl in rep["clusters"]:
+            lines.append(f"| {cl['cluster']} | " + " | ".join(_fmt(cl["systems"].get(n)) for n in names) + " |")
     cu = rep.get("masked_context_use")
     if cu:
         lines += ["", "Context use of the dense denoiser (cross-entropy on masked positions, nats): "
@@ -189,6 +201,7 @@ def markdown(rep: dict) -> str:
               f"- expert steps: {comp['expert_steps']}",
               f"- wall time: training {rep['wall_time_s']['training']:.1f} s, evaluation "
               f"{rep['wall_time_s']['evaluation']:.1f} s", ""]
+    lines += selection_lines(rep["stages"])
     lines += ["## Router weights by true cluster", "",
               "Mean weight (columns: experts) over test documents of each true cluster (rows).", ""]
     for name, rows in rep["router_weights_by_true_cluster"].items():
@@ -203,6 +216,26 @@ def markdown(rep: dict) -> str:
                 lines += [f"**{label} {i}**", "", "```text", text.replace("```", "'''"), "```", ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in rep["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def selection_lines(stages: dict) -> list[str]:
+    """The "Model selection" section: per training stage the step kept and its validation loss
+    (markdown lines; [] when no stage validated)."""
+    rows = [(name, info) for name, info in stages.items() if info.get("best_step") is not None]
+    if not rows:
+        return []
+    lines = ["## Model selection (validation only)", "",
+             "Each model is selected on its own validation documents (stage 1, dense and the random control: "
+             "all of them; expert k: those of cluster k), never on test. Compute is counted for every step "
+             "trained, whichever step is kept.", "",
+             "| stage | steps trained | step kept | validation loss at kept step | validation loss at last step |",
+             "|---|---:|---:|---:|---:|"]
+    for name, info in rows:
+        last = (info.get("validation") or [{}])[-1].get("val_loss")
+        best = info.get("kept") == "best"
+        kept, kept_loss = (info["best_step"], info["best_val_loss"]) if best else (info["steps"], last)
+        lines.append(f"| {name} | {info['steps']} | {kept} | {_fmt(kept_loss)} | {_fmt(last)} |")
+    return lines + [""]
 
 
 def delta_text(system: dict, dense: dict) -> str:
@@ -220,9 +253,11 @@ def write_report(ctx: Context, results: dict) -> dict:
     rep = build_report(ctx, results)
     run = ctx.run
     stages = {s: run.stage_info(s) for s in training_stages(ctx)}
-    loss_curves(stages, run.plots / "loss_curves.png", f"{ctx.config.name}: training loss", first="base")
+    loss_curves(stages, run.plots / "loss_curves.png",
+                f"{ctx.config.name}: training loss (lines), validation loss (dots; star: the kept step)", first="base")
     plots.router_heatmaps(rep["router_weights_by_true_cluster"], run.plots / "router_weights.png")
-    plots.cluster_sizes(rep["partition"], run.plots / "cluster_sizes.png")
+    plots.cluster_sizes(rep["partition"], run.plots / "cluster_sizes.png",
+                        evaluated=[cl["documents"] for cl in rep["clusters"]])
     atomic_save_npz(run.root / "scores.npz", **results["arrays"])
     atomic_write_json(run.report_json, rep)
     atomic_write_text(run.report_md, markdown(rep))

@@ -24,6 +24,10 @@ from experiments.text.config import ExperimentConfig
 from experiments.text.data import TextData, load_data
 
 
+#: validation sequences per model selection at most (evenly spaced over the selected ones)
+MAX_VALIDATION_SEQUENCES = 512
+
+
 class TextTask(Task):
     """The text job (`task = "text"`, the default)."""
 
@@ -52,8 +56,9 @@ class TextTask(Task):
         c = ctx.config
         params = count_parameters(lambda: modeling.new_model(c, data.vocab_size, c.seed))
         batch = max(getattr(c, self.stage1).batch_size, c.stage2.batch_size)
-        return training_memory_bytes(params, batch=batch, seq_len=c.data.seq_len, hidden=c.model.hidden_size,
-                                     layers=c.model.num_layers, heads=c.model.num_heads, vocab=data.vocab_size)
+        dc = modeling.decoder_config(c, data.vocab_size)      # the checkpoint's sizes with model.init_from
+        return training_memory_bytes(params, batch=batch, seq_len=c.data.seq_len, hidden=dc.hidden_size,
+                                     layers=dc.num_layers, heads=dc.num_heads, vocab=data.vocab_size)
 
     def partition_input(self, ctx: Context, data: TextData, stage1_model=None) -> PartitionInput:
         """tf-idf + SVD features of whole documents (fitted on train; saved as featurizer.npz,
@@ -78,6 +83,22 @@ class TextTask(Task):
     def batch_fn(self, ctx: Context, data: TextData, index: np.ndarray, batches):
         tokens = data.sequences["train"].tokens[index]
         return lambda step: jnp.asarray(tokens[batches.indices(step)])
+
+    def validation_batches(self, ctx: Context, data: TextData, units: np.ndarray | None) -> list:
+        """The validation sequences of the documents `units` (None = all validation documents), at
+        most the first ``eval.max_scored_per_doc + 1`` chunks of each document (as the test scoring
+        reads them; 0 = all) and at most `MAX_VALIDATION_SEQUENCES` in all (evenly spaced), in
+        batches of ``eval.batch_size``."""
+        seqs = data.sequences["val"]
+        keep = np.ones(len(seqs), bool) if units is None else np.isin(seqs.doc, units)
+        per_doc = ctx.config.eval.max_scored_per_doc
+        if per_doc:
+            keep &= seqs.chunk <= per_doc
+        rows = np.flatnonzero(keep)
+        if len(rows) > MAX_VALIDATION_SEQUENCES:
+            rows = rows[np.linspace(0, len(rows) - 1, MAX_VALIDATION_SEQUENCES).round().astype(np.int64)]
+        bs = ctx.config.eval.batch_size
+        return [jnp.asarray(seqs.tokens[rows[i:i + bs]]) for i in range(0, len(rows), bs)]
 
     def stage_marker(self, ctx: Context, stage: str, steps: int, batch_size: int) -> dict:
         """Training tokens = steps x batch_size x seq_len (every position is a target of the loss)."""

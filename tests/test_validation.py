@@ -1,0 +1,124 @@
+"""Model selection by validation loss in `dfm.train.train` (`validate=`, `TrainConfig.validate_every`,
+`keep_best`) and the engine's rule of which validation units select which model."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfm.train import TrainConfig, train
+from experiments.engine.stages import Assignments
+from experiments.engine.validation import make_validate, validation_units
+
+TARGET = jnp.array([1.0, 2.0, 3.0])
+
+
+class Point(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.zeros((3,)))
+
+
+def loss_fn(model, batch, key):
+    del key
+    return jnp.mean((model.w[...] - batch) ** 2), {}
+
+
+def batches(step):
+    return TARGET
+
+
+def val_loss(model) -> float:
+    """Validation optimum at 0.4 * TARGET: training towards TARGET passes it, so the validation
+    curve falls, then rises, and the best step is strictly inside the run."""
+    return float(np.mean((np.asarray(model.w[...], np.float64) - 0.4 * np.asarray(TARGET)) ** 2))
+
+
+CONFIG = TrainConfig(steps=30, learning_rate=0.1, validate_every=3, keep_best=True, checkpoint_every=9, log_every=3)
+
+
+def _trained(steps: int) -> np.ndarray:
+    """Parameters after `steps` updates of an independent run without validation."""
+    model = Point()
+    train(model, loss_fn, batches, CONFIG.replace(steps=30, validate_every=0, keep_best=False), progress=False,
+          stop_after=steps) if steps else None
+    return np.asarray(model.w[...])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_keeps_the_parameters_of_the_lowest_validation_loss(tmp_path, checkpointing):
+    model = Point()
+    result = train(model, loss_fn, batches, CONFIG, checkpoint_dir=tmp_path / "ckpt" if checkpointing else None,
+                   progress=False, validate=val_loss)
+    steps = [r["step"] for r in result.validation]
+    assert steps == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    losses = np.array([r["val_loss"] for r in result.validation])
+    assert result.best_step == steps[int(np.argmin(losses))] and 0 < result.best_step < 30
+    assert result.best_val_loss == losses.min()
+    # the model holds exactly the parameters an independent run has after best_step updates
+    np.testing.assert_array_equal(np.asarray(model.w[...]), _trained(result.best_step))
+    assert val_loss(model) == pytest.approx(result.best_val_loss, abs=1e-7)
+
+
+def test_keep_last_returns_the_final_parameters_but_reports_the_best():
+    model = Point()
+    result = train(model, loss_fn, batches, CONFIG.replace(keep_best=False), progress=False, validate=val_loss)
+    np.testing.assert_array_equal(np.asarray(model.w[...]), _trained(30))
+    assert 0 < result.best_step < 30
+
+
+def test_resume_continues_the_same_selection(tmp_path):
+    whole = Point()
+    full = train(whole, loss_fn, batches, CONFIG, checkpoint_dir=tmp_path / "a", progress=False, validate=val_loss)
+    first = Point()
+    part = train(first, loss_fn, batches, CONFIG, checkpoint_dir=tmp_path / "b", progress=False, validate=val_loss,
+                 stop_after=18)
+    assert part.steps_done == 18 and [r["step"] for r in part.validation][-1] == 18
+    resumed = Point()
+    rest = train(resumed, loss_fn, batches, CONFIG, checkpoint_dir=tmp_path / "b", progress=False, validate=val_loss)
+    assert rest.validation == full.validation
+    assert (rest.best_step, rest.best_val_loss) == (full.best_step, full.best_val_loss)
+    np.testing.assert_array_equal(np.asarray(resumed.w[...]), np.asarray(whole.w[...]))
+    # a finished directory returns at once, with the best parameters again
+    again = Point()
+    done = train(again, loss_fn, batches, CONFIG, checkpoint_dir=tmp_path / "b", progress=False, validate=val_loss)
+    assert done.best_step == full.best_step
+    np.testing.assert_array_equal(np.asarray(again.w[...]), np.asarray(whole.w[...]))
+
+
+def test_validation_rows_reach_the_metrics_file(tmp_path):
+    from dfm.train import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    train(Point(), loss_fn, batches, CONFIG, progress=False, validate=val_loss, metrics_path=path)
+    rows = [r for r in read_metrics(path) if "val_loss" in r]
+    assert [r["step"] for r in rows] == list(range(0, 31, 3))
+
+
+def test_make_validate_is_the_token_weighted_mean():
+    """Two batches of different sizes: the mean is over target tokens, not over batches."""
+    def mean_abs(model, batch, key):
+        del key
+        err = jnp.abs(model.w[...][None, :] - batch)
+        return err.mean(), {"tokens": jnp.asarray(err.size, jnp.float32)}
+
+    rng = np.random.default_rng(0)
+    b1, b2 = rng.normal(size=(4, 3)), rng.normal(size=(1, 3))
+    got = make_validate(mean_abs, [jnp.asarray(b1), jnp.asarray(b2)])(Point())
+    assert got == pytest.approx(np.abs(np.concatenate([b1, b2])).mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="batches"):
+        make_validate(mean_abs, [])
+
+
+def test_each_model_is_selected_on_its_own_validation_units():
+    a = Assignments(units={"train": np.array([0, 1, 1]), "random": np.array([1, 0, 1]),
+                           "val": np.array([1, 0, 1, 1, 0]), "test": np.array([0])}, example_unit=np.arange(3))
+    assert validation_units("expert-1", a).tolist() == [0, 2, 3]
+    assert validation_units("expert-0", a).tolist() == [1, 4]
+    assert validation_units("dense", a) is None
+    assert validation_units("random-0", a) is None       # a uniform sample: all of val
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="validate_every"):
+        TrainConfig(steps=3, validate_every=-1)
+    with pytest.raises(ValueError, match="keep_best"):
+        TrainConfig(steps=3, keep_best="yes")
