@@ -80,6 +80,7 @@ class DecentralizedModel:
       available: `[K]` bool, the experts used (missing ones and those excluded at `load` are False).
       multimodal: whether the experts are image-text `MultimodalModel`s (then `images=` is required).
       multimodal_config: the experts' `MultimodalConfig` (None for text experts).
+      pixel_stats: `(image_mean, image_std)` the image-text experts read their pixels with (`pixels`).
       routing: how images are featurized for routing (``routing_features.json`` of the directory;
         default ``{"featurizer": "tower"}``): the experts' own tower, or ``"clip"`` with the CLIP
         checkpoint copied in ``routing_clip/`` and its preprocessing.
@@ -103,15 +104,24 @@ class DecentralizedModel:
         self.multimodal = hasattr(first, "language_model")
         # image-text experts: their `MultimodalConfig` (image size, image token id, image tokens, feature layer)
         self.multimodal_config = first.config if self.multimodal else None
-        if self.multimodal:
-            tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            if tid != self.multimodal_config.image_token_id:
-                raise ValueError(f"tokenizer: its {IMAGE_TOKEN!r} token has id {tid!r}, the experts' image_token_id is "
-                                 f"{self.multimodal_config.image_token_id}")
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
-        if self.bos_id is None:
+        # the image token the experts' features replace: "<image>" (LLaVA, ours) or "<IMG_CONTEXT>"
+        # (InternVL, framed by <img> ... </img>); prompts are written with the "<image>" placeholder
+        self.image_token, self._image_frame = IMAGE_TOKEN, ([], [])
+        if self.multimodal:
+            tid = self.multimodal_config.image_token_id
+            token = tokenizer.convert_ids_to_tokens(tid)
+            if token is None or tokenizer.convert_tokens_to_ids(token) != tid or tid == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer: has no token with the experts' image_token_id {tid}")
+            self.image_token = token
+            start, end = getattr(tokenizer, "start_image_token", None), getattr(tokenizer, "end_image_token", None)
+            if getattr(tokenizer, "context_image_token", None) and start and end:      # InternVL
+                self._image_frame = ([tokenizer.convert_tokens_to_ids(start)], [tokenizer.convert_tokens_to_ids(end)])
+        if self.bos_id is None and not self.multimodal:
             raise ValueError("tokenizer: no bos_token (the causal experts read [BOS] + tokens)")
+        self._bos = [] if self.bos_id is None else [self.bos_id]   # image-text experts may start without one
+        self.pixel_stats = (CLIP_MEAN, CLIP_STD)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, top_k: int | None = None, available: Any = None,
@@ -165,7 +175,12 @@ class DecentralizedModel:
             if routing.get("featurizer") not in ("tower", "clip"):
                 raise CheckpointError(f"{record}: unknown featurizer {routing.get('featurizer')!r} "
                                       f"(expected 'tower' or 'clip')")
-        return cls(checkpoint, load_tokenizer(tok_dir), mask, top_k, routing=routing, root=path)
+        model = cls(checkpoint, load_tokenizer(tok_dir), mask, top_k, routing=routing, root=path)
+        if model.multimodal:
+            from dfm.hf.clip_features import image_stats
+
+            model.pixel_stats = image_stats(tok_dir)
+        return model
 
     @property
     def num_experts(self) -> int:
@@ -208,9 +223,17 @@ class DecentralizedModel:
         if self.routing.get("featurizer") == "clip":
             return self._clip_features(images, batch_size)
         tower_model = self.checkpoint.experts[int(np.flatnonzero(self.available)[0])]
-        parts = [np.asarray(_routing_features(tower_model, jnp.asarray(pixels(images[s:s + batch_size]))), np.float64)
+        parts = [np.asarray(_routing_features(tower_model, jnp.asarray(self.pixels(images[s:s + batch_size]))),
+                            np.float64)
                  for s in range(0, len(images), batch_size)]
         return np.concatenate(parts)
+
+    def pixels(self, images_uint8: Any) -> np.ndarray:
+        """uint8 `[n, S, S, 3]` -> the experts' float32 NHWC input: `(x / 255 - mean) / std` with the
+        statistics of the exported image processor (``preprocessor_config.json`` beside the
+        tokenizer, as written for an ``init_from`` checkpoint; `dfm.hf.clip_features.image_stats`),
+        CLIP's when there is none (the multimodal job's own models)."""
+        return normalize_pixels(images_uint8, *self.pixel_stats)
 
     def _clip_features(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         """CLIP routing features (the partition's, ``routing_features.json`` "clip"): the copied
@@ -296,10 +319,11 @@ class DecentralizedModel:
         the centroid / uniform routers, the Bayes filter from the priors (updated token by token).
 
         Image-text experts (`images` uint8 `[n, H, W, 3]`, one per text): each text is scored
-        conditioned on its image. The sequence is `[BOS] + ids` with the text's `<image>`
-        placeholder (at most one) expanded to the image tokens, or, without a placeholder,
-        `[BOS] + image tokens + ids` (the text right after the image); the scored tokens (L, `valid`)
-        are the text's own tokens, neither BOS nor image tokens. E.g. the multimodal job's answer
+        conditioned on its image. The sequence is `[BOS] + ids` (BOS when the tokenizer has one)
+        with the text's `<image>` placeholder (at most one) expanded to the image tokens (as in
+        `generate`), or, without a placeholder, `[BOS] + image tokens + ids` (the text right after
+        the image); the scored tokens (L, `valid`) are the text's own tokens, neither BOS nor image
+        tokens (nor InternVL's `<img>` / `</img>`). E.g. the multimodal job's answer
         format: `texts=["USER: <image>\\nWhat digit is shown? ASSISTANT: 7"]` (its question tokens are
         scored too). Weights: `route(texts, images=images)` (centroid: the images' features).
 
@@ -337,18 +361,35 @@ class DecentralizedModel:
         img = c.image_token_id
         count = int((ids == img).sum())
         if count > 1:
-            raise ValueError(f"{what}: entry {index} has {count} {IMAGE_TOKEN!r} placeholders (one image per entry)")
+            raise ValueError(f"{what}: entry {index} has {count} {self.image_token!r} placeholders (one image per "
+                             f"entry)")
         if count == 0:
             if not prepend:
-                raise ValueError(f"{what}: entry {index} has no {IMAGE_TOKEN!r} placeholder")
+                raise ValueError(f"{what}: entry {index} has no {self.image_token!r} placeholder")
             ids = np.concatenate([[img], ids])
-        expanded = np.concatenate([[self.bos_id]] + [[t] * c.num_image_tokens if t == img else [t] for t in ids])
-        expanded = expanded.astype(np.int32)
-        return expanded, (expanded != img) & (np.arange(len(expanded)) > 0)
+        start, end = self._image_frame
+        image = [*start, *[img] * c.num_image_tokens, *end]
+        expanded = np.asarray([*self._bos, *[u for t in ids for u in (image if t == img else [t])]], np.int32)
+        frame = np.isin(expanded, [*start, *end, img])
+        return expanded, ~frame & (np.arange(len(expanded)) > 0)
+
+    def _prompt_text(self, prompt: str) -> str:
+        """The text of a question about an image, before tokenization: the tokenizer's chat template
+        (a pretrained checkpoint's: one user turn with an image and the question, then the generation
+        prompt, as `processor.apply_chat_template`) or, without one, the multimodal job's LLaVA v1
+        layout ``USER: <image>\\n{prompt} ASSISTANT:``; the image token stays one placeholder here."""
+        question = prompt.replace(IMAGE_TOKEN, "").strip()
+        if getattr(self.tokenizer, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return text.replace(IMAGE_TOKEN, self.image_token) if self.image_token != IMAGE_TOKEN else text
+        question = prompt.strip() if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt.strip()}"
+        return f"USER: {question.strip()} ASSISTANT:"
 
     def _image_text_log_probs(self, texts: list[str], images: np.ndarray):
         """`(tokens [n, L], valid [n, L], log-probs [K, n, L])` of the texts' own tokens given the images."""
         rows, masks = [], []
+        texts = [t.replace(IMAGE_TOKEN, self.image_token) for t in texts]   # the placeholder, as the model's token
         for i, ids in enumerate(self._encode(texts)):
             row, is_text = self._image_tokens(ids, "texts", i, prepend=True)
             if not is_text.any():
@@ -367,7 +408,7 @@ class DecentralizedModel:
             pos = np.flatnonzero(m) - 1
             index[i, :len(pos)], valid[i, :len(pos)] = pos, True
         x1 = np.where(valid, np.take_along_axis(seqs[:, 1:], index, axis=1), pad).astype(np.int32)
-        px = jnp.asarray(pixels(images))
+        px = jnp.asarray(self.pixels(images))
         lp = np.zeros((self.num_experts, n, length), np.float32)
         for k, model in enumerate(self.checkpoint.experts):
             if self.available[k]:
@@ -403,9 +444,13 @@ class DecentralizedModel:
 
         Image-text experts (`images` uint8 `[n, H, W, 3]`, one per prompt): each prompt is a
         question about its image, laid out as the multimodal job's (experiments/mllm/text.py
-        `encode_prompt`): `[BOS] + ids("USER: <image>\\n{prompt} ASSISTANT:")` with `<image>` expanded
-        to the image tokens (a prompt that already holds one `<image>` placeholder keeps it where it
-        is: `"USER: {prompt} ASSISTANT:"`). Every used expert prefills it with the image
+        `encode_prompt`): with a tokenizer that has a chat template (a pretrained LLaVA / InternVL
+        checkpoint's), the template's user turn (image, question) and generation prompt, as
+        `processor.apply_chat_template`; otherwise `[BOS] + ids("USER: <image>\\n{prompt} ASSISTANT:")`
+        (a prompt that already holds one `<image>` placeholder keeps it where it is). The image token
+        is expanded as the checkpoint's processor does (LLaVA: `num_image_tokens` copies of `<image>`;
+        InternVL: `<img>` + `<IMG_CONTEXT>` x `num_image_tokens` + `</img>`); BOS only when the
+        tokenizer has one (Qwen2 has none). Every used expert prefills it with the image
         (`MultimodalModel.prefill`); the same `mixture_decode` continues. Router: the image's
         centroid `route` weights, or the Bayes filter started at the priors (the prompt is no
         evidence: the experts were never trained on question tokens, as in the job's evaluation)
@@ -458,8 +503,7 @@ class DecentralizedModel:
         weights = self.route(prompts, images=images)
         layouts = []
         for i, prompt in enumerate(prompts):
-            question = prompt.strip() if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt.strip()}"
-            ids = self._encode([f"USER: {question.strip()} ASSISTANT:"])[0]
+            ids = self._encode([self._prompt_text(prompt)])[0]
             layouts.append(self._image_tokens(ids, "prompts", i, prepend=False)[0])
         # one KV-cache length for the call: the decoder compiles once (the prompt length is traced)
         cache_length = max(len(t) for t in layouts) + max_new_tokens
@@ -475,7 +519,7 @@ class DecentralizedModel:
                 w = weights[i, used]
                 router = FixedRouter(jnp.asarray((w / w.sum())[None], jnp.float32))
             models = [self.checkpoint.experts[k] for k in used]
-            px = jnp.asarray(pixels(images[i:i + 1]))
+            px = jnp.asarray(self.pixels(images[i:i + 1]))
             starts = [_image_text_prefill(m, jnp.asarray(tokens), px, cache_length) for m in models]
             new = np.asarray(mixture_decode(models, starts, tokens.shape[1], max_new_tokens, router,
                                             temperature=temperature, key=jax.random.PRNGKey(seed)))[0]

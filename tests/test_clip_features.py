@@ -82,3 +82,24 @@ def test_errors_name_the_input_and_stats_come_from_the_processor_file(tmp_path):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="is not a CLIP checkpoint"):
         load_clip_image_encoder(llama)
+
+
+def test_the_job_and_the_api_read_pixels_with_the_checkpoints_statistics(tmp_path):
+    """An init_from checkpoint whose image processor uses ImageNet's statistics (InternVL's conversions):
+    the data stage records them (`experiments.mllm.data.pixel_stats`) and `modeling.pixels` applies them;
+    without init_from the job keeps CLIP's."""
+    import json
+    from types import SimpleNamespace
+
+    from dfm.models.vision import CLIP_MEAN, CLIP_STD
+    from experiments.mllm import modeling
+    from experiments.mllm.data import pixel_stats
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    stats = pixel_stats(SimpleNamespace(init_from=str(tmp_path)))
+    assert stats == (tuple(mean), tuple(std))
+    assert pixel_stats(SimpleNamespace(init_from="")) == (CLIP_MEAN, CLIP_STD)
+    img = np.full((1, 2, 2, 3), 200, np.uint8)
+    np.testing.assert_allclose(modeling.pixels(img, stats)[0, 0, 0], (200 / 255 - np.array(mean)) / np.array(std),
+                               rtol=1e-6)

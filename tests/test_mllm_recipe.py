@@ -5,7 +5,9 @@ and a tiny random `CLIPVisionModelWithProjection`, both written by transformers'
 and a few dozen LLaVA-JSONL records with PNG images. Checked against transformers: the run's prompts
 are the processor's `input_ids`, stage 1 starts from the checkpoint's logits, the partition / routing
 features are `get_image_features` normalised, and the exported dense model and experts load in
-`LlavaForConditionalGeneration` with our logits.
+`LlavaForConditionalGeneration` with our logits. The same job from a tiny random InternVL (InternViT +
+Qwen2, ChatML tokenizer with `<img>` / `<IMG_CONTEXT>`): prompt layout, starting logits, CLIP routing,
+and exports that load in `InternVLForConditionalGeneration` with our logits.
 """
 import json
 
@@ -252,10 +254,10 @@ def test_exports_load_in_transformers_with_our_logits(recipe):
     assert max(moved) > 0
 
 
-def test_init_from_an_internvl_checkpoint(tmp_path):
-    """InternVL (InternViT + Qwen2, pixel shuffle 0.5: 32 px / patch 8 -> 4 tokens): the data stage
-    lays prompts out with ChatML and `<img>` + `<IMG_CONTEXT>` x 4 + `</img>` (no BOS), and the
-    task's initial model has transformers' logits on them."""
+def _internvl(directory):
+    """Tiny InternVL: InternViT 32 px / patch 8, pixel shuffle 0.5 (4 image tokens) + 1-layer Qwen2 with
+    tied embeddings; a ChatML tokenizer with InternVL's image tokens (no BOS) beside it. Not an
+    `InternVLProcessor`: transformers builds its video processor only with torchvision, not installed."""
     import transformers
 
     from dfm.hf.parity_tools import randomize_
@@ -279,21 +281,118 @@ def test_init_from_an_internvl_checkpoint(tmp_path):
     torch.manual_seed(0)
     hf = transformers.InternVLForConditionalGeneration(config).eval()
     randomize_(hf, 0, std=0.05)
-    hf.save_pretrained(tmp_path / "internvl")
-    tok.save_pretrained(tmp_path / "internvl")
-    _records(tmp_path / "data")
-    d = tmp_path / "data"
-    overrides = [f"init_from={tmp_path / 'internvl'}", "data.source=llava", f"data.train={d / 'train.jsonl'}",
+    hf.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return hf, tok
+
+
+INTERNVL_PROMPT = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat colour is it?<|im_end|>\n"
+                   "<|im_start|>assistant\n")   # InternVLProcessor's expansion of the ChatML prompt
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """The whole job (data -> CLIP partition -> stage 1 -> dense and experts -> evaluation -> export)
+    from the tiny InternVL checkpoint, routed by the tiny CLIP's features. Stage 2 has no warmup: its
+    2 steps give each expert 1, which a warmup from 0 would leave untrained."""
+    tmp = tmp_path_factory.mktemp("internvl")
+    hf, tok = _internvl(tmp / "internvl")
+    _clip(tmp / "clip")
+    _records(tmp / "data")
+    d = tmp / "data"
+    overrides = [f"init_from={tmp / 'internvl'}", f"partition.features=clip:{tmp / 'clip'}", "stage1.train=projector",
+                 "stage2.train=all", "data.source=llava", f"data.train={d / 'train.jsonl'}",
                  f"data.val={d / 'val.jsonl'}", f"data.test={d / 'test.jsonl'}", f"data.image_root={d}",
-                 "data.max_length=64"]
-    task, cfg = load_job("mllm-tiny", overrides=overrides)
-    ctx = stages.open_context(task, cfg, tmp_path / "run", progress=False, log=lambda *a: None)
-    data = task.prepare_data(ctx)
+                 "data.max_length=64", "data.max_test=2", "partition.random_control=false", "stage1.steps=2",
+                 "stage1.warmup_steps=1", "stage1.checkpoint_every=2", "stage2.steps=2", "stage2.warmup_steps=0",
+                 "stage2.checkpoint_every=2", "eval.max_new_tokens=2", "eval.grid_examples=0"]
+    out = tmp / "run"
+    assert main(["run", "--config", "mllm-tiny", "--out", str(out), "--quiet", *overrides]) == 0
+    task, config = load_job("mllm-tiny", overrides=overrides)
+    ctx = stages.open_context(task, config, out, progress=False, log=lambda *a: None)
+    return {"tmp": tmp, "run": out, "hf": hf, "tok": tok, "ctx": ctx, "task": task, "data": task.prepare_data(ctx)}
+
+
+def test_init_from_an_internvl_checkpoint(internvl):
+    """InternVL (InternViT + Qwen2, pixel shuffle 0.5: 32 px / patch 8 -> 4 tokens): the data stage
+    lays prompts out with ChatML and `<img>` + `<IMG_CONTEXT>` x 4 + `</img>` (no BOS), and the
+    task's initial model has transformers' logits on them."""
+    data = internvl["data"]
     assert data.summary["num_image_tokens"] == 4 and data.arrays["images_test"].shape[1:] == (32, 32, 3)
-    prompt, px, _ = _question({"data": data})
-    text = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat colour is it?<|im_end|>\n"
-            "<|im_start|>assistant\n")
-    np.testing.assert_array_equal(prompt[0], tok(text)["input_ids"])
-    start = task.new_model(ctx, data)
+    prompt, px, row = _question(internvl)
+    assert row["question"] == "<image>\nWhat colour is it?"
+    np.testing.assert_array_equal(prompt[0], internvl["tok"](INTERNVL_PROMPT)["input_ids"])
+    start = internvl["task"].new_model(internvl["ctx"], data)
     assert start.config.projector == "internvl" and start.language_model.lm_head is None
-    assert np.abs(_ours(start, prompt, px) - _hf_logits(hf, prompt, px)).max() < 1e-4
+    assert np.abs(_ours(start, prompt, px) - _hf_logits(internvl["hf"], prompt, px)).max() < 1e-4
+
+
+def test_internvl_exports_load_in_transformers_with_our_logits(internvl):
+    """The InternVL run's hf/dense and every expert: `InternVLForConditionalGeneration` logits within
+    1e-4 of the job's models on a test prompt laid out by the exported tokenizer (its chat template +
+    InternVLProcessor's image-token expansion); the experts were trained (they differ from stage 1),
+    and the export records the CLIP featurizer."""
+    import transformers
+
+    from experiments.mllm.routing import RECORD_FILE
+
+    run, ctx, data = internvl["run"], internvl["ctx"], internvl["data"]
+    assert json.loads((run / "hf" / "dense" / "config.json").read_text())["architectures"] == [
+        "InternVLForConditionalGeneration"]
+    tok = transformers.AutoTokenizer.from_pretrained(run / "hf" / "dense")
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+        "type": "text", "text": "What colour is it?"}]}], tokenize=False, add_generation_prompt=True)
+    assert text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * 4 + "</img>") == INTERNVL_PROMPT
+    prompt = np.asarray([tok(INTERNVL_PROMPT)["input_ids"]])
+    np.testing.assert_array_equal(prompt, _question(internvl, 1)[0])
+    px = _question(internvl, 1)[1]
+    logits = {}
+    for stage, directory in (("dense", run / "hf" / "dense"), ("expert-0", run / "decentralized/experts/expert_00"),
+                             ("expert-1", run / "decentralized/experts/expert_01")):
+        hf = transformers.InternVLForConditionalGeneration.from_pretrained(directory).eval()
+        logits[stage] = _ours(stages.load_stage_model(ctx, data, stage), prompt, px)
+        assert np.abs(_hf_logits(hf, prompt, px) - logits[stage]).max() < 1e-4, stage
+    stage1 = _ours(stages.load_stage_model(ctx, data, "stage1"), prompt, px)
+    assert all(np.abs(logits[e] - stage1).max() > 1e-4 for e in ("expert-0", "expert-1"))
+    record = json.loads((run / "decentralized" / RECORD_FILE).read_text())
+    assert record["featurizer"] == "clip" and record["dim"] == 8
+    # the evaluation routed each test question to its image's nearest centroid in CLIP space
+    rep, part = json.loads((run / "report.json").read_text()), np.load(run / "partition" / "partition.npz")
+    z = np.load(run / "partition" / "features.npz")["test"]
+    if "mean" in part.files and part["mean"].size:
+        z = z - part["mean"]
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    nearest = np.argmax(z @ part["centroids"].T, axis=1)[[r["image"] for r in rep["test_rows"]]]
+    assert len(nearest) == 2
+    np.testing.assert_array_equal(np.argmax(np.asarray(rep["weights"]["centroid-top1"]), axis=1), nearest)
+
+
+def test_internvl_export_loads_in_the_public_api(internvl):
+    """`dfm.DecentralizedModel.load` of the InternVL run's decentralized directory: CLIP routing features
+    equal the partition's, prompts are laid out as the job's (ChatML, `<img>` + `<IMG_CONTEXT>` x 4 +
+    `</img>`, no BOS), and greedy generation equals the job's mixture decoding of those prompt ids."""
+    import jax.numpy as jnp
+
+    import dfm
+    from dfm.decentral import FixedRouter
+    from experiments.mllm import modeling
+    from experiments.mllm.text import decode_answer, encode_prompt
+
+    run, data = internvl["run"], internvl["data"]
+    model = dfm.DecentralizedModel.load(run / "decentralized")
+    images = data.arrays["images_test"]
+    assert model.pixel_stats == data.pixel_stats           # the exported processor's = the run's
+    feats = np.load(run / "partition" / "features.npz")["test"]
+    np.testing.assert_allclose(model.image_features(images), feats, atol=1e-5)
+    question = "<image>\nWhat colour is it?"
+    ids = model._image_tokens(model._encode([model._prompt_text(question)])[0], "prompts", 0, prepend=False)[0]
+    want_ids = encode_prompt(data.tokenizer, question, data.summary["num_image_tokens"])
+    np.testing.assert_array_equal(ids, want_ids)
+    got = model.generate([question], images=images[:1], max_new_tokens=2)
+    w = model.route([question], images=images[:1])
+    experts = [e for e in model.checkpoint.experts]
+    gen = modeling.mixture_generate(experts, want_ids[None], modeling.pixels(images[:1]), 2,
+                                    FixedRouter(jnp.asarray(w, jnp.float32)), cache_length=len(want_ids) + 2)
+    assert got == [decode_answer(data.tokenizer, gen[0])]
+    scores = model.score(["<image>\nWhat colour is it?"], images=images[:1])
+    assert scores.shape == (1,) and np.isfinite(scores).all()

@@ -158,6 +158,7 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
         "vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
         "pad_id": tokenizer.pad_token_id, "image_token_id": img_id,
         "num_image_tokens": num_image_tokens, **({"init_from": config.init_from} if config.init_from else {}),
+        **dict(zip(("image_mean", "image_std"), map(list, pixel_stats(config)))),
         "records": {s: len(records[s]) for s in SPLITS},
         "images": {s: int(arrays[f"images_{s}"].shape[0]) for s in SPLITS},
         "train_sequences": len(ids), "train_answer_tokens": int(arrays["loss_mask"].sum()),
@@ -187,6 +188,19 @@ def tokenizer_of(run_root: Path):
     return load_tokenizer(Path(run_root) / "tokenizer")
 
 
+def pixel_stats(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`(image_mean, image_std)` of the run's pixels: the ``init_from`` checkpoint's image processor
+    (`dfm.hf.clip_features.image_stats`: ``preprocessor_config.json``; InternVL's conversions use
+    ImageNet's), else CLIP's (models trained from scratch here)."""
+    from dfm.models.vision import CLIP_MEAN, CLIP_STD
+
+    if not config.init_from:
+        return CLIP_MEAN, CLIP_STD
+    from dfm.hf.clip_features import image_stats
+
+    return image_stats(config.init_from)
+
+
 @dataclass(frozen=True)
 class MultimodalData:
     """Everything the stages read of the data stage, loaded once (`load_data`).
@@ -208,6 +222,14 @@ class MultimodalData:
     @property
     def vocab_size(self) -> int:
         return int(self.summary["vocab_size"])
+
+    @property
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """`(image_mean, image_std)` the towers read their pixels with (`pixel_stats` at the data
+        stage; CLIP's for a run directory written before they were recorded)."""
+        from dfm.models.vision import CLIP_MEAN, CLIP_STD
+
+        return (tuple(self.summary.get("image_mean", CLIP_MEAN)), tuple(self.summary.get("image_std", CLIP_STD)))
 
     @property
     def image_token_id(self) -> int:

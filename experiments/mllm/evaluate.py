@@ -64,14 +64,15 @@ class QuestionSet:
     """Token layout of one split's questions: prompts, answers and the teacher-forced sequences.
 
     Images stay uint8 (`images [n_images, S, S, 3]`, `image [n]` index per question) and are
-    normalized per batch (`pixels`), so memory does not grow with the number of questions.
+    normalized per batch (`pixels`, with the run's `stats` = (mean, std); default CLIP's), so memory
+    does not grow with the number of questions.
 
     Raises:
       ValueError: no rows, or a prompt whose image tokens are not exactly `num_image_tokens`
         (naming the question id): the image features would land on the wrong rows.
     """
 
-    def __init__(self, rows, tokenizer, images_uint8, num_image_tokens: int, image_id: int):
+    def __init__(self, rows, tokenizer, images_uint8, num_image_tokens: int, image_id: int, stats=None):
         if not rows:
             raise ValueError("rows: no questions to evaluate")
         self.rows = rows
@@ -86,7 +87,7 @@ class QuestionSet:
         length = int((self.prompt_len + self.answer_len).max())
         self.seqs = pad_rows([np.concatenate([p, a]) for p, a in zip(self.prompts, self.answers)], length,
                              tokenizer.pad_token_id)
-        self.images = images_uint8
+        self.images, self.stats = images_uint8, stats
         self.image = np.asarray([r["image"] for r in rows], np.int64)
         # targets j+1 of the teacher-forced rows: question text (not BOS, not image tokens) / answer
         tgt = self.seqs[:, 1:]
@@ -98,7 +99,7 @@ class QuestionSet:
 
     def pixels(self, rows: np.ndarray) -> np.ndarray:
         """Normalized pixels `[len(rows), S, S, 3]` of the questions `rows`."""
-        return modeling.pixels(self.images[self.image[rows]])
+        return modeling.pixels(self.images[self.image[rows]], self.stats)
 
     def log_probs(self, model, batch_size: int) -> np.ndarray:
         """`modeling.sequence_log_probs` of the teacher-forced rows, `[n, L-1]`."""
@@ -165,8 +166,8 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     test_rows = select_questions(data.questions["test"], c.data.max_test)
     val_rows = data.questions["val"]
     nit, img_id = data.summary["num_image_tokens"], data.image_token_id
-    test = QuestionSet(test_rows, tok, a["images_test"], nit, img_id)
-    val = QuestionSet(val_rows, tok, a["images_val"], nit, img_id)
+    test = QuestionSet(test_rows, tok, a["images_test"], nit, img_id, data.pixel_stats)
+    val = QuestionSet(val_rows, tok, a["images_val"], nit, img_id, data.pixel_stats)
     k = c.partition.num_clusters
     avail = np.flatnonzero(ctx.available)
     experts, randoms = [expert_names(c)[i] for i in avail], expert_names(c, random=True)

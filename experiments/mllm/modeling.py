@@ -105,12 +105,12 @@ def frozen_prefixes(train: str) -> tuple[str, ...]:
     return tuple(sorted({"vision_tower", "multi_modal_projector", "language_model"} - keep))
 
 
-def pixels(images_uint8: np.ndarray) -> np.ndarray:
-    """`[n, S, S, 3]` uint8 -> float32 normalized with CLIP's mean / std (NHWC), for both towers
-    (`dfm.models.vision.normalize_pixels`)."""
+def pixels(images_uint8: np.ndarray, stats=None) -> np.ndarray:
+    """`[n, S, S, 3]` uint8 -> float32 NHWC `(x / 255 - mean) / std` (`dfm.models.vision.normalize_pixels`)
+    with `stats = (mean, std)` (the run's, `MultimodalData.pixel_stats`; default CLIP's)."""
     from dfm.models.vision import normalize_pixels
 
-    return normalize_pixels(images_uint8)
+    return normalize_pixels(images_uint8) if stats is None else normalize_pixels(images_uint8, *stats)
 
 
 def llava_loss(model, batch, key):
@@ -162,9 +162,11 @@ def pooled_features(model, px):
     return model.routing_features(px)
 
 
-def image_features(model, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
-    """`pooled_features` of uint8 images `[n, S, S, 3]` (normalized per batch), float64 `[n, vision_hidden]`."""
-    parts = [np.asarray(pooled_features(model, jnp.asarray(pixels(images_uint8[s:s + batch_size]))), np.float64)
+def image_features(model, images_uint8: np.ndarray, batch_size: int, stats=None) -> np.ndarray:
+    """`pooled_features` of uint8 images `[n, S, S, 3]` (normalized per batch with `stats`, as
+    `pixels`), float64 `[n, vision_hidden]`."""
+    parts = [np.asarray(pooled_features(model, jnp.asarray(pixels(images_uint8[s:s + batch_size], stats))),
+                        np.float64)
              for s in range(0, len(images_uint8), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 

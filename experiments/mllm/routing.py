@@ -53,7 +53,7 @@ def clip_features(clip_dir: str, images_uint8: np.ndarray, batch_size: int) -> n
     return routing_image_embeddings(encoder, images_uint8, mean, std, batch_size=batch_size)
 
 
-def partition_features(config, images: dict, stage1_model, batch_size: int) -> dict[str, np.ndarray]:
+def partition_features(config, images: dict, stage1_model, batch_size: int, stats=None) -> dict[str, np.ndarray]:
     """``{split: float64 [n_images, D]}`` for the uint8 images of every split (``images[split]``):
     CLIP's with ``partition.features = "clip:<dir>"`` (`stage1_model` unused), else the stage-1
     tower's (`experiments.mllm.modeling.image_features`)."""
@@ -62,7 +62,7 @@ def partition_features(config, images: dict, stage1_model, batch_size: int) -> d
     clip_dir = config.partition.clip_dir
     if clip_dir:
         return {s: clip_features(clip_dir, im, batch_size) for s, im in images.items()}
-    return {s: modeling.image_features(stage1_model, im, batch_size) for s, im in images.items()}
+    return {s: modeling.image_features(stage1_model, im, batch_size, stats) for s, im in images.items()}
 
 
 def featurizer_record(config, dim: int) -> dict:

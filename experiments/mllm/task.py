@@ -60,13 +60,15 @@ class MultimodalTask(Task):
         return len(data.arrays["images_train"])
 
     def training_memory_bytes(self, ctx: Context, data: MultimodalData) -> int:
-        """The decoder's estimate at `data.max_length` (image tokens included) plus the tower's
+        """The decoder's estimate at `data.max_length` (image tokens included; with packed sequences
+        the worst case, one conversation per row of `data.max_packed_tokens`) plus the tower's
         parameters (its activations are small next to the decoder's at these sizes)."""
         c = ctx.config
         params = count_parameters(lambda: self.new_model(ctx, data))
         batch = max(c.stage1.batch_size, c.stage2.batch_size)
         t = modeling.model_config(c, data.vocab_size, data.image_token_id).text
-        return training_memory_bytes(params, batch=batch, seq_len=c.data.max_length, hidden=t.hidden_size,
+        seq_len = max(c.data.max_length, c.data.max_packed_tokens)
+        return training_memory_bytes(params, batch=batch, seq_len=seq_len, hidden=t.hidden_size,
                                      layers=t.num_layers, heads=t.num_heads, vocab=t.vocab_size)
 
     def partition_after_stage1(self, config) -> bool:
@@ -80,7 +82,7 @@ class MultimodalTask(Task):
 
         a, c = data.arrays, ctx.config
         images = {s: a[f"images_{s}"] for s in ("train", "val", "test")}
-        feats = partition_features(c, images, stage1_model, c.eval.batch_size)
+        feats = partition_features(c, images, stage1_model, c.eval.batch_size, data.pixel_stats)
         atomic_save_npz(ctx.run.partition / "features.npz", **feats)
         return PartitionInput(feats, a["image"], "images", "conversations")
 
@@ -104,7 +106,7 @@ class MultimodalTask(Task):
             def batch(step):
                 rows = batches.indices(step)
                 return {"tokens": jnp.asarray(tokens[rows]), "mask": jnp.asarray(mask[rows]),
-                        "pixels": jnp.asarray(modeling.pixels(images[image_of[rows]]))}
+                        "pixels": jnp.asarray(modeling.pixels(images[image_of[rows]], data.pixel_stats))}
 
             return batch
         from experiments.mllm import packing
@@ -124,7 +126,7 @@ class MultimodalTask(Task):
             out = packing.pack_batch(tokens[rows], mask[rows], lengths[rows], images[image_of[rows]],
                                      capacity=capacity, rows=plan.rows, groups=plan.groups,
                                      pad_id=0 if pad_id is None else int(pad_id))
-            out["pixels"] = modeling.pixels(out["pixels"])
+            out["pixels"] = modeling.pixels(out["pixels"], data.pixel_stats)
             return {name: jnp.asarray(value) for name, value in out.items()}
 
         return packed_batch
@@ -174,7 +176,8 @@ class MultimodalTask(Task):
             v = vocab if vocab is not None else config.data.vocab_size + 1
             mconfig = modeling.model_config(config, v, image_token_id=v - 1)
         t, vis = mconfig.text, mconfig.vision
-        dims = Dims(seq_len=config.data.max_length, hidden=t.hidden_size, intermediate=t.intermediate_size,
+        seq_len = max(config.data.max_length, config.data.max_packed_tokens)   # packing: worst-case rows
+        dims = Dims(seq_len=seq_len, hidden=t.hidden_size, intermediate=t.intermediate_size,
                     layers=t.num_layers, heads=t.num_heads, kv_dim=kv_dim(t), vocab=t.output_size or t.vocab_size,
                     vision={"seq_len": (vis.image_size // vis.patch_size) ** 2 + 1, "hidden": vis.hidden_size,
                             "layers": vis.num_layers, "heads": vis.num_heads})

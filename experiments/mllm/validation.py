@@ -32,7 +32,7 @@ def validation_batches(data: MultimodalData, units: np.ndarray | None, batch_siz
     if len(rows) > MAX_VALIDATION_QUESTIONS:
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, MAX_VALIDATION_QUESTIONS).round().astype(int)]
     return _Batches(QuestionSet(rows, data.tokenizer, data.arrays["images_val"], data.summary["num_image_tokens"],
-                                data.image_token_id), batch_size)
+                                data.image_token_id, data.pixel_stats), batch_size)
 
 
 class _Batches:
