@@ -84,6 +84,17 @@ def test_resume_continues_the_same_selection(tmp_path):
     np.testing.assert_array_equal(np.asarray(again.w[...]), np.asarray(whole.w[...]))
 
 
+def test_a_relative_checkpoint_directory_works(tmp_path, monkeypatch):
+    """`dfm run` passes run-directory-relative paths (runs/<name>/checkpoints/<stage>); orbax needs
+    absolute ones: the best-validation checkpoint resolves them."""
+    monkeypatch.chdir(tmp_path)
+    model = Point()
+    result = train(model, loss_fn, batches, CONFIG, checkpoint_dir="runs/x/checkpoints/s", progress=False,
+                   validate=val_loss)
+    assert (tmp_path / "runs/x/checkpoints/s/best").is_dir() and 0 < result.best_step < 30
+    np.testing.assert_array_equal(np.asarray(model.w[...]), _trained(result.best_step))
+
+
 def test_validation_rows_reach_the_metrics_file(tmp_path):
     from dfm.train import read_metrics
 

@@ -55,7 +55,7 @@ class BestCheckpoint:
             return
         if fresh and self.directory.exists():
             shutil.rmtree(self.directory)
-        ensure_writable_dir(self.directory, "checkpoint_dir")
+        self.directory = ensure_writable_dir(self.directory, "checkpoint_dir")   # absolute (orbax needs it)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True),
             item_names=("state", "meta"))
