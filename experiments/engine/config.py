@@ -155,6 +155,31 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class PartitionBalance:
+    """How the engine's balanced k-means balances the clusters; the base of every task's partition
+    section (`experiments.engine.stages`).
+
+    Attributes:
+      balance: "examples" (default): balanced k-means equalises the clusters' training examples
+        (sequences / conversations per unit as weights, units kept whole;
+        `dfm.decentral.weighted_balanced_assignment`), so the compute-matched experts get equal
+        budgets; "units": equal numbers of units (documents / images) per cluster.
+      kmeans: "exact" (default): balanced k-means on every unit (`dfm.decentral.balanced_kmeans`);
+        "two_stage": the authors' fine -> coarse clustering for many units (MiniBatchKMeans into
+        20 K fine clusters, then balanced k-means of their centroids weighted by their sizes;
+        `dfm.decentral.two_stage_balanced_kmeans`); balances units, so it needs balance = "units".
+    """
+
+    balance: str = constrained("examples", choices=("examples", "units"))
+    kmeans: str = constrained("exact", choices=("exact", "two_stage"))
+
+    def __post_init__(self):
+        if self.kmeans == "two_stage" and self.balance != "units":
+            raise ConfigError("partition.kmeans: \"two_stage\" balances units (documents / images), not "
+                              "training examples; set partition.balance = \"units\" with it")
+
+
+@dataclass(frozen=True)
 class MeshSection:
     """Device mesh for training (see docs/scale_out.md and `dfm.sharding`).
 

@@ -204,9 +204,9 @@ def _partition(ctx: Context, data) -> dict:
     if len(inp.features["train"]) < k:
         raise StageError(f"partition.num_clusters: K={k} clusters but only {len(inp.features['train'])} train "
                          f"{inp.units}")
-    by_examples = getattr(pc, "balance", "units") == "examples"
+    by_examples = pc.balance == "examples"          # every partition section is a PartitionBalance
     weights = np.bincount(inp.example_unit, minlength=len(inp.features["train"])) if by_examples else None
-    if getattr(pc, "kmeans", "exact") == "two_stage":      # the config requires balance = "units" with it
+    if pc.kmeans == "two_stage":                    # PartitionBalance requires balance = "units" with it
         partition, labels = two_stage_balanced_kmeans(inp.features["train"], k, rng=pc.seed)
     else:
         partition, labels = balanced_kmeans(inp.features["train"], k, rng=pc.seed, weights=weights)

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.engine.config import ConfigError, JobConfig, MeshSection, NumericsSection, StageConfig, constrained
+from experiments.engine.config import (ConfigError, JobConfig, MeshSection, NumericsSection, PartitionBalance,
+                                       StageConfig, constrained)
 
 TASK = "mllm"
 SOURCES = ("default", "llava", "internvl")
@@ -127,20 +128,13 @@ class ProjectorSection:
 
 
 @dataclass(frozen=True)
-class PartitionSection:
+class PartitionSection(PartitionBalance):
     """K experts from spherical balanced k-means on image features.
 
     Attributes:
       num_clusters: K.
       random_control: also train K experts on a random partition of the same cluster sizes.
-      balance: "examples" (default): balanced k-means equalises the clusters' training examples
-        (sequences / conversations per unit as weights, units kept whole;
-        `dfm.decentral.weighted_balanced_assignment`), so the compute-matched experts get equal
-        budgets; "units": equal numbers of units (documents / images) per cluster.
-      kmeans: "exact" (default): balanced k-means on every unit (`dfm.decentral.balanced_kmeans`);
-        "two_stage": the authors' fine -> coarse clustering for many units (MiniBatchKMeans into
-        20 K fine clusters, then balanced k-means of their centroids weighted by their sizes;
-        `dfm.decentral.two_stage_balanced_kmeans`); balances units, so it needs balance = "units".
+      balance, kmeans: `experiments.engine.config.PartitionBalance`.
       seed: seed of k-means++ and of the random partition.
       features: what the images are clustered and routed by. "tower" (default): the patch mean of
         the stage-1 tower's layer `projector.vision_feature_layer` (`MultimodalModel.routing_features`);
@@ -151,8 +145,6 @@ class PartitionSection:
 
     num_clusters: int = constrained(3, lo=1)
     random_control: bool = True
-    balance: str = constrained("examples", choices=("examples", "units"))
-    kmeans: str = constrained("exact", choices=("exact", "two_stage"))
     seed: int = constrained(0, lo=0)
     features: str = "tower"
 
@@ -235,9 +227,6 @@ class MultimodalExperimentConfig(JobConfig):
             raise ConfigError(f"data.max_packed_tokens: must be 0 (no packing) or >= data.max_length "
                               f"({self.data.max_length}) so every conversation fits a row, "
                               f"got {self.data.max_packed_tokens}")
-        if self.partition.kmeans == "two_stage" and self.partition.balance != "units":
-            raise ConfigError("partition.kmeans: \"two_stage\" balances units (documents / images), not "
-                              "training examples; set partition.balance = \"units\" with it")
         if self.data.source != "default" and not (self.data.train and self.data.val and self.data.test):
             raise ConfigError(f"data.val: source {self.data.source!r} needs data.train, data.val and data.test "
                               "paths (val fits the router temperature; it must not be the test set)")

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.engine.config import (ConfigError, JobConfig, MeshSection, NumericsSection, StageConfig, constrained,
-                                       parse_config, read_toml, resolve_path)
+from experiments.engine.config import (ConfigError, JobConfig, MeshSection, NumericsSection, PartitionBalance,
+                                       StageConfig, constrained, parse_config, read_toml, resolve_path)
 
 TASK = "text"
 SCHEDULES = ("ar", "masked")
@@ -62,7 +62,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class PartitionConfig:
+class PartitionConfig(PartitionBalance):
     """Document features and clustering (dfm.decentral.features / partition).
 
     Attributes:
@@ -70,14 +70,7 @@ class PartitionConfig:
       svd_dim: TruncatedSVD components of the tf-idf features.
       max_features: tf-idf vocabulary size (most frequent terms).
       random_control: also train K experts on a random partition of the same cluster sizes.
-      balance: "examples" (default): balanced k-means equalises the clusters' training examples
-        (sequences / conversations per unit as weights, units kept whole;
-        `dfm.decentral.weighted_balanced_assignment`), so the compute-matched experts get equal
-        budgets; "units": equal numbers of units (documents / images) per cluster.
-      kmeans: "exact" (default): balanced k-means on every unit (`dfm.decentral.balanced_kmeans`);
-        "two_stage": the authors' fine -> coarse clustering for many units (MiniBatchKMeans into
-        20 K fine clusters, then balanced k-means of their centroids weighted by their sizes;
-        `dfm.decentral.two_stage_balanced_kmeans`); balances units, so it needs balance = "units".
+      balance, kmeans: `experiments.engine.config.PartitionBalance`.
       seed: seed of the featurizer, the k-means initialization and the random partition.
     """
 
@@ -85,8 +78,6 @@ class PartitionConfig:
     svd_dim: int = constrained(64, lo=2)
     max_features: int = constrained(20000, lo=16)
     random_control: bool = True
-    balance: str = constrained("examples", choices=("examples", "units"))
-    kmeans: str = constrained("exact", choices=("exact", "two_stage"))
     seed: int = constrained(0, lo=0)
 
 
@@ -217,9 +208,6 @@ class ExperimentConfig(JobConfig):
 
     def __post_init__(self):
         self.validate_fields()
-        if self.partition.kmeans == "two_stage" and self.partition.balance != "units":
-            raise ConfigError("partition.kmeans: \"two_stage\" balances units (documents / images), not "
-                              "training examples; set partition.balance = \"units\" with it")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: must be distinct integers >= 0, got {list(self.seeds)}")
         if not self.data.corpus.strip():
