@@ -1,7 +1,5 @@
 """Featurizer files without pickle, sharded HF export, the decentralized directory's featurizer."""
 import json
-import pickle
-import warnings
 
 import numpy as np
 import pytest
@@ -37,23 +35,7 @@ def test_text_featurizer_roundtrip_without_pickle(tmp_path):
         PrecomputedFeaturizer.load(tmp_path / "featurizer.npz")
 
 
-def test_legacy_pickle_loads_with_deprecation_warning(tmp_path):
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    tfidf = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit(TEXTS)
-    svd = TruncatedSVD(4, random_state=0).fit(tfidf.transform(TEXTS))
-    old = TextFeaturizer.__new__(TextFeaturizer)
-    old.__dict__ = dict(n_components=4, seed=0, max_features=2**17, min_df=1, sublinear_tf=True,
-                        stop_words="english", _tfidf=tfidf, _svd=svd)
-    (tmp_path / "featurizer.pkl").write_bytes(pickle.dumps(old, protocol=pickle.HIGHEST_PROTOCOL))
-    with pytest.warns(DeprecationWarning, match="featurizer.pkl"):
-        back = TextFeaturizer.load(tmp_path / "featurizer.pkl")
-    np.testing.assert_allclose(back.transform(TEXTS[:3]), svd.transform(tfidf.transform(TEXTS[:3])), atol=1e-6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        back.save(tmp_path / "converted.npz")
-        TextFeaturizer.load(tmp_path / "converted.npz")
+def test_a_file_that_is_not_a_featurizer_is_named(tmp_path):
     (tmp_path / "junk").write_bytes(b"nope")
     with pytest.raises(ValueError, match="junk.*not a featurizer file"):
         TextFeaturizer.load(tmp_path / "junk")

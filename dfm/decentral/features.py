@@ -23,17 +23,18 @@ idf, row L2 normalization, then `@ components.T`), exactly scikit-learn's
 `TfidfVectorizer.transform` followed by `TruncatedSVD.transform`, so a saved featurizer gives the
 same features under any scikit-learn version (fitting still uses scikit-learn).
 
-Files written by older versions (a pickle of the fitted scikit-learn objects) still load, with a
-`DeprecationWarning` (re-save them to convert); pickles run code when loaded: trusted files only.
+Files written by older versions (a pickle of the fitted scikit-learn objects) are refused with a
+`ValueError` naming the file: loading a pickle runs whatever code the file holds, and run and export
+directories are shared between people and machines (docs/reliability.md#security). A legacy file
+from a trusted source converts once with `python scripts/convert_legacy_featurizer.py OLD NEW
+--i-trust-this-file` (outside the package; it says the risk before it unpickles anything).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-import pickle
 import re
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -54,25 +55,23 @@ def _save_arrays(path: str | os.PathLike, meta: dict, **arrays: np.ndarray) -> N
         f.write(buffer.getvalue())
 
 
-def _load_file(path: str | os.PathLike, cls: type) -> tuple[dict | None, dict | None, Any]:
-    """`(meta, arrays, None)` of a featurizer file, or `(None, None, obj)` for a legacy pickle.
+def _load_file(path: str | os.PathLike, cls: type) -> tuple[dict, dict]:
+    """`(meta, arrays)` of a featurizer file written by `save`; nothing in it is executed.
 
-    Raises ValueError naming `path`: not a featurizer file, another class, an unknown version.
+    Raises ValueError naming `path`: a legacy pickle (refused, with the one-off conversion command),
+    not a featurizer file, another class, an unknown version.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:1] == b"\x80":                                  # pickle protocol >= 2: the old format
-        warnings.warn(f"{path}: a pickled featurizer (the format before dfm-featurizer version {VERSION}) is "
-                      f"deprecated and breaks across scikit-learn versions; load and save it again to "
-                      f"convert it to arrays + JSON", DeprecationWarning, stacklevel=3)
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-        if not isinstance(obj, cls):
-            raise ValueError(f"path {path!r} holds a {type(obj).__name__}, not a {cls.__name__}")
-        return None, None, obj
+        raise ValueError(
+            f"path {path!r} is a pickled featurizer (the format before {FORMAT} version {VERSION}); pickles "
+            f"run code when loaded, so dfm never loads them. If the file comes from a source you trust, "
+            f"convert it once with: python scripts/convert_legacy_featurizer.py {path} <new.npz> "
+            f"--i-trust-this-file")
     if head != b"PK\x03\x04":
-        raise ValueError(f"path {path!r} is not a featurizer file (neither {FORMAT} .npz nor a legacy pickle)")
+        raise ValueError(f"path {path!r} is not a featurizer file (not a {FORMAT} .npz)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -86,7 +85,7 @@ def _load_file(path: str | os.PathLike, cls: type) -> tuple[dict | None, dict | 
                          f"(this reader: {VERSION})")
     if meta.get("class") != cls.__name__:
         raise ValueError(f"path {path!r} holds a {meta.get('class')}, not a {cls.__name__}")
-    return meta, arrays, None
+    return meta, arrays
 
 
 def _check_texts(texts: Any, name: str = "texts") -> list[str]:
@@ -226,13 +225,12 @@ class TextFeaturizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextFeaturizer":
-        """Read a file written by `save` (or a legacy pickle, with a DeprecationWarning).
+        """Read a file written by `save` (`.npz` + JSON, loaded with `allow_pickle=False`).
 
-        Raises ValueError naming `path`: not a featurizer file, another featurizer class, an
-        unsupported version, arrays inconsistent with the vocabulary."""
-        meta, arrays, legacy = _load_file(path, cls)
-        if legacy is not None:
-            return legacy
+        Raises ValueError naming `path`: a legacy pickle (never loaded; module doc), not a
+        featurizer file, another featurizer class, an unsupported version, arrays inconsistent
+        with the vocabulary."""
+        meta, arrays = _load_file(path, cls)
         p = meta["params"]
         out = cls(p["n_components"], p["seed"], max_features=p["max_features"], min_df=p["min_df"],
                   sublinear_tf=p["sublinear_tf"], stop_words=p["stop_words"])
@@ -276,12 +274,11 @@ class PrecomputedFeaturizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrecomputedFeaturizer":
-        """Read a file written by `save` (or a legacy pickle, with a DeprecationWarning).
+        """Read a file written by `save` (`.npz` + JSON, loaded with `allow_pickle=False`).
 
-        Raises ValueError naming `path` for another featurizer class or not a featurizer file."""
-        meta, _, legacy = _load_file(path, cls)
-        if legacy is not None:
-            return legacy
+        Raises ValueError naming `path`: a legacy pickle (never loaded; module doc), another
+        featurizer class, not a featurizer file."""
+        meta, _ = _load_file(path, cls)
         out = cls()
         out.dim = meta.get("dim")
         return out

@@ -7,8 +7,8 @@ Layout (docs/checkpoints.md):
                             router settings, priors w_k, mask id
       partition.npz         dfm.decentral.Partition.save (centroids, mean, sizes, config)
       featurizer.npz        optional: TextFeaturizer / PrecomputedFeaturizer.save (arrays + JSON meta,
-                            no pickle; `dfm.decentral.features`). A legacy `featurizer.pkl` named by
-                            an older manifest still loads, with a DeprecationWarning
+                            no pickle; `dfm.decentral.features`). A legacy pickled featurizer is
+                            refused (`CheckpointError`; it names the one-off conversion script)
       tokenizer/            optional: the tokenizer all experts share (AutoTokenizer directory); the
                             writer also copies it into every expert directory (so each expert loads
                             on its own in transformers)
@@ -51,7 +51,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import posixpath
 import shutil
 import tempfile
@@ -435,9 +434,8 @@ def load_decentralized(root: str | os.PathLike, *, dtype: str | None = None, mis
                 break
             except ValueError as e:
                 errors.append(str(e))
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-                errors.append(f"legacy pickle that does not load here ({type(e).__name__}: {e})")
-                break
+                if "pickled featurizer" in str(e):
+                    break
         if featurizer is None:
             raise CheckpointError(f"{path}: neither a TextFeaturizer nor a PrecomputedFeaturizer "
                                   f"({'; '.join(errors)})")
