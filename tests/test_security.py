@@ -248,3 +248,22 @@ def test_a_pickle_in_any_file_of_an_export_never_runs(tiny_run, tmp_path):
         except Exception:                         # a clear error or not: what matters is that nothing ran
             pass
         assert not marker.exists(), relative
+
+
+@pytest.mark.slow
+def test_a_symlinked_expert_directory_that_leaves_the_export_is_refused(tiny_run, tmp_path):
+    from dfm.api import DecentralizedModel
+    from dfm.hf import CheckpointError
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_run / "export" / "decentralized", export)
+    shutil.move(export / "experts" / "expert_01", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", export / "experts" / "expert_01")
+    with pytest.raises(CheckpointError) as e:
+        DecentralizedModel.load(export)
+    assert str(e.value) == (f"{export / 'decentral.json'}: 'experts[1]' must stay inside the model directory, got "
+                            f"'experts/expert_01', a symbolic link to {str(tmp_path / 'elsewhere')!r}")
+    os.unlink(export / "experts" / "expert_01")             # a link that stays inside the export is fine
+    shutil.move(tmp_path / "elsewhere", export / "experts" / "real_01")
+    os.symlink(export / "experts" / "real_01", export / "experts" / "expert_01")
+    assert DecentralizedModel.load(export).num_experts == 2

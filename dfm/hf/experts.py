@@ -33,7 +33,8 @@ the training data each expert saw).
 
 `load_decentralized` validates `decentral.json` before loading anything (`CheckpointError` naming
 the file and the field): format / version; `experts` a non-empty list of distinct relative paths
-that stay inside `root` (no absolute path, no `..` escaping), as are `partition` and (when not
+that stay inside `root` (no absolute path, no `..` escaping, no symbolic link leading out of
+`root`; docs/reliability.md#security), as are `partition` and (when not
 null) `featurizer` / `tokenizer`; `priors` (absent or null: the partition's sizes) K finite
 non-negative numbers summing to 1 within 1e-6; `router.type` in `ROUTER_TYPES`, and for
 "centroid": `temperature` (default 1) finite and > 0, `top_k` null or an int in [1, K],
@@ -272,6 +273,10 @@ def _relative_path(value: Any, file: Path, field: str) -> str:
     norm = posixpath.normpath(text)
     if norm == "." or norm == ".." or norm.startswith("../"):
         raise _fail(file, field, f"must stay inside the model directory, got {value!r}")
+    root = os.path.realpath(file.parent)
+    if os.path.commonpath([root, os.path.realpath(file.parent / norm)]) != root:
+        raise _fail(file, field, f"must stay inside the model directory, got {value!r}, a symbolic link to "
+                                 f"{os.path.realpath(file.parent / norm)!r}")
     return norm
 
 

@@ -52,6 +52,10 @@ class DataConfig:
       train, val, test: paths of the record files for "llava" / "internvl" (ignored for "default").
         Relative paths are relative to the working directory.
       image_root: directory the records' image paths are relative to ("llava" only).
+      allow_outside_root: accept image paths that leave the image root ("llava": `image_root`;
+        "internvl": each dataset's `root`) through ``..``, an absolute path or a symbolic link.
+        Off by default: a record file cannot make the job read files elsewhere
+        (docs/reliability.md#security).
       image_size: images are resized to `image_size` x `image_size` pixels (RGB). With `init_from`
         the checkpoint's image size is used instead (the default dataset is still drawn at this size).
       max_digits: use at most this many of the 1797 digits (0 = all) ("default" only).
@@ -74,6 +78,7 @@ class DataConfig:
     val: str = ""
     test: str = ""
     image_root: str = ""
+    allow_outside_root: bool = False
     image_size: int = constrained(32, lo=8, hi=1024)
     max_digits: int = constrained(0, lo=0)
     num_shapes: int = constrained(600, lo=0)

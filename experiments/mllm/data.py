@@ -12,7 +12,7 @@ its reference answer(s), question type, pair id and image index), ``summary.json
 tokenizer in ``<run>/tokenizer``.
 
 With ``init_from`` (`experiments.mllm.pretrained`) the tokenizer is the checkpoint's (its chat
-template and image-token layout, `experiments.mllm.chat`, no BPE is trained) and the images are
+template and image-token layout, `dfm.prompts`, no BPE is trained) and the images are
 resized to the checkpoint's image size.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dfm.prompts import IMAGE_TOKEN, TemplateError, encode_conversation, image_token_id, pad_rows
 from experiments.engine.rundir import (arrays_digest, atomic_save_npz, atomic_write_json, load_npz, read_json,
                                        software_versions)
 from experiments.engine.task import DataError as EngineDataError
 from experiments.engine.tokenizer import load_tokenizer, save_tokenizer
-from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, encode_conversation, image_token_id,
-                                   pad_rows)
+from experiments.mllm.bpe import build_tokenizer
 
 SPLITS = ("train", "val", "test")
 
@@ -53,10 +53,11 @@ def record_files(config, run_root: Path, log=print) -> dict[str, list]:
         return {s: formats.load_llava(out / f"{s}.jsonl", out) for s in SPLITS}
     paths = {"train": d.train, "val": d.val or d.test, "test": d.test}
     if d.source == "llava":
-        return {s: formats.load_llava(Path(p), Path(d.image_root or Path(p).parent)) for s, p in paths.items()}
+        return {s: formats.load_llava(Path(p), Path(d.image_root or Path(p).parent),
+                                      allow_outside_root=d.allow_outside_root) for s, p in paths.items()}
     out = {}
     for s, p in paths.items():
-        groups = formats.load_internvl_meta(Path(p))
+        groups = formats.load_internvl_meta(Path(p), allow_outside_root=d.allow_outside_root)
         out[s] = [r for name in sorted(groups) for r in groups[name]]
     return out
 
@@ -68,12 +69,19 @@ def _one_image(record, path_hint: str) -> Path:
     return Path(record.images[0])
 
 
-def _load_images(paths: list[Path], size: int) -> np.ndarray:
-    from experiments.mllm.images import load_image
+def _load_images(paths: list[Path], size: int, used_by: dict[str, str] | None = None) -> np.ndarray:
+    """uint8 `[len(paths), size, size, 3]`; an unreadable image's error names the first record that
+    uses it (`used_by`: path -> that record's `source`, "<file>: line 3: record 'id'")."""
+    from experiments.mllm.images import UnreadableImageError, load_image
 
-    if not paths:
-        return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([np.round(load_image(p, size) * 255.0).astype(np.uint8) for p in paths])
+    out = np.zeros((len(paths), size, size, 3), np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            out[i] = np.round(load_image(p, size) * 255.0).astype(np.uint8)
+        except UnreadableImageError as e:
+            where = (used_by or {}).get(str(p))
+            raise UnreadableImageError(f"{where}: {e}" if where else str(e)) from None
+    return out
 
 
 def _question_rows(records, split: str, image_index: dict) -> list[dict]:
@@ -130,7 +138,10 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
     for split in SPLITS:
         paths = sorted({str(_one_image(r, split)) for r in records[split]})
         images[split] = {p: i for i, p in enumerate(paths)}
-        arrays[f"images_{split}"] = _load_images([Path(p) for p in paths], image_size)
+        used_by = {}
+        for r in records[split]:
+            used_by.setdefault(str(_one_image(r, split)), r.source)
+        arrays[f"images_{split}"] = _load_images([Path(p) for p in paths], image_size, used_by)
     ids, masks, img = [], [], []
     for r in records["train"]:
         try:

@@ -20,7 +20,10 @@ with the line number for JSONL or the index for a JSON list):
   images. One exception, InternVL's convention (``internvl_chat_finetune.py``
   ``multi_modal_get_item``): a single-image record without any placeholder gets ``"<image>\\n"``
   prepended to its first human turn. Multi-image and text-only records must match exactly.
-- image paths are relative to `image_root` (absolute paths are used as they are); every image must
+- image paths are relative to `image_root` and must stay inside it (docs/reliability.md#security):
+  a path that leaves the root, through ``..``, as an absolute path or through a symbolic link, is
+  an error naming the record, unless the caller opts in (`allow_outside_root=True`, the config's
+  ``[data] allow_outside_root = true``); absolute paths inside the root are accepted. Every image must
   exist as a file when `check_images` is true (the default). Record.images holds the joined paths
   (``os.path.normpath``-ed).
 - ids: strings (integers are converted); a record without "id" gets ``"<file stem>:<line>"``
@@ -84,12 +87,14 @@ class Record:
       images: image paths (image_root joined), in placeholder order; empty for text-only records.
       turns: alternating human / gpt turns, starting with human and ending with gpt.
       extra: every other key of the JSON record (e.g. "question_type", "answers", "pair_id").
+      source: where the record was read ("<file>: line 3"), for messages (not compared).
     """
 
     id: str
     images: tuple[Path, ...]
     turns: tuple[Turn, ...]
     extra: dict = field(default_factory=dict)
+    source: str = field(default="", compare=False)
 
     def qa_pairs(self) -> list[tuple[str, str]]:
         """(question, answer) per human/gpt pair, ``<image>`` placeholders and surrounding
@@ -177,7 +182,15 @@ def _parse_turns(conv, where: str) -> list[Turn]:
     return turns
 
 
-def parse_record(obj, path: Path, loc: str, number: int, image_root: Path, check_images: bool = True) -> Record:
+def inside_root(image: Path, image_root: Path) -> bool:
+    """Whether `image` (already joined to the root) resolves, symbolic links followed, inside
+    `image_root` (also resolved)."""
+    root = os.path.realpath(image_root)
+    return os.path.commonpath([root, os.path.realpath(image)]) == root
+
+
+def parse_record(obj, path: Path, loc: str, number: int, image_root: Path, check_images: bool = True,
+                 allow_outside_root: bool = False) -> Record:
     """One JSON object -> `Record` (see the module docstring for the rules).
 
     Args:
@@ -186,6 +199,7 @@ def parse_record(obj, path: Path, loc: str, number: int, image_root: Path, check
         messages and the default id.
       image_root: directory the image paths are relative to.
       check_images: require every image file to exist.
+      allow_outside_root: accept image paths that leave `image_root` (module docstring).
 
     Raises:
       FormatError: naming `path` and the record id.
@@ -206,6 +220,11 @@ def parse_record(obj, path: Path, loc: str, number: int, image_root: Path, check
     else:
         raise FormatError(f"{where}: image must be a non-empty string or a non-empty list of strings, got {raw!r}")
     images = tuple(Path(os.path.normpath(Path(image_root) / p)) for p in rel)
+    if not allow_outside_root:
+        for raw_path, p in zip(rel, images):
+            if not inside_root(p, image_root):
+                raise FormatError(f"{where}: image path {raw_path!r} leaves the image root {str(image_root)!r}; "
+                                  f"set [data] allow_outside_root = true to read images outside it")
     if check_images:
         for p in images:
             if not p.is_file():
@@ -220,26 +239,29 @@ def parse_record(obj, path: Path, loc: str, number: int, image_root: Path, check
         raise FormatError(f"{where}: {n_tokens} {IMAGE_TOKEN} placeholder(s) over all turns but "
                           f"{len(images)} image(s)")
     extra = {k: v for k, v in obj.items() if k not in RESERVED_KEYS}
-    return Record(rid, images, tuple(turns), extra)
+    return Record(rid, images, tuple(turns), extra, source=where)
 
 
-def load_llava(path: str | os.PathLike, image_root: str | os.PathLike, *, check_images: bool = True) -> list[Record]:
+def load_llava(path: str | os.PathLike, image_root: str | os.PathLike, *, check_images: bool = True,
+               allow_outside_root: bool = False) -> list[Record]:
     """Records of a LLaVA JSON list or JSONL file, in file order.
 
     Args:
       path: the .json / .jsonl file (format detected from the content).
       image_root: directory the "image" paths are relative to.
       check_images: require every image file to exist (default true).
+      allow_outside_root: accept image paths that leave `image_root` (module docstring).
 
     Raises:
       FormatError: bad JSON (line number for JSONL), a malformed record, a missing image file,
-        a placeholder / image count mismatch, a duplicate id; the message names the file and the
+        an image path outside `image_root`, a placeholder / image count mismatch, a duplicate id;
+        the message names the file and the
         record id (or line / index).
     """
     path = Path(path)
     records, seen = [], {}
     for loc, number, obj in _read_rows(path):
-        rec = parse_record(obj, path, loc, number, Path(image_root), check_images)
+        rec = parse_record(obj, path, loc, number, Path(image_root), check_images, allow_outside_root)
         if rec.id in seen:
             raise FormatError(f"{_where(path, rec.id, loc)}: duplicate id (first at {seen[rec.id]})")
         seen[rec.id] = loc
@@ -342,14 +364,15 @@ def repeat_records(records: Sequence[Record], repeat_time: float, rng: np.random
     return out
 
 
-def load_internvl_meta(meta_path: str | os.PathLike, *, seed: int = 0,
-                       check_images: bool = True) -> dict[str, list[Record]]:
+def load_internvl_meta(meta_path: str | os.PathLike, *, seed: int = 0, check_images: bool = True,
+                       allow_outside_root: bool = False) -> dict[str, list[Record]]:
     """Records of every dataset of an InternVL meta.json, `repeat_time` applied.
 
     Args:
       meta_path: the meta.json.
       seed: seed of the `repeat_time` subsampling (generator ``default_rng([seed, crc32(name)])``).
       check_images: require every image file to exist.
+      allow_outside_root: accept image paths that leave their dataset's `root` (module docstring).
 
     Returns:
       name -> records (a repeated record appears several times with the same id).
@@ -362,7 +385,8 @@ def load_internvl_meta(meta_path: str | os.PathLike, *, seed: int = 0,
     for name, entry in read_internvl_meta(meta_path).items():
         where = f"{meta_path}: dataset {name!r}"
         try:
-            records = load_llava(entry["annotation"], entry["root"], check_images=check_images)
+            records = load_llava(entry["annotation"], entry["root"], check_images=check_images,
+                                 allow_outside_root=allow_outside_root)
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         if entry["length"] is not None and entry["length"] != len(records):
