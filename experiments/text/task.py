@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments.engine.memory import count_parameters, training_memory_bytes
 from experiments.engine.stages import Context, finish_training, load_assignments, metrics_kwargs
-from experiments.engine.task import PartitionInput, Task
+from experiments.engine.task import DataError, PartitionInput, Task
 from experiments.text import evaluate, modeling, report
 from experiments.text.config import ExperimentConfig
 from experiments.text.data import TextData, load_data
@@ -67,7 +67,12 @@ class TextTask(Task):
 
         pc = ctx.config.partition
         featurizer = TextFeaturizer(n_components=pc.svd_dim, seed=pc.seed, max_features=pc.max_features)
-        features = {"train": featurizer.fit_transform(data.splits["train"].texts)}
+        try:
+            featurizer.fit(data.splits["train"].texts)
+        except ValueError as e:           # too few distinct words for svd_dim, or only stop words
+            raise DataError(f"[partition] svd_dim = {pc.svd_dim}: the train documents cannot give that many "
+                            f"tf-idf + SVD features ({e}); lower svd_dim or use a larger corpus") from None
+        features = {"train": featurizer.transform(data.splits["train"].texts)}
         for name in ("val", "test"):
             features[name] = featurizer.transform(data.splits[name].texts)
         ctx.run.partition.mkdir(parents=True, exist_ok=True)
