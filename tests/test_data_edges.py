@@ -25,3 +25,11 @@ def test_svd_dim_above_the_vocabulary_names_the_key(tmp_path, capsys):
         "dfm: error: [partition] svd_dim = 16: the train documents cannot give that many tf-idf + SVD features "
         "(n_components=16 must be smaller than the tf-idf vocabulary size (8) of texts); lower svd_dim or use a "
         "larger corpus")
+
+
+def test_a_warmup_longer_than_the_stage_is_warned(tmp_path, capsys):
+    status = main(["train", "--base", "--config", "tiny", "--out", str(tmp_path / "run"), "base.steps=3",
+                   "base.warmup_steps=5", "base.validations=0"])
+    assert status == 0
+    assert ("[base] warning: warmup_steps = 5 > steps = 3: the learning rate never reaches its peak (0.003); the "
+            "warmup is cut to the 3 steps") in capsys.readouterr().out.splitlines()

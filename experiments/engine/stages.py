@@ -443,7 +443,11 @@ def _train_stage(ctx: Context, data, stage: str, stop_after: int | None) -> dict
             index = np.flatnonzero(assignments.examples(random=kind == "random") == int(k))
         model = load_stage_model(ctx, data, ctx.task.stage1)
     tc = train_config(ctx, stage, steps)
-    batch_size = ctx.task.stage_config(ctx.config, stage).batch_size
+    section = ctx.task.stage_config(ctx.config, stage)
+    if section.warmup_steps > section.steps:
+        ctx.log(f"[{stage}] warning: warmup_steps = {section.warmup_steps} > steps = {section.steps}: the learning "
+                f"rate never reaches its peak ({section.learning_rate:g}); the warmup is cut to the {steps} steps")
+    batch_size = section.batch_size
     batches = EpochBatches(len(index), batch_size, ctx.config.seed, stage, steps=steps)
     loss_fn, validate = ctx.task.loss_fn(ctx, data), None
     if tc.validate_every:
