@@ -1,4 +1,5 @@
-"""``jax.lax.scan`` samplers for factorized DFM: discrete time (THEORY S4-S6) and Euler (S7).
+"""``jax.lax.scan`` samplers for factorized DFM: discrete time (THEORY S4-S6) and Euler (S7); the law of
+their draws is checked end to end by ``proofs_check`` row S7.law.
 
 One internal scan over a rate table ``rate [T, length]`` serves both samplers. At step ``s`` each
 coordinate ``i`` that may move draws its next value from ``transition_probabilities``: the kernel
@@ -65,7 +66,11 @@ def euler_rates(scheduler: KappaScheduler, length: int, num_steps: int) -> Array
 
     ``rate[s] = min(1, h * d_kappa(t_s) / (1 - kappa(t_s)))`` with ``h = 1 / T``, ``t_s = s h``; the last
     step has rate 1 (every coordinate still masked is drawn from ``p_{1|t}``, as flow_matching's
-    ``MixtureDiscreteEulerSolver`` sets ``x_t = x_1`` on its final step).
+    ``MixtureDiscreteEulerSolver`` sets ``x_t = x_1`` on its final step). They differ from the exact
+    rates of ``discretize(scheduler, length, T).rates()`` by at most
+    ``h^2 max|kappa''| / (2 (1 - kappa(t_s)))`` per step: ``O(h^2)`` where ``1 - kappa`` stays away from 0,
+    not in the last steps of e.g. the cosine scheduler; the sampler's law still converges to q at rate
+    ``O(1/T)`` in total variation (THEORY S7).
 
     Raises:
       ValueError: if ``num_steps`` or ``length`` is not a positive integer.

@@ -5,7 +5,8 @@ Continuous schedulers follow Gat et al. 2024 (and ``flow_matching.path.scheduler
 tables ``kappa[t, i]``, ``t = 0..T``, are per position, so that autoregression is a schedule
 (THEORY S5): ``autoregressive(length)`` reveals position ``t`` at step ``t``.
 
-Positions are 0-indexed: THEORY's ``kappa_t^i = 1[i <= t]`` (1-indexed i) is ``kappa[t, i] = 1[i < t]``.
+Positions are 0-indexed, as everywhere (docs/theory.md, Notation): the AR schedule is ``kappa[t, i] = 1[i < t]``
+(the specification's 1-indexed ``kappa_t^i = 1[i <= t]``), so ``x_t`` reveals the prefix ``x^{<t}``.
 """
 from __future__ import annotations
 

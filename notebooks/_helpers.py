@@ -10,7 +10,11 @@ notebooks stay light.
   THEORY S5) and ``masked_posterior_fn`` (the exact denoiser of a masked path, THEORY S4/S7);
 - ``empirical_law``: the law of sampled sequences over the data states;
 - plots: ``show_kappa`` (a schedule as an image, steps x positions), ``show_router`` (router weights
-  as a heat map), ``compare_bars`` (laws side by side), ``html_table``.
+  as a heat map), ``compare_bars`` (laws side by side), ``html_table``;
+- ``nonneg``: a KL or a probability with its float rounding noise (``|x| < 1e-12``) shown as 0;
+- ``check``: the check cell of an exercise (prints "not answered yet", raises on a wrong answer,
+  prints "correct"). The solutions are in ``notebooks/solutions/``; ``tests/test_notebooks.py`` runs
+  every notebook with them filled in.
 """
 from __future__ import annotations
 
@@ -177,3 +181,30 @@ def html_table(rows, header=None):
     head = "".join(f"<th>{h}</th>" for h in header) if header else ""
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers and exercises
+# ---------------------------------------------------------------------------------------------
+def nonneg(x, tol: float = 1e-12) -> float:
+    """A quantity that is >= 0 in exact arithmetic (a KL, a probability): float rounding noise below
+    ``tol`` in absolute value is returned as 0.0 (e.g. ``-2.4e-16`` for a KL that is exactly 0)."""
+    x = float(x)
+    return 0.0 if abs(x) < tol else x
+
+
+def check(name: str, answer, expected, *, atol: float = 1e-9, hint: str = "") -> None:
+    """The check cell of an exercise: ``answer`` (``None``: not answered yet) against ``expected``
+    (a number, an array or any value compared with ``==``). Prints "<name>: correct", or raises
+    ``AssertionError`` with ``hint`` for a wrong answer."""
+    if answer is None:
+        print(f"{name}: not answered yet (write your answer in the cell above, run it, then this cell)")
+        return
+    if isinstance(expected, (bool, str, tuple)) or expected is None:
+        ok = answer == expected
+    else:
+        a, e = np.asarray(answer, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+        ok = a.shape == e.shape and bool(np.allclose(a, e, rtol=0.0, atol=atol))
+    if not ok:
+        raise AssertionError(f"{name}: not quite. {hint}".strip())
+    print(f"{name}: correct")

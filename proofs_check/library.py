@@ -6,7 +6,8 @@ the per-coordinate formulas:
 * S4: ``dfm.velocities.conditional_velocity`` and ``posterior_to_velocity`` (per-coordinate velocities, on
   every state: exact posteriors on reachable states, random ones elsewhere, against the formula),
 * S5(d), S5(e): ``dfm.losses.dfm_cross_entropy`` summed over steps and ``dfm.losses.ar_nll``,
-* S7: ``dfm.samplers.euler_rates`` and ``dfm.schedules.discretize`` (Euler rates, kappa tables).
+* S6, S7: ``dfm.schedules.discretize`` (kappa tables, rates) and ``dfm.samplers.euler_rates`` of the library's
+  schedulers against the numpy tables of :mod:`proofs_check.schedulers`.
 The sampler's own kernel (``dfm.samplers.transition_probabilities``: S5(c), S6, S7) and the joint kernels of
 S3 are in :mod:`proofs_check.library_kernels`; routers, mixtures and ensembles (S8-S13) in
 :mod:`proofs_check.library_decentral` and :mod:`proofs_check.library_ensemble`.
@@ -234,18 +235,25 @@ def s5_ar_nll_error(model, vocab: int, length: int, expected) -> float:
     return maxdiff(out, expected)
 
 
-def s7_rates_error(name: str, num_steps: int, length: int, kappa_expected, rate_expected) -> float:
-    """Library ``discretize(...).kappa`` and ``euler_rates`` vs the engine's tables for kappa = t or t^2."""
+def scheduler_tables_error(name: str, num_steps: int, length: int) -> float:
+    """Library ``discretize(scheduler, L, T)`` (``.kappa``, ``.rates()``) and ``euler_rates(scheduler, L, T)`` vs the
+    numpy tables of :mod:`proofs_check.schedulers` (kappa, the discrete rates ``1 - S(t_{s+1}) / S(t_s)`` and the
+    Euler rates), for the library's own scheduler of the same kappa (THEORY S6, S7)."""
     from dfm.samplers import euler_rates
-    from dfm.schedules import LinearScheduler, PolynomialScheduler, discretize
+    from dfm.schedules import discretize
+    from proofs_check import schedulers as sc
 
-    scheduler = LinearScheduler() if name == "kappa=t" else PolynomialScheduler(2.0)
+    scheduler = sc.library_scheduler(name)
     with float64_mode():
-        kap = np.asarray(discretize(scheduler, length, num_steps).kappa)
-        rates = np.asarray(euler_rates(scheduler, length, num_steps))
-    if kap.dtype != np.float64 or rates.dtype != np.float64:
+        sched = discretize(scheduler, length, num_steps)
+        kap, rates = np.asarray(sched.kappa), np.asarray(sched.rates())
+        e = np.asarray(euler_rates(scheduler, length, num_steps))
+    if kap.dtype != np.float64 or rates.dtype != np.float64 or e.dtype != np.float64:
         return float("inf")
-    return float(max(np.max(np.abs(kap - kappa_expected)), np.max(np.abs(rates - rate_expected))))
+    col = lambda v: np.repeat(np.asarray(v)[:, None], length, axis=1)  # noqa: E731
+    return worst(maxdiff(kap, sc.kappa_table(name, num_steps, length)),
+                 maxdiff(rates, col(sc.discrete_rates(name, num_steps))),
+                 maxdiff(e, col(sc.euler_rates(name, num_steps))))
 
 
 PAD_STATES = 40  # S1/S2 draw M in [2, 40): pad to one shape, so each library function compiles once

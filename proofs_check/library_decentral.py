@@ -6,9 +6,11 @@
 * S10: ``router_objective`` on all enumerated ``(x_t, k)`` pairs weighted by ``P(X_t = x, K = k)``,
 * S11: ``dfm.losses.ar_nll`` of the exact experts and ``mixture_token_log_probs`` with the Bayes filter,
 * S12: ``CentroidRouter(Partition, T, top_k=1).route`` against the enumerated posterior ``rho_t(k | c, x)``,
-  and ``mixture_token_log_probs(FixedRouter(...))`` against the exact conditional likelihood,
+  ``dfm.decentral.partition.assign`` against numpy's nearest centroid, and
+  ``mixture_token_log_probs(FixedRouter(...))`` against the exact conditional likelihood,
 * S13: ``top_k``, ``centroid_weights`` against independent numpy references, and the TV bound with
-  ``mix_log_probs`` of the library's truncated weights.
+  ``mix_log_probs`` of the library's truncated weights; ``fit_temperature_search`` (the centroid router's
+  temperature: a maximum of the held-out mixture likelihood, its limits named at a bound).
 Shapes are padded so that each function compiles a handful of times per run: experts to ``K_PAD`` (zero
 weight / log prior ``-inf``), vocabularies and lengths to 4 (probability-0 tokens, positions that add
 nothing), batches to power-of-two buckets.
@@ -86,7 +88,7 @@ def token_log_probs(experts, vocab: int, length: int):
     return lp, causal
 
 
-def _pad_experts(lp, size: int):
+def pad_experts(lp, size: int):
     """Token log-probs ``[K, D, L]`` padded to ``[K_PAD, size, L_PAD]`` (padding: 0, i.e. no evidence)."""
     k, d, length = lp.shape
     out = np.zeros((K_PAD, size, L_PAD))
@@ -143,7 +145,7 @@ def s9_filter_error(w, lp, prefix_post, prefix_alive, next_lp, log_q) -> float:
     q(x1) > 0."""
     k, d, length = lp.shape
     size = bucket(d)
-    lp_pad = _pad_experts(lp, size)
+    lp_pad = pad_experts(lp, size)
     valid = np.zeros((size, L_PAD), dtype=bool)
     valid[:d, :length] = True
     router = _bayes_router(w)
@@ -186,7 +188,7 @@ def s11_errors(w, experts, q, vocab: int, length: int, h_q: float, h_k, mi: floa
         nll = np.asarray(jit_once(_ar_nll)(logits.reshape(-1, L_PAD, V_PAD), tokens.reshape(-1, L_PAD)))
     valid = np.zeros((size, L_PAD), dtype=bool)
     valid[:d, :length] = True
-    log_probs, _ = mixture_scores(_bayes_router(w), _pad_experts(lp, size), valid)
+    log_probs, _ = mixture_scores(_bayes_router(w), pad_experts(lp, size), valid)
     if not _f64(nll, log_probs):
         return INF
     nll = nll.reshape(K_PAD, size)[:k, :d]
@@ -241,9 +243,14 @@ def s12_errors(features, centroids, temperature: float, rho, alive, cond_lp, con
     ``cond_lp [K, C, D, L]`` == the exact conditional ``log q(x1^j | x1^{<j}, c)`` (``cond_next [C, D, L]``,
     compared where the prefix has positive probability, ``cond_alive``)."""
     from dfm.decentral import CentroidRouter, FixedRouter, Partition
+    from dfm.decentral.partition import assign
 
     k, c, d, length = cond_lp.shape
     part = Partition(centroids, mean=None, config={}, sizes=np.ones(k, dtype=np.int64))
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    h_ref = np.argmax(unit @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T, axis=1)
+    if not np.array_equal(assign(part, features), h_ref):    # the partition function h: nearest centroid
+        return INF
     rows_f = np.ones((S12_ROWS, features.shape[1]))  # padded to one batch size (the route is per row)
     rows_f[:c] = features
     with float64_mode():
@@ -337,3 +344,30 @@ def s13_errors(rho, k: int, comps, disjoint, cosines, temperature: float, trunc_
         tv = tb.tv_distance(full, probs[j + 1, :size])
         tvb = INF if np.isnan(tv) else max(tvb, tv - bound)
     return worst(*errs), tvb
+
+
+def s13_temperature_error(seed: int) -> tuple[float, list[str]]:
+    """``fit_temperature_search`` on two synthetic held-out sets (400 rows, K = 4, cosines on a 0.1 grid plus
+    offsets 0, 0.01, 0.02, 0.03, so every gap is >= 0.01): labels drawn from ``softmax(cos / 0.1)`` with one-hot expert
+    likelihoods (an interior maximum: L(T_fit) >= L on a 121-point log grid over [1e-3, 1e1], not at a bound),
+    and likelihoods that favour the nearest centroid only (at the lower bound, the limit ``T -> 0`` named, L equal
+    to the limit's). ``(error, lines)``: 0 when all hold, else ``inf``."""
+    from dfm.decentral.temperature import LIMIT_ZERO, fit_temperature_search, mixture_log_likelihood
+
+    rng = np.random.default_rng(seed)
+    cos = np.round(rng.uniform(-1, 1, size=(400, 4)), 1) + 0.01 * np.arange(4)
+    z = cos / 0.1
+    rho = np.exp(z - z.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    labels = (rho.cumsum(1) > rng.random((400, 1))).argmax(1)
+    ll = np.where(np.eye(4, dtype=bool)[labels], 0.0, -np.inf)
+    fit = fit_temperature_search(cos, ll)
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(10.0), 121))
+    best_grid = max(mixture_log_likelihood(cos, ll, t) for t in grid)
+    ok = fit.at_bound is None and fit.log_likelihood >= best_grid - 1e-9 * abs(best_grid)
+    ll_top1 = np.where(np.eye(4, dtype=bool)[cos.argmax(1)], np.log(0.9), np.log(1e-6))
+    fit1 = fit_temperature_search(cos, ll_top1, top_k=2)
+    ok &= fit1.at_bound == "lower" and fit1.limit == LIMIT_ZERO
+    ok &= abs(fit1.log_likelihood - fit1.limit_log_likelihoods["zero"]) <= 1e-9 * abs(fit1.log_likelihood)
+    lines = [f"interior case: {fit.describe()} (labels drawn at T = 0.1)", f"top-1 case: {fit1.describe()}"]
+    return (0.0 if ok else INF), lines

@@ -9,7 +9,8 @@ looks up its exact denoiser table by state index, the router is
 * S9: ``BayesFilterRouter.from_priors(w)`` updated by the ensemble from the revealed tokens
   (``dfm.schedules.autoregressive(L)``),
 
-and the ensemble's posterior function is wrapped: at every step it compares the mixed log-probs it returns
+(``available=``: the experts that may be used, a static mask, for row S8.avail) and the ensemble's posterior
+function is wrapped: at every step it compares the mixed log-probs it returns
 at the visited states (``BATCH`` trajectories from the all-mask source ``dfm.paths.mask_source``) with the
 exact mixture denoiser (table lookup by state index), accumulates the max abs error of the probabilities and
 the number of compared states in the scan carry, and reports them at the last step through
@@ -98,7 +99,11 @@ def _start(inner, dtype):
     return inner, (jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
 
-def _s8_sample(seed, schedule, expert_tabs, router_tab, mix_tab, alive_tab):
+def _available(available):
+    return None if available is None else np.asarray(available, bool)
+
+
+def s8_sample(seed, schedule, expert_tabs, router_tab, mix_tab, alive_tab, available=None):
     import jax
 
     from dfm.decentral import CallableRouter, ensemble_init_state, ensemble_posterior_fn
@@ -107,14 +112,15 @@ def _s8_sample(seed, schedule, expert_tabs, router_tab, mix_tab, alive_tab):
 
     length = schedule.kappa.shape[1]
     router = CallableRouter(lambda x_t, t: router_tab[_index(x_t)], K_PAD)
-    ens = ensemble_posterior_fn([_expert(expert_tabs, k) for k in range(K_PAD)], router, mask_id=MASK)
+    ens = ensemble_posterior_fn([_expert(expert_tabs, k) for k in range(K_PAD)], router, mask_id=MASK,
+                                available=_available(available))
     state = ensemble_init_state(router, [None] * K_PAD, batch=BATCH, num_moving=schedule.max_moves, vocab=V_PAD,
                                 dtype=expert_tabs.dtype)
     return sample_discrete(jax.random.key(seed), _checked(ens, mix_tab, alive_tab, T_PAD - 1), schedule,
                            mask_source((BATCH, length), MASK), mask_id=MASK, state=_start(state, expert_tabs.dtype))
 
 
-def _s9_sample(seed, schedule, router, expert_tabs, mix_tab, alive_tab):
+def s9_sample(seed, schedule, router, expert_tabs, mix_tab, alive_tab, available=None):
     import jax
 
     from dfm.decentral import ensemble_init_state, ensemble_posterior_fn
@@ -122,7 +128,8 @@ def _s9_sample(seed, schedule, router, expert_tabs, mix_tab, alive_tab):
     from dfm.samplers import sample_discrete
 
     length = schedule.kappa.shape[1]
-    ens = ensemble_posterior_fn([_expert(expert_tabs, k) for k in range(K_PAD)], router, mask_id=MASK)
+    ens = ensemble_posterior_fn([_expert(expert_tabs, k) for k in range(K_PAD)], router, mask_id=MASK,
+                                available=_available(available))
     state = ensemble_init_state(router, [None] * K_PAD, batch=BATCH, num_moving=schedule.max_moves, vocab=V_PAD,
                                 dtype=expert_tabs.dtype)
     return sample_discrete(jax.random.key(seed), _checked(ens, mix_tab, alive_tab, L_PAD - 1), schedule,
@@ -154,7 +161,7 @@ def _embedding(vocab: int, length: int):
     return digits, inside, np.where(inside, ridx, 0)
 
 
-def _padded_tables(coord_k, rho, coord, vocab: int, length: int, kappa_pad):
+def padded_tables(coord_k, rho, coord, vocab: int, length: int, kappa_pad):
     """The tables on the padded problem: states ``[0, 5)^4`` (vocab 4, mask 4, length 4), K_PAD experts.
 
     A case of vocab v < 4 has tokens v..3 of probability 0; a case of length n < 4 gets coordinates n..3 whose
@@ -190,7 +197,7 @@ def _padded_tables(coord_k, rho, coord, vocab: int, length: int, kappa_pad):
     return experts, router, mix, alive
 
 
-def _run(fn, *args) -> tuple[float, int]:
+def run_checked(fn, *args) -> tuple[float, int]:
     import jax
 
     _ERRORS.clear()
@@ -207,7 +214,7 @@ def _run(fn, *args) -> tuple[float, int]:
 
 def s8_ensemble_error(seed: int, w, experts, kappa, vocab: int, length: int, rho_t=None, alive_t=None):
     """``(error, compared states)`` of the S8 ensemble in ``sample_discrete`` on the masked schedule ``kappa``
-    (padded to T_PAD steps and length 4, see :func:`_padded_tables`). ``rho_t [M, K]`` / ``alive_t [M]``: the
+    (padded to T_PAD steps and length 4, see :func:`padded_tables`). ``rho_t [M, K]`` / ``alive_t [M]``: the
     enumeration's router at the case's step (mask source), compared with the table (which does not depend on t
     on the support)."""
     from dfm.schedules import from_kappa
@@ -217,10 +224,10 @@ def s8_ensemble_error(seed: int, w, experts, kappa, vocab: int, length: int, rho
     kap = np.ones((T_PAD + 1, L_PAD))
     kap[0] = 0.0
     kap[:steps + 1, :length] = kappa
-    experts_pad, router_pad, mix_pad, alive = _padded_tables(coord_k, rho, coord, vocab, length, kap)
+    experts_pad, router_pad, mix_pad, alive = padded_tables(coord_k, rho, coord, vocab, length, kap)
     with float64_mode():
         schedule = from_kappa(kap, max_moves=L_PAD)
-    err, count = _run(jit_once(_s8_sample), np.uint32(seed), schedule, experts_pad, router_pad, mix_pad, alive)
+    err, count = run_checked(jit_once(s8_sample), np.uint32(seed), schedule, experts_pad, router_pad, mix_pad, alive)
     if rho_t is not None:
         err = worst(err, maxdiff(rho_t[alive_t], rho[alive_t]))
     return err, count
@@ -228,17 +235,17 @@ def s8_ensemble_error(seed: int, w, experts, kappa, vocab: int, length: int, rho
 
 def s9_ensemble_error(seed: int, w, experts, vocab: int, length: int):
     """``(error, compared states)`` of the S9 ensemble (Bayes filter) in ``sample_discrete`` under
-    ``autoregressive(4)`` (the case padded to length 4, see :func:`_padded_tables`): at every visited state its
+    ``autoregressive(4)`` (the case padded to length 4, see :func:`padded_tables`): at every visited state its
     output equals ``q(next | prefix)``."""
     from dfm.decentral import BayesFilterRouter
     from dfm.schedules import autoregressive
 
     coord_k, rho, coord, _ = denoiser_tables(w, experts, vocab, length)
     kap = (np.arange(L_PAD)[None, :] < np.arange(L_PAD + 1)[:, None]).astype(np.float64)
-    experts_pad, _, mix_pad, alive = _padded_tables(coord_k, rho, coord, vocab, length, kap)
+    experts_pad, _, mix_pad, alive = padded_tables(coord_k, rho, coord, vocab, length, kap)
     with float64_mode():  # from_priors makes a jax array: float64 only under x64
         if "ar" not in _SCHEDULES:
             _SCHEDULES["ar"] = autoregressive(L_PAD)
         router = BayesFilterRouter.from_priors(np.concatenate([w, np.zeros(K_PAD - w.shape[0])]))
     schedule = _SCHEDULES["ar"]
-    return _run(jit_once(_s9_sample), np.uint32(seed), schedule, router, experts_pad, mix_pad, alive)
+    return run_checked(jit_once(s9_sample), np.uint32(seed), schedule, router, experts_pad, mix_pad, alive)

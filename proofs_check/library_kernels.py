@@ -158,6 +158,17 @@ def s6_sampler_error(q, kappa, blocks, vocab: int, length: int, law_expected, tc
                  abs(kl - tc_sum))
 
 
+def step_law_error(kappa, step_law_expected) -> float:
+    """THEORY S6: ``from_kappa(kappa).rates()`` (the library's rates) give the reveal-step law ``a [T, L]`` of
+    :func:`proofs_check.reveal.step_law` computed from the engine's rates."""
+    from proofs_check.reveal import step_law
+
+    rates, err = schedule_rates(kappa)
+    if not np.isfinite(err):
+        return INF
+    return worst(err, maxdiff(step_law(rates), step_law_expected))
+
+
 def s7_step_error(post, alive, kap, dk, h: float, vocab: int, with_mask: bool, expected_kernel, random_post) -> float:
     """One Euler step with the sampler's kernel: ``transition_probabilities`` with rate ``min(1, h kappa' /
     (1 - kappa))`` on every state (unreachable states: the random posteriors ``random_post``), per coordinate

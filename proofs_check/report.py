@@ -104,7 +104,7 @@ def print_table(rows: list[Row], total_seconds: float | None = None, wall_second
         console = Console()
         if not console.is_terminal:  # pipes and CI logs: do not wrap the table at 80 columns
             console = Console(width=170)
-    table = Table(title="proofs_check: THEORY S1-S13 (float64)")
+    table = Table(title="proofs_check: THEORY S1-S13 and the library rows S7.law, S8.avail, S9.decode (float64)")
     for col in ("id", "statement", "method", "cases", "max abs error", "tolerance", "CPU s", "result"):
         table.add_column(col, justify="right" if col in ("cases", "max abs error", "tolerance", "CPU s") else "left")
     for r in rows:

@@ -24,7 +24,7 @@ def _ar_denoisers(q, kappa, vocab):
 
 def check_s11(rng, cases: int, library: bool = False) -> Row:
     """S11 (AR schedule): E_q[loss(exact denoiser)] == H(q); sum_k w_k E_{q_k}[loss_k] == sum_k w_k H(q_k) == H(X|K);
-    H(q) - H(X|K) == I(X; K) == sum_t I(X^{t+1}; K | X^{<=t}); the routed ensemble attains H(q). With ``library``:
+    H(q) - H(X|K) == I(X; K) == sum_t I(X^t; K | X^{<t}); the routed ensemble attains H(q). With ``library``:
     ``ar_nll`` of the exact experts and ``mixture_token_log_probs`` with the Bayes filter give the same numbers."""
     tr = Tracker()
     extra, data = [], {}
@@ -206,6 +206,12 @@ def check_s13(rng, cases: int, library: bool = False) -> Row:
     method = "enumeration"
     if library:
         method += " + library"
+        try:
+            err, lines = ld.s13_temperature_error(int(lrng.integers(2**31)))
+            tr.error(err, "library fit_temperature_search: not a maximum, or a bound not reported with its limit")
+            extra += [f"library temperature fit, {line}" for line in lines]
+        except Exception as exc:  # noqa: BLE001 - reported as a failure of the row
+            tr.fail(f"library fit_temperature_search raised {type(exc).__name__}: {exc}")
         extra.append("library: dfm.decentral.top_k == top_k_renormalize; centroid_weights(cos, T, k) == numpy softmax("
                      "cos / T) + top-k (random T != 1); mix_log_probs with rho and the library's truncated weights == "
                      f"the mixtures; max TV - (1 - rho(S)) with the library's weights {lib_worst[0]:.3e}, every case")

@@ -9,6 +9,7 @@ from proofs_check.cases import (
     SOURCES, ar_kappa, random_dist, random_positive_dist, random_schedule, random_size, random_source_case,
 )
 from proofs_check import library as lib
+from proofs_check import library_ar as la
 from proofs_check import library_kernels as lk
 from proofs_check.report import Row, Tracker
 
@@ -86,14 +87,19 @@ def check_s4(rng, cases: int, library: bool = False) -> Row:
             random_post = lrng.dirichlet(np.ones(v), size=xs.shape)  # for the unreachable states
             lib.record(tr, f"{label}: library velocities vs enumeration", lib.s4_errors,
                        xs, coord, alive, r, v, wm, x1, None if wm else x0, random_post)
+            lib.record(tr, f"{label}: library from_kappa(kappa).rates()", lambda k: lk.schedule_rates(k)[1], kappa)
         tr.cases += 1
     method = "enumeration + library" if library else "enumeration"
     extra = []
     if library:
         extra.append("library: dfm.velocities.posterior_to_velocity on every state of every case (reachable: exact "
                      "posteriors vs the engine; unreachable: random posteriors; all vs the formula r (p - delta) on "
-                     "movable coordinates, 0 on revealed ones) and conditional_velocity (float64)")
+                     "movable coordinates, 0 on revealed ones) and conditional_velocity; the rates r_t^i of "
+                     "dfm.schedules.from_kappa(kappa).rates() (DiscreteSchedule.rates) (float64)")
     return tr.row("S4", "masked mixture path: conditional / marginal coordinate velocity", method, extra)
+
+
+LOSS_CASES = 20   # cases of S5 that also test dfm_loss's unbiasedness (statistical, see library_ar)
 
 
 def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> Row:
@@ -101,6 +107,8 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
     tr = Tracker()
     extra = []
     min_gap = np.inf
+    lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`
+    max_z = 0.0
     for c in range(cases):
         v, n = random_size(rng)
         label = f"case {c} (vocab {v}, length {n})"
@@ -165,6 +173,19 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
             lib.record(tr, f"{label}: library ar_nll", lib.s5_ar_nll_error, model, v, n, tb.ar_nll(model, v, n))
             lib.record(tr, f"{label}: (c) library sampler kernel", lk.s5_sampler_error, q, kappa, v, n,
                        np.stack(lib_posts), lib_cols)
+            lib.record(tr, f"{label}: library any_order", la.any_order_error, q, v, n, lrng.permutation(n))
+            lib.record(tr, f"{label}: library causal_denoiser / causal_posterior_fn", la.causal_errors, q, v, n)
+            if c < LOSS_CASES:
+                m3 = (la.LOSS_V + 1) ** la.LOSS_L
+                model3 = random_positive_dist(lrng, la.LOSS_V, (m3, la.LOSS_L))
+                kap3 = random_schedule(lrng, la.LOSS_L)
+                sampling = ("uniform", "rate_stratified")[c % 2]
+                try:
+                    z = la.dfm_loss_z(int(lrng.integers(2**31)), model3, kap3, sampling)
+                    max_z = max(max_z, z)
+                    tr.require(z <= la.Z_MAX, f"{label}: library dfm_loss ({sampling}) biased: |z| = {z:.1f}")
+                except Exception as err:  # noqa: BLE001 - reported as a failure of the row
+                    tr.fail(f"{label}: library dfm_loss raised {type(err).__name__}: {err}")
         min_gap = min(min_gap, float(np.min(loss_r - nll_r)))
         tr.cases += 1
     extra.append(f"(e) min over cases and x1 of loss - (-log P(sampler -> x1)) on random schedules: {min_gap:.3e} (>= 0)")
@@ -174,7 +195,11 @@ def check_s5(rng, cases: int, symbolic: bool = True, library: bool = False) -> R
                      "dfm.losses.ar_nll on every case (float64)")
         extra.append("library (c): the sampler's kernel dfm.samplers.transition_probabilities (exact denoiser, "
                      "rates of dfm.schedules.autoregressive) on every state, multiplied over coordinates: its law "
-                     "from all-mask == q, on every case")
+                     "from all-mask == q, on every case; the same under dfm.schedules.any_order(random permutation)")
+        extra.append("library: dfm.autoregressive.causal_denoiser and causal_posterior_fn (a table causal model) at the "
+                     "AR states == q(. | x^{<t}), every case; dfm.losses.dfm_loss (one random step per sequence, "
+                     f"'uniform' / 'rate_stratified') unbiased for the exact loss: z-test on {la.DRAWS} draws per "
+                     f"sequence, first {LOSS_CASES} cases, max |z| {max_z:.2f} (FAIL above {la.Z_MAX:.0f})")
     if symbolic:
         from proofs_check.symbolic import symbolic_s5
 

@@ -83,8 +83,8 @@ def check_s8(rng, cases: int, library: bool = False) -> Row:
 
 
 def check_s9(rng, cases: int, library: bool = False) -> Row:
-    """S9 (AR schedule): S8's router at (x^{<=t}, m..) == w_k q_k(x^{<=t}) / sum == online Bayes filter, and
-    q(x^{t+1} | x^{<=t}) == sum_k rho_t(k) q_k(x^{t+1} | x^{<=t}). With ``library``: ``BayesFilterRouter`` (online
+    """S9 (AR schedule): S8's router at (x^{<t}, m..) == w_k q_k(x^{<t}) / sum == online Bayes filter, and
+    q(x^t | x^{<t}) == sum_k rho_t(k) q_k(x^t | x^{<t}). With ``library``: ``BayesFilterRouter`` (online
     and batch), ``mixture_token_log_probs`` and the Bayes-filter ensemble inside ``sample_discrete``."""
     tr = Tracker()
     lrng = rng.spawn(1)[0] if library else None  # library-only randomness: the cases do not depend on `library`

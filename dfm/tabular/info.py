@@ -68,12 +68,13 @@ def block_total_correlation(q, vocab: int, length: int, blocks) -> float:
 
 
 def prefix_marginals(q, vocab: int, length: int) -> list[np.ndarray]:
-    """``[q(x^{<=t}) for t = 0..L]``: element t is ``[vocab**t]`` (t = 0: ``[1.0]``)."""
+    """``[q(x^{<t}) for t = 0..L]`` (``x^{<t}`` = the first t positions, 0-indexed): element t is ``[vocab**t]``
+    (t = 0: ``[1.0]``)."""
     return [marginal(q, vocab, length, range(t)) if t else np.ones(1) for t in range(length + 1)]
 
 
 def next_token_conditionals(q, vocab: int, length: int) -> list[np.ndarray]:
-    """``[q(x^{t+1} | x^{<=t}) for t = 0..L-1]``: element t is ``[vocab**t, vocab]``; rows of zero-probability
+    """``[q(x^t | x^{<t}) for t = 0..L-1]``: element t is ``[vocab**t, vocab]``; rows of zero-probability
     prefixes are zeros."""
     pm = prefix_marginals(q, vocab, length)
     out = []
@@ -85,13 +86,13 @@ def next_token_conditionals(q, vocab: int, length: int) -> list[np.ndarray]:
 
 
 def chain_rule_mutual_information(weights, experts, vocab: int, length: int) -> np.ndarray:
-    """``I(X^{t+1}; K | X^{<=t})`` for t = 0..L-1, ``[L]``, for ``K ~ weights [K]``, ``X | K=k ~ experts[k] [K, D]``."""
+    """``I(X^t; K | X^{<t})`` for t = 0..L-1, ``[L]``, for ``K ~ weights [K]``, ``X | K=k ~ experts[k] [K, D]``."""
     w = np.asarray(weights, dtype=np.float64)
     qs = np.asarray(experts, dtype=np.float64)
     joint = w[:, None] * qs
     terms = []
     for t in range(length):
-        # I(X_{t+1}; K | X_{<=t}) = H(K, X_{<=t}) + H(X_{<=t+1}) - H(X_{<=t}) - H(K, X_{<=t+1})
+        # I(X^t; K | X^{<t}) = H(K, X^{<t}) + H(X^{<t+1}) - H(X^{<t}) - H(K, X^{<t+1})  (x^{<t}: first t positions)
         kt = np.stack([marginal(j, vocab, length, range(t)) if t else j.sum(keepdims=True) for j in joint])
         kt1 = np.stack([marginal(j, vocab, length, range(t + 1)) for j in joint])
         terms.append(entropy(kt.reshape(-1)) + entropy(kt1.sum(0)) - entropy(kt.sum(0)) - entropy(kt1.reshape(-1)))

@@ -83,8 +83,9 @@ def sampler_nll(model_post, kappa, vocab: int) -> np.ndarray:
 
 
 def ar_nll(model_post, vocab: int, length: int) -> np.ndarray:
-    """AR negative log-likelihood ``-sum_t log p_theta(x1^{t+1} | x1^{<=t})``, ``[D]``, reading the model at the
-    AR states ``(x1^{<=t}, m, .., m)`` (THEORY S5(d)). model_post ``[M, L, vocab]`` or ``[L, M, L, vocab]``."""
+    """AR negative log-likelihood ``-sum_t log p_theta(x1^t | x1^{<t})``, ``[D]``, reading the model at the
+    AR states ``(x1^{<t}, m, .., m)`` (THEORY S5(d); 0-indexed, ``x1^{<t}`` the first t tokens).
+    model_post ``[M, L, vocab]`` or ``[L, M, L, vocab]``."""
     V.check_vocab_length(vocab, length)
     x1s = enumerate_states(vocab, length, with_mask=False)
     total = np.zeros(x1s.shape[0])

@@ -142,6 +142,15 @@ def delta_text(system: dict) -> str:
     return f"{100 * d['mean']:+.1f} ± {sd}" + _ci(d.get("ci95"), signed=True)
 
 
+def temperature_text(temperature: float) -> str:
+    """`T = ...`, with the note of `dfm.decentral.temperature.temperature_note` when the fit sits at a
+    search bound (no interior maximum; the limit of the router it stands for)."""
+    from dfm.decentral.temperature import temperature_note
+
+    note = temperature_note(temperature)
+    return f"T = {temperature:.4g}" + (f", {note}" if note else " (an interior maximum)")
+
+
 def markdown(rep: dict) -> str:
     """report.md text."""
     types = rep["question_types"]
@@ -150,7 +159,7 @@ def markdown(rep: dict) -> str:
              (f"{rep['num_test_questions']} test questions on {rep.get('num_test_images', '?')} test images; "
               f"K = {rep['config']['partition']['num_clusters']} experts "
               f"(spherical balanced k-means on stage-1 image features); top-k temperature fitted on "
-              f"{rep['num_val_questions']} val questions: T = {rep['temperature']:.4g}."), "",
+              f"{rep['num_val_questions']} val questions: {temperature_text(rep['temperature'])}."), "",
              *([(f"**WARNING: expert(s) {rep['skipped_experts']} were skipped (lost); every ensemble routes "
                  "among the remaining experts (renormalised routers) and the oracle is not reported.**"), ""]
                if rep.get("skipped_experts") else []),
@@ -257,6 +266,7 @@ def print_summary(rep: dict) -> None:
                       f"{s['answer_nll']:.4f}", delta_text(s).replace(" ± -", ""),
                       (s.get("delta_vs_dense") or {}).get("verdict", "-"))
     Console().print(table)
+    Console().print(f"top-k router temperature fitted on val: {temperature_text(rep['temperature'])}", highlight=False)
     if rep.get("skipped_experts"):
         Console().print(f"WARNING: expert(s) {rep['skipped_experts']} skipped; ensembles renormalised over the "
                         "remaining experts")

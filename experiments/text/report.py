@@ -160,6 +160,7 @@ def markdown(rep: dict) -> str:
                      f"Margin m = {comparison['parity_margin']} nats/token. " if comparison else "")
                   + "train s: training wall time of every stage the system uses, INCLUDING the shared base "
                     "(stage 1) for every system but base itself."]
+    lines += ["", temperature_line(rep)]
     s11 = rep["s11"]
     gap = s11.get("dense_minus_oracle_gap", s11.get("dense_minus_weighted_expert_loss"))
     bound = s11.get("entropy_bound") or {}
@@ -216,6 +217,20 @@ def markdown(rep: dict) -> str:
                 lines += [f"**{label} {i}**", "", "```text", text.replace("```", "'''"), "```", ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in rep["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def temperature_line(rep: dict) -> str:
+    """The fitted temperature of the top-k centroid router, and whether the fit sits at a search bound
+    (`dfm.decentral.temperature.temperature_note`: no interior maximum, the limit it stands for)."""
+    from dfm.decentral.temperature import temperature_note
+
+    ev = rep["eval"]
+    t = ev.get("centroid_topk_temperature")
+    if t is None:
+        return "Top-k centroid router temperature: not fitted."
+    note = temperature_note(t)
+    return (f"Top-{ev.get('top_k')} centroid router temperature fitted on val: T = {t:.4g}"
+            + (f", {note}." if note else " (an interior maximum of the val mixture likelihood)."))
 
 
 def selection_lines(stages: dict) -> list[str]:
@@ -283,6 +298,7 @@ def print_summary(rep: dict) -> None:
     if rep["eval"].get("skipped_experts"):
         console.print(f"WARNING: expert(s) {rep['eval']['skipped_experts']} skipped; ensembles renormalised over "
                       "the remaining experts")
+    console.print(temperature_line(rep), highlight=False)
     s11 = rep["s11"]
     gap = s11.get("dense_minus_oracle_gap", s11.get("dense_minus_weighted_expert_loss"))
     bound = (s11.get("entropy_bound") or {}).get("nats_per_token")
