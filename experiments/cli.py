@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dfm` console script; returns the exit status.
 
     Exit status: 0 success, 1 a stage failed (missing prerequisite, unusable run directory or
-    data), 2 bad command line or config (the message names the key/field).
+    data, a full / over-quota / read-only disk: the message names the stage and the file), 2 bad
+    command line or config (the message names the key/field).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -204,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in _changes(args, config):
             print(line)
 
+    from dfm.io import mute_disk_fault_reports
     from dfm.sharding import initialize
-    from experiments.engine.rundir import RunDirError
+    from experiments.engine.rundir import DiskFaultError, RunDirError, disk_fault_error
     from experiments.engine.stages import StageError
     from experiments.engine.task import DataError
+
+    mute_disk_fault_reports()   # a full disk is reported once, below, not by each background writer
 
     try:
         initialize()  # multi-host launchers (SLURM, Cloud TPU, Kubernetes); a no-op on one process
@@ -217,15 +221,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run_command(args, task, config)
     except (RunDirError, StageError, DataError) as exc:
+        if isinstance(exc, DiskFaultError):
+            _settle_aborted_writes()
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"dfm: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a disk fault outside a stage (the stages map their own)
+        err = disk_fault_error(exc, f"dfm {args.command}")
+        if err is None:
+            raise
+        _settle_aborted_writes()
+        print(f"dfm: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dfm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _settle_aborted_writes() -> None:
+    """After a disk fault: finalise the coroutines of the asynchronous writes it aborted (orbax) now,
+    while the interpreter is whole; left to its shutdown, they print "Exception ignored" tracebacks."""
+    import gc
+
+    gc.collect()
 
 
 def _load_job(name: str, schedule, overrides):

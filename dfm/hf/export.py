@@ -7,8 +7,10 @@ metadata), plus the tokenizer when one is given. Weights larger than `max_shard_
 `model-00001-of-0000n.safetensors` ... plus `model.safetensors.index.json` (`{"metadata":
 {"total_size": bytes}, "weight_map": {key: shard file}}`), the layout
 `transformers.PreTrainedModel.save_pretrained` writes and `dfm.hf.SafetensorsCheckpoint` reads.
-The directory is built beside `path` and renamed into place, so `path` never holds a half-written
-checkpoint.
+The directory is built beside `path` (``.<name>.tmp*``, `dfm.io.atomic_dir`) and renamed into
+place, so `path` never holds a half-written checkpoint; a full, over-quota or read-only disk raises
+an `OSError` naming `path` and leaves the temporary directory removed and an existing `path` as it
+was.
 
 A decoder with stacked layers (`scan_layers=True`) is written per layer, as HF stores it; the
 runtime-only config fields (`dfm.hf.configs.RUNTIME_FIELDS`: attention, matmul_precision, remat,
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dfm.hf import vision_io
+from dfm.io import atomic_dir, default_permissions, swap_into_place  # noqa: F401 - re-exported (dfm.hf.experts)
 from dfm.hf.configs import CONFIG_FILE, decoder_config_to_hf
 from dfm.hf.mapping import DECODER_RULES
 from dfm.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, write_safetensors
@@ -134,23 +136,17 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
     Raises:
       FileExistsError: `path` exists, is not empty and `overwrite` is False.
       TypeError: a model of another class.
+      OSError: the disk is full, over quota or read-only (`dfm.io.disk_fault`), naming `path`.
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
     config, tensors = export_contents(model, dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
+    with atomic_dir(path) as tmp:
         write_weights(tmp, tensors, max_shard_size)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        default_permissions(tmp)
-        swap_into_place(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
@@ -165,31 +161,3 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
                 shutil.copy2(file, directory / file.name)
     else:
         tokenizer.save_pretrained(os.fspath(directory))
-
-
-def default_permissions(directory: Path) -> None:
-    """Give the temporary directory and its files the usual umask permissions (mkdtemp / mkstemp use 0o700 / 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.rglob("*"):
-        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
-
-
-def swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is first moved aside and deleted after."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old"))
-    os.rmdir(old)
-    os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.replace(old, path)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

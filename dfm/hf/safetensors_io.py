@@ -182,6 +182,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     """Write `tensors` (numpy arrays; bf16 as `ml_dtypes.bfloat16`) to one safetensors file, atomically.
 
     `metadata` defaults to `{"format": "pt"}`, which transformers expects of PyTorch-layout files.
+
+    Raises:
+      OSError: the disk is full, over quota or read-only (`dfm.io.disk_fault`; safetensors reports
+        it as a `SafetensorError`), naming `path`; nothing is left under `path` or beside it.
     """
     from safetensors.numpy import save_file
 

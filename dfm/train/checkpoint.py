@@ -2,7 +2,10 @@
 
 `save_model` / `load_model` hand a finished model from one stage to the next (e.g. the base
 checkpoint that every expert starts from). Both use orbax, which writes into a temporary
-directory and renames it when complete, so a crashed save never looks like a checkpoint.
+directory and renames it when complete, so a crashed save never looks like a checkpoint; the
+temporary directory a killed save left (``<name>.orbax-checkpoint-tmp*``) is removed by the next
+save. `model_sha256` hashes a saved model's parameters (names, dtypes, shapes, values), so two
+saves of equal parameters have equal digests whatever orbax's metadata holds (timestamps).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dfm.io import arrays_sha256, raise_naming, remove_temporaries
 from dfm.sharding.partition import abstract_state
 
 # Model-held RNG streams (nnx.RngState) are not checkpointed: randomness in training comes from
@@ -76,14 +80,60 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2, async_sa
 def save_model(model: nnx.Module, directory: str | os.PathLike) -> Path:
     """Save the model's variables to `directory` (overwritten if it exists), atomically.
 
-    Returns the absolute path. Raises ValueError naming `directory` if it cannot be written.
+    Returns the absolute path.
+
+    Raises:
+      ValueError: naming `directory` if its parent cannot be written.
+      OSError: the disk is full, over quota or read-only (`dfm.io.disk_fault`), naming `directory`;
+        orbax's temporary directory is removed and an existing model at `directory` is kept.
     """
     path = Path(directory).absolute()
     ensure_writable_dir(path.parent, "directory")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, model_state_dict(model), force=True)
-        ckptr.wait_until_finished()
+    remove_temporaries(path.parent, of=path.name)        # left by a save that was killed
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, model_state_dict(model), force=True)
+            ckptr.wait_until_finished()
+    except BaseException as exc:
+        remove_temporaries(path.parent, of=path.name)
+        raise_naming(exc, path)
+        raise
     return path
+
+
+def saved_arrays(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a model saved by `save_model`, read as numpy arrays (no model needed), keyed by
+    their "/"-joined paths ("layers/0/mlp/down_proj/kernel").
+
+    Raises:
+      ValueError: naming `directory` when it holds no saved model or its files do not restore.
+    """
+    path = Path(directory).absolute()
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as err:  # noqa: BLE001 - orbax / tensorstore raise many types; name the directory
+        raise ValueError(f"directory: the saved model {str(path)!r} does not restore ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys): np.asarray(leaf)
+            for keys, leaf in leaves}
+
+
+def model_sha256(directory: str | os.PathLike) -> str:
+    """sha256 (hex) of the parameters a `save_model` directory holds: `dfm.io.arrays_sha256` of
+    `saved_arrays` (names, dtypes, shapes and values in name order). Equal parameters give equal
+    digests across saves and runs (orbax's own files hold timestamps); any truncated or changed
+    array file fails to restore or changes the digest.
+
+    Raises:
+      ValueError: naming `directory` when it does not restore.
+    """
+    return arrays_sha256(saved_arrays(directory))
 
 
 def load_model(abstract_model_or_factory: nnx.Module | Callable[[], nnx.Module],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfm.io import atomic_dir
 from experiments.engine.rundir import load_file
 from experiments.engine.task import DataError
 
@@ -59,25 +60,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    """``tokenizer.save_pretrained`` into a temporary sibling, then an atomic rename to `directory`
-    (an existing `directory` is replaced)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    """``tokenizer.save_pretrained`` into a temporary sibling (``.<name>.tmp*``), then an atomic
+    rename to `directory` (an existing `directory` is replaced; `dfm.io.atomic_dir`).
 
-        shutil.rmtree(tmp)
-    tokenizer.save_pretrained(str(tmp))
-    if directory.exists():   # e.g. left by an interrupted data stage: replace it
-        import shutil
-
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    Raises:
+      OSError: the disk is full, over quota or read-only (naming `directory`); nothing is left
+        under its name.
+    """
+    with atomic_dir(directory) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def load_tokenizer(directory: Path):

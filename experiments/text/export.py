@@ -14,6 +14,10 @@ top-k centroid router with the temperature fitted at evaluation (THEORY S12, S13
 
 Only the AR schedule exports: a masked-schedule decoder is bidirectional, which HF's Llama is not
 (the stage logs the reason and records it).
+
+Every directory is built under a temporary name in ``<run>/export`` (``.tokenizer.tmp*`` for the
+tokenizer both exports copy, ``.dense.tmp*``, ``.decentralized.tmp*``) and removed on failure; what
+a killed export left is removed when the export stage next starts (`RunDir.remove_temporaries`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dfm.io import raise_naming
 from experiments.engine.rundir import load_file, read_json
 from experiments.engine.stages import Context, expert_names, load_assignments, load_stage_model
 from experiments.text.data import TextData
@@ -52,12 +57,20 @@ def export_tokenizer(tokenizer, directory: Path, *, pretrained: bool = False, bo
         (`CHAT_TEMPLATE` only when it has none); else `CHAT_TEMPLATE` is set.
       bos_id: the BOS id the job used; declared as the tokenizer's ``bos_token`` when it has none
         (this changes no encoding: transformers adds no BOS to such a tokenizer's input).
+
+    Raises:
+      OSError: the disk is full, over quota or read-only (`dfm.io.disk_fault`; `tokenizers` reports
+        it without a path), naming `directory`.
     """
     if not pretrained or not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.bos_token is None and bos_id is not None:
         tokenizer.bos_token = tokenizer.convert_ids_to_tokens(int(bos_id))
-    tokenizer.save_pretrained(str(directory), save_jinja_files=False)
+    try:
+        tokenizer.save_pretrained(str(directory), save_jinja_files=False)
+    except Exception as exc:  # noqa: BLE001 - only a disk fault is renamed; anything else re-raised as is
+        raise_naming(exc, directory)
+        raise
     return directory
 
 
