@@ -33,3 +33,58 @@ def test_a_warmup_longer_than_the_stage_is_warned(tmp_path, capsys):
     assert status == 0
     assert ("[base] warning: warmup_steps = 5 > steps = 3: the learning rate never reaches its peak (0.003); the "
             "warmup is cut to the 3 steps") in capsys.readouterr().out.splitlines()
+
+
+def _stdlib_texts(n: int = 120) -> list[str]:
+    from experiments.text.corpus import stdlib_documents
+
+    return [d.text for d in stdlib_documents()[:n]]
+
+
+def test_pieces_join_back_and_cut_only_at_single_spaces():
+    from experiments.engine.tokenizer import byte_level_pieces
+
+    text = "".join(_stdlib_texts())
+    pieces = byte_level_pieces(text, 3000)
+    assert "".join(pieces) == text and len(pieces) > 50
+    assert all(len(p) <= 3000 for p in pieces[:-1])
+    for a, b in zip(pieces, pieces[1:]):
+        assert b[0] == " " and not a[-1].isspace() and not b[1].isspace()
+    assert byte_level_pieces("x" * 10_000, 3000) == ["x" * 10_000]          # no safe point: one piece
+
+
+def test_long_documents_train_and_encode_exactly_as_whole(monkeypatch):
+    """The job's tokenizer trained and applied on pieces equals the one trained and applied on whole
+    documents (the reference: HF `tokenizers` / transformers on the unsplit texts)."""
+    from experiments.engine import tokenizer as tk
+
+    texts = _stdlib_texts()
+    long_texts = ["".join(texts[i:i + 40]) for i in range(0, len(texts), 40)]       # 3 documents of ~100k chars
+    whole = tk.train_tokenizer(long_texts, 400)
+    monkeypatch.setattr(tk, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(tk, "_BATCH_CHARS", 15_000)
+    pieced = tk.train_tokenizer(long_texts, 400)
+    assert pieced.backend_tokenizer.to_str() == whole.backend_tokenizer.to_str()
+    reference = whole(long_texts + texts[:5], add_special_tokens=False)["input_ids"]
+    ours = tk.encode_documents(pieced, long_texts + texts[:5])
+    assert [o.tolist() for o in ours] == [r + [whole.eos_token_id] for r in reference]
+    assert all(o.dtype == np.int32 for o in ours)
+
+
+def test_other_pre_tokenizers_are_encoded_whole(monkeypatch):
+    """A tokenizer with another pre-tokenizer (Metaspace, a leading-space convention) is never cut."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from experiments.engine import tokenizer as tk
+
+    texts = _stdlib_texts(30)
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>")
+    monkeypatch.setattr(tk, "PIECE_CHARS", 500)
+    monkeypatch.setattr(tk, "_BATCH_CHARS", 2000)
+    assert not tk._splits_exactly(tok)
+    reference = tok(texts, add_special_tokens=False)["input_ids"]
+    assert [o.tolist() for o in tk.encode_documents(tok, texts)] == [r + [tok.eos_token_id] for r in reference]

@@ -7,11 +7,21 @@ and PAD special tokens (ids 0, 1, 2); `save_pretrained` writes it so that
 
 A job may instead use a pretrained checkpoint's tokenizer (`load_pretrained_tokenizer`); then
 `special_token_ids` gives the BOS / EOS / PAD ids it reads sequences with.
+
+Long documents: training and encoding never hold a whole long document's pre-tokens, tokens and
+offsets at once. A document over `PIECE_CHARS` characters is cut into pieces at single spaces
+between two non-space characters (`byte_level_pieces`); the GPT-2 byte-level pre-tokenizer (no
+normalizer) never joins text across such a point (the space always opens the next pre-token and no
+pre-token ends in it), so the pieces give the same pre-tokens, hence the same trained merges and
+the same ids, as the whole document (`tests/test_data_edges.py`). Pretrained tokenizers (other
+normalizers / pre-tokenizers, e.g. a leading-space convention) are encoded one document at a time,
+whole.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +32,44 @@ from experiments.engine.task import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
+#: documents longer than this many characters are tokenized in pieces (module doc)
+PIECE_CHARS = 1 << 20
+_SAFE_SPLIT = re.compile(r"(?<=\S) (?=\S)")      # a single space between two non-space characters
+_BATCH_CHARS = 1 << 22                            # characters per encode call: bounds the Rust-side buffers
+
+
+def byte_level_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at safe points (module doc) into pieces of at most about `max_chars` characters;
+    ``"".join(pieces) == text``. A stretch with no safe point (no single space between words) stays
+    in one piece, however long."""
+    if len(text) <= max_chars:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > max_chars:
+        m = (_SAFE_SPLIT.search(text, start + max_chars // 2, start + max_chars)
+             or _SAFE_SPLIT.search(text, start + max_chars))
+        if m is None:
+            break
+        out.append(text[start:m.start()])
+        start = m.start()
+    out.append(text[start:])
+    return out
+
+
+def _pieces(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        yield from byte_level_pieces(text)
+
+
+def _splits_exactly(tokenizer) -> bool:
+    """Whether `tokenizer` pre-tokenizes like `train_tokenizer`'s (GPT-2 byte-level regex, no prefix
+    space, no normalizer), so `byte_level_pieces` keeps its ids."""
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    pre = backend.pre_tokenizer
+    return (backend.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -52,7 +100,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    tok.train_from_iterator(_pieces(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False,
@@ -84,11 +132,31 @@ def load_tokenizer(directory: Path):
 
 
 def encode_documents(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """Token ids of each text followed by EOS, int32 arrays (no BOS: the model input adds it)."""
-    if not texts:
-        return []
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [np.asarray(list(x) + [tokenizer.eos_token_id], dtype=np.int32) for x in ids]
+    """Token ids of each text followed by EOS, int32 arrays (no BOS: the model input adds it); the
+    ids of ``tokenizer(text, add_special_tokens=False)``, computed in bounded batches of pieces
+    (module doc) so that memory does not grow with the longest document."""
+    eos = np.asarray([tokenizer.eos_token_id], np.int32)
+    if _splits_exactly(tokenizer):
+        backend = tokenizer.backend_tokenizer
+        encode = lambda batch: [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]  # noqa: E731
+        split = byte_level_pieces
+    else:
+        encode = lambda batch: tokenizer(batch, add_special_tokens=False)["input_ids"]  # noqa: E731
+        split = lambda text: [text]  # noqa: E731
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    batch, owners, size = [], [], 0
+    for i, text in enumerate(texts):
+        for piece in split(text):
+            batch.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= _BATCH_CHARS:
+                for owner, ids in zip(owners, encode(batch)):
+                    parts[owner].append(np.asarray(ids, np.int32))
+                batch, owners, size = [], [], 0
+    for owner, ids in zip(owners, encode(batch) if batch else []):
+        parts[owner].append(np.asarray(ids, np.int32))
+    return [np.concatenate([*p, eos]) for p in parts]
 
 
 PRETRAINED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
