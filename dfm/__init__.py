@@ -10,6 +10,8 @@ docs/design.md maps each concept to a module:
 - ``dfm.samplers``: ``lax.scan`` samplers (discrete-time factorized, continuous-time Euler).
 - ``dfm.losses``: weighted denoiser cross-entropy, generalized KL, AR NLL.
 - ``dfm.autoregressive``: a causal LM as a denoiser / cached posterior function.
+- ``dfm.inference``: one causal model on observed tokens: teacher-forced log-probs, prefill.
+- ``dfm.prompts``: prompt layouts of image-text models (LLaVA v1, chat templates, image tokens).
 - ``dfm.tabular``: exact float64 enumeration engine (the reference for tests and ``proofs_check``).
 - ``dfm.decentral``: balanced k-means partitions, routers, ensembles (S8-S13).
 - ``dfm.models``, ``dfm.train``: NNX decoders and the one training loop.
@@ -25,7 +27,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("checks", "schedules", "paths", "velocities", "samplers", "losses", "autoregressive",
-               "tabular", "decentral", "models", "train", "sharding", "hf", "io", "progress", "api")
+               "inference", "prompts", "tabular", "decentral", "models", "train", "sharding", "hf", "io",
+               "progress", "api")
 # `DecentralizedModel` is importable from here (`from dfm import DecentralizedModel`) but documented in
 # `dfm.api`: pdoc cannot follow a lazily resolved class listed in `__all__`.
 __all__ = list(_SUBMODULES)

@@ -1,9 +1,10 @@
 """`dfm.DecentralizedModel` on the tiny multimodal job's export (`<run>/decentralized`, LLaVA-style
-experts): route / score / generate with images check against the job's own computations
-(experiments/mllm: its report, `image_features`, `mixture_generate`, `sequence_log_probs`)."""
+experts): route / score / generate with images check against the job's report and against
+independent references: plain full forward passes of the experts (no KV cache) mixed in NumPy."""
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,12 +88,29 @@ def test_route_is_the_jobs_centroid_routing_of_the_images(model, job):
     np.testing.assert_array_equal(top1.argmax(axis=1), job["rep"]["test_clusters"])
 
 
-def test_generate_greedy_matches_the_jobs_mixture_generate(model, job):
-    from dfm.decentral import BayesFilterRouter, FixedRouter
-    from experiments.mllm import modeling
-    from experiments.mllm.text import decode_answer
+def _numpy_greedy(experts, prompt, px, steps, log_w, update):
+    """Greedy decoding of the mixture from full forward passes: at each step
+    `argmax_y sum_k w_k p_k(y | prompt, generated, image)`; with `update` the weights are the Bayes
+    posterior `w_k ∝ prior_k prod p_k(generated tokens)` (THEORY S9)."""
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        logp = np.stack([np.asarray(jax.nn.log_softmax(e(jnp.asarray([seq], jnp.int32), px)[0, -1]), np.float64)
+                         for e in experts])                                   # [K, vocab]
+        w = np.exp(log_w - logsumexp(log_w))
+        y = int(np.argmax(logsumexp(logp + np.log(np.maximum(w, 1e-300))[:, None], axis=0)))
+        if update:
+            log_w = log_w + logp[:, y]
+        seq.append(y)
+        out.append(y)
+    return out
+
+
+def test_generate_greedy_is_the_numpy_mixture_argmax_and_the_jobs_answers(model, job):
+    from dfm import DecentralizedModel
+    from dfm.decentral import BayesFilterRouter
 
     qs, tok, rep = job["qs"], job["data"].tokenizer, job["rep"]
+    summary = job["data"].summary
     images, idx = _images(job, GEN_QUESTIONS)
     questions = [qs.rows[i]["question"] for i in idx]
     assert all(q.startswith("<image>\n") for q in questions)
@@ -100,30 +118,32 @@ def test_generate_greedy_matches_the_jobs_mixture_generate(model, job):
     # without the placeholder the prompt gets "<image>\n" in front: the same prompt ids
     bare = [q[len("<image>\n"):] for q in questions]
     assert model.generate(bare, images=images, max_new_tokens=3) == got
-    w = model.route(questions, images=images)
-    want, cache_length = [], int(qs.prompt_len[idx].max()) + 3
-    for j, i in enumerate(idx):   # the job's path: encode_prompt ids, its pixels, its prefill + mixture decoding
-        gen = modeling.mixture_generate(job["experts"], qs.prompts[i][None], qs.pixels(np.array([i])), 3,
-                                        FixedRouter(jnp.asarray(w[j:j + 1], jnp.float32)), cache_length=cache_length)
-        want.append(decode_answer(tok, gen[0]))
-    assert got == want
     assert got == [rep["predictions"]["ensemble/centroid-top2"][i] for i in idx]
-    # the Bayes filter from the priors (S9), updated by each generated token: the job's ensemble/bayes
+    w = model.route(questions, images=images)
     bayes = dataclasses.replace(model.checkpoint, router=BayesFilterRouter.from_priors(model.checkpoint.priors))
-    from dfm import DecentralizedModel
-
     bm = DecentralizedModel(bayes, model.tokenizer, model.available)
     np.testing.assert_allclose(bm.route(questions, images=images), np.tile(model.checkpoint.priors, (len(idx), 1)))
-    assert bm.generate(bare, images=images, max_new_tokens=3) == [rep["predictions"]["ensemble/bayes"][i] for i in idx]
+    by_bayes = bm.generate(bare, images=images, max_new_tokens=3)
+    assert by_bayes == [rep["predictions"]["ensemble/bayes"][i] for i in idx]
+    img, bos, nit = summary["image_token_id"], summary["bos_id"], summary["num_image_tokens"]
+    for j, i in enumerate(idx):    # the prompt written out by hand: BOS USER: <image> x nit \n question ASSISTANT:
+        before, after = "USER: ", questions[j][len("<image>"):].strip()
+        prompt = ([bos] + tok(before, add_special_tokens=False)["input_ids"] + [img] * nit
+                  + tok("\n" + after + " ASSISTANT:", add_special_tokens=False)["input_ids"])
+        assert prompt == qs.prompts[i].tolist()
+        px = jnp.asarray(model.pixels(images[j:j + 1]))
+        for answer, log_w, update in ((got[j], np.log(np.maximum(w[j], 1e-300)), False),
+                                      (by_bayes[j], np.log(model.checkpoint.priors), True)):
+            ids = _numpy_greedy(job["experts"], prompt, px, 3, log_w, update)
+            if tok.eos_token_id in ids:
+                ids = ids[:ids.index(tok.eos_token_id)]
+            assert answer == tok.decode(ids, skip_special_tokens=True).strip()
     # sampling is reproducible by seed
     hot = model.generate(bare[:1], images=images[:1], max_new_tokens=3, temperature=1.0, seed=5)
     assert hot == model.generate(bare[:1], images=images[:1], max_new_tokens=3, temperature=1.0, seed=5)
 
 
 def test_score_is_the_mixture_of_the_experts_token_log_probs(model, job):
-    from experiments.mllm import modeling
-    from experiments.mllm.text import expand_image_tokens
-
     tok, summary = job["data"].tokenizer, job["data"].summary
     images, _ = _images(job, [0, 1, 2])
     texts = [" " + job["qs"].rows[0]["answer"], "USER: <image>\nWhat digit is shown? ASSISTANT: 7", " odd"]
@@ -131,16 +151,22 @@ def test_score_is_the_mixture_of_the_experts_token_log_probs(model, job):
     mix, lp, valid = model.token_log_probs(texts, images=images)
     scores = model.score(texts, images=images)
     assert np.isfinite(scores).all() and (scores > 0).all()
-    # by hand: each expert's log p of the text tokens after [BOS] (+ image tokens in front or in place)
+    # by hand: each expert's log p of the text tokens after [BOS] (+ image tokens in front or in place),
+    # from one plain forward pass of the whole sequence
     bos, img, nit = summary["bos_id"], summary["image_token_id"], summary["num_image_tokens"]
     expected = []
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        seq = [bos] + (expand_image_tokens(ids, img, nit) if img in ids else [img] * nit + ids)
+        seq = [bos] + ([u for t in ids for u in ([img] * nit if t == img else [t])] if img in ids
+                       else [img] * nit + ids)
         seq = np.asarray(seq, np.int32)[None]
         targets = seq[0, 1:] != img
-        per = np.stack([modeling.sequence_log_probs(e, seq, lambda r, i=i: modeling.pixels(images[[i]]), 1)[0][targets]
-                        for e in job["experts"]])                       # [K, tokens]
+        px = jnp.asarray(model.pixels(images[i:i + 1]))
+        per = []
+        for e in job["experts"]:
+            logp = np.asarray(jax.nn.log_softmax(e(jnp.asarray(seq[:, :-1]), px)[0], axis=-1), np.float64)
+            per.append(logp[np.arange(seq.shape[1] - 1), seq[0, 1:]][targets])
+        per = np.stack(per)                                                  # [K, tokens]
         n = targets.sum()
         assert valid[i].sum() == n
         np.testing.assert_allclose(lp[:, i, :n], per, atol=1e-5)
@@ -160,7 +186,9 @@ def test_image_errors_name_the_argument(model, job):
         model.route(["a", "b"], images=images.astype(np.float32))
     with pytest.raises(ValueError, match="images: expected uint8"):
         model.generate(["a"], images=images[:1, :8])
-    with pytest.raises(ValueError, match="placeholders"):
+    with pytest.raises(ValueError, match=r"^texts\[0\]: has 2 '<image>' placeholders \(one image per entry\)$"):
         model.score(["<image> <image> x"], images=images[:1])
-    with pytest.raises(ValueError, match="no tokens besides"):
+    with pytest.raises(ValueError, match=r"^texts\[0\]: has no tokens besides '<image>'$"):
         model.score(["<image>"], images=images[:1])
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: has 2 '<image>' placeholders"):
+        model.generate(["a", "<image> <image> b"], images=images)

@@ -85,7 +85,7 @@ def test_top1_routing_is_the_partition_function_and_decodes_as_that_expert(run_d
     in assignments.json and the top-1 router's choice; the top-1 ensemble's answers are that
     expert's own greedy decoding (`greedy_generate`, no mixture code) question by question."""
     from dfm.models.multimodal import greedy_generate
-    from experiments.mllm.text import decode_answer
+    from dfm.prompts import decode_answer
 
     rep = json.loads((run_dir / "report.json").read_text())
     ctx, data = _task_context(run_dir)
@@ -162,7 +162,7 @@ def test_rerun_is_idempotent(run_dir, capsys):
 
 
 def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding(run_dir):
-    from dfm.decentral import BayesFilterRouter, FixedRouter
+    from dfm.decentral import BayesFilterRouter, FixedRouter, mixture_generate
     from dfm.models.multimodal import greedy_generate
     from experiments.mllm import modeling
 
@@ -174,9 +174,9 @@ def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding
     prompt = np.asarray([summary["bos_id"]] + [summary["image_token_id"]] * nit + [5, 6, 7], np.int32)
     prompts = np.stack([prompt] * 3)
     w = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    got = modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)))
-    longer = modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)),
-                                       cache_length=len(prompt) + 9)
+    got = mixture_generate(experts, prompts, 4, FixedRouter(jnp.asarray(w)), pixels=px)
+    longer = mixture_generate(experts, prompts, 4, FixedRouter(jnp.asarray(w)), pixels=px,
+                              cache_length=len(prompt) + 9)
     for i in range(3):
         want = np.asarray(greedy_generate(experts[int(w[i, 1])], jnp.asarray(prompts[i:i + 1]),
                                           jnp.asarray(px[i:i + 1]), 4))[0, len(prompt):]
@@ -184,10 +184,10 @@ def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding
         np.testing.assert_array_equal(longer[i], want)
     # a Bayes filter whose prior puts (numerically) all mass on expert 1 decodes as expert 1
     np.testing.assert_array_equal(
-        modeling.mixture_generate(experts, prompts, px, 4, BayesFilterRouter.from_priors([1e-30, 1.0])),
-        modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(np.eye(2)[[1, 1, 1]]))))
-    with pytest.raises(ValueError, match="cache_length"):
-        modeling.mixture_generate(experts, prompts, px, 4, FixedRouter(jnp.asarray(w)), cache_length=5)
+        mixture_generate(experts, prompts, 4, BayesFilterRouter.from_priors([1e-30, 1.0]), pixels=px),
+        mixture_generate(experts, prompts, 4, FixedRouter(jnp.asarray(np.eye(2)[[1, 1, 1]])), pixels=px))
+    with pytest.raises(ValueError, match="^cache_length: 5 < prompt"):
+        mixture_generate(experts, prompts, 4, FixedRouter(jnp.asarray(w)), pixels=px, cache_length=5)
 
 
 def test_multimodal_configs_parse_and_errors_name_the_field(tmp_path):

@@ -136,8 +136,8 @@ def _ours(model, tokens, px):
 
 def _question(recipe, i=0):
     """(prompt ids [1, P], normalized pixels [1, 16, 16, 3]) of test question i, laid out by the job."""
+    from dfm.prompts import encode_prompt
     from experiments.mllm import modeling
-    from experiments.mllm.text import encode_prompt
 
     data = recipe["data"]
     row = data.questions["test"][i]
@@ -261,8 +261,8 @@ def _internvl(directory):
     import transformers
 
     from dfm.hf.parity_tools import randomize_
+    from dfm import prompts
     from experiments.engine.tokenizer import train_tokenizer
-    from experiments.mllm import chat
 
     backend = train_tokenizer(TEXTS * 20 + ["user assistant\n"] * 5, 300).backend_tokenizer
     tok = transformers.PreTrainedTokenizerFast(
@@ -270,7 +270,7 @@ def _internvl(directory):
         extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
                               "end_image_token": "</img>"})
     tok.add_tokens(["<|im_start|>"], special_tokens=True)
-    tok.chat_template = chat.default_template("internvl")
+    tok.chat_template = prompts.default_template("internvl")
     vision = transformers.InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                num_attention_heads=2, image_size=32, patch_size=8)
     text = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -370,13 +370,10 @@ def test_internvl_exports_load_in_transformers_with_our_logits(internvl):
 def test_internvl_export_loads_in_the_public_api(internvl):
     """`dfm.DecentralizedModel.load` of the InternVL run's decentralized directory: CLIP routing features
     equal the partition's, prompts are laid out as the job's (ChatML, `<img>` + `<IMG_CONTEXT>` x 4 +
-    `</img>`, no BOS), and greedy generation equals the job's mixture decoding of those prompt ids."""
-    import jax.numpy as jnp
-
+    `</img>`, no BOS: InternVLProcessor's expansion), and greedy generation is the argmax of the experts'
+    mixture computed from plain forward passes."""
     import dfm
-    from dfm.decentral import FixedRouter
-    from experiments.mllm import modeling
-    from experiments.mllm.text import decode_answer, encode_prompt
+    from dfm.prompts import question_prompt
 
     run, data = internvl["run"], internvl["data"]
     model = dfm.DecentralizedModel.load(run / "decentralized")
@@ -385,14 +382,22 @@ def test_internvl_export_loads_in_the_public_api(internvl):
     feats = np.load(run / "partition" / "features.npz")["test"]
     np.testing.assert_allclose(model.image_features(images), feats, atol=1e-5)
     question = "<image>\nWhat colour is it?"
-    ids = model._image_tokens(model._encode([model._prompt_text(question)])[0], "prompts", 0, prepend=False)[0]
-    want_ids = encode_prompt(data.tokenizer, question, data.summary["num_image_tokens"])
-    np.testing.assert_array_equal(ids, want_ids)
+    # the layout the API (and the job) builds is InternVLProcessor's expansion of the ChatML prompt
+    ids = question_prompt(model.tokenizer, question, data.summary["num_image_tokens"])
+    np.testing.assert_array_equal(ids, data.tokenizer(INTERNVL_PROMPT)["input_ids"])
     got = model.generate([question], images=images[:1], max_new_tokens=2)
-    w = model.route([question], images=images[:1])
-    experts = [e for e in model.checkpoint.experts]
-    gen = modeling.mixture_generate(experts, want_ids[None], modeling.pixels(images[:1]), 2,
-                                    FixedRouter(jnp.asarray(w, jnp.float32)), cache_length=len(want_ids) + 2)
-    assert got == [decode_answer(data.tokenizer, gen[0])]
+    # the greedy mixture by hand: full forward passes of the prompt + answer so far, mixed in NumPy
+    from scipy.special import logsumexp
+
+    w = model.route([question], images=images[:1])[0]
+    seq, px = list(ids), jnp.asarray(model.pixels(images[:1]))
+    for _ in range(2):
+        logp = np.stack([np.asarray(jax.nn.log_softmax(e(jnp.asarray([seq], jnp.int32), px)[0, -1]), np.float64)
+                         for e in model.checkpoint.experts])
+        seq.append(int(np.argmax(logsumexp(logp + np.log(np.maximum(w, 1e-300))[:, None], axis=0))))
+    new = seq[len(ids):]
+    if data.tokenizer.eos_token_id in new:
+        new = new[:new.index(data.tokenizer.eos_token_id)]
+    assert got == [data.tokenizer.decode(new, skip_special_tokens=True).strip()]
     scores = model.score(["<image>\nWhat colour is it?"], images=images[:1])
     assert scores.shape == (1,) and np.isfinite(scores).all()

@@ -256,3 +256,35 @@ def test_learned_router_recovers_posterior_on_noised_states():
     with pytest.raises(ValueError, match="labels must be integers in \\[0, 2\\)"):
         train_learned_router(router, x1, labels + 1, schedule, TrainConfig(steps=1), mask_id=mask_id,
                              batch_size=4)
+
+
+def test_router_interface_subset_top_k_and_context_without_type_checks():
+    """`needs_context`, `uses_evidence`, `subset` and `with_top_k` let callers pick experts without
+    knowing the router's type; each restriction is checked against a NumPy computation."""
+    from dfm.decentral import FixedRouter
+
+    part = Partition(np.eye(3, 4), None, {}, np.array([1, 2, 3]))
+    centroid = CentroidRouter(part, temperature=0.5, top_k=2)
+    bayes = BayesFilterRouter.from_priors([0.2, 0.3, 0.5])
+    fixed = FixedRouter(jnp.asarray([[0.25, 0.75, 0.0], [0.5, 0.25, 0.25]], jnp.float32))
+    assert [r.needs_context for r in (centroid, bayes, fixed)] == [True, False, False]
+    assert [r.uses_evidence for r in (centroid, bayes, fixed)] == [False, True, False]
+    # Bayes filter over experts [2, 0]: the posterior of their mixture, priors renormalized
+    sub = bayes.subset([2, 0])
+    np.testing.assert_allclose(np.asarray(sub.weights(sub.init(1))), [[0.5 / 0.7, 0.2 / 0.7]], rtol=1e-6)
+    # fixed weights: row 0 keeps its bits (nothing dropped), row 1 is renormalized over [0, 1]
+    got = np.asarray(fixed.subset([0, 1]).table)
+    assert got[0].tolist() == [0.25, 0.75]
+    np.testing.assert_allclose(got[1], [2 / 3, 1 / 3], rtol=1e-6)
+    # centroid: the subset's softmax over its cosines / T, top-k capped at its size
+    feats = np.array([[0.9, 0.1, 0.3, 0.0], [0.0, 0.2, 1.0, 0.1]])
+    cos = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    z = np.exp(cos[:, [0, 2]] / 0.5)
+    np.testing.assert_allclose(np.asarray(centroid.subset([0, 2]).route(feats)), z / z.sum(1, keepdims=True), rtol=1e-5)
+    assert centroid.with_top_k(1).top_k == 1 and centroid.with_top_k(None) is centroid
+    assert bayes.with_top_k(1) is bayes and fixed.with_top_k(2) is fixed
+    with pytest.raises(ValueError, match=r"^experts: expected distinct indices in \[0, 3\), got \[0, 0\]$"):
+        bayes.subset([0, 0])
+    with pytest.raises(NotImplementedError, match=r"^LearnedRouter.subset: this router cannot be restricted"):
+        LearnedRouter(DecoderConfig(vocab_size=5, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                                    causal=False), 3, rngs=nnx.Rngs(0)).subset([0])

@@ -10,14 +10,15 @@
 - `mixing`: the mixture itself (S8): probability mixing of distributions, logit mixing
   (approximate), teacher-forced mixture scoring of observed tokens with any router (S8, S9).
 - `ensemble`: the experts' posterior functions mixed at every sampler step (`PosteriorFn`).
-- `decoding`: `mixture_decode`, cached causal experts continued under a router (one jitted program).
+- `decoding`: `mixture_generate` (prefill + decode) and `mixture_decode`, cached causal experts
+  continued under a router (one jitted program whose length is traced).
 """
 from dfm.decentral.balance import (
                                     balanced_assignment,
                                     transport,
                                     weighted_balanced_assignment,
 )
-from dfm.decentral.decoding import mixture_decode
+from dfm.decentral.decoding import mixture_decode, mixture_generate
 from dfm.decentral.ensemble import (
                                     EnsembleState,
                                     ExpertSpec,
@@ -70,7 +71,7 @@ from dfm.decentral.temperature import (
 
 __all__ = [
     "BayesFilterRouter", "CallableRouter", "CentroidRouter", "EnsembleState", "ExpertSpec", "FixedRouter",
-    "LearnedRouter", "MixtureScores", "mixture_decode", "available_mask", "available_weights", "Partition", "PrecomputedFeaturizer", "Router", "StatelessRouter",
+    "LearnedRouter", "MixtureScores", "mixture_decode", "mixture_generate", "available_mask", "available_weights", "Partition", "PrecomputedFeaturizer", "Router", "StatelessRouter",
     "TextFeaturizer", "apply_threshold", "assign", "assign_balanced", "balanced_assignment", "balanced_kmeans",
     "centroid_weights", "check_compatible_experts", "check_router", "ensemble_init_state",
     "ensemble_posterior_fn", "fit_centroid_router", "fit_temperature", "mix_log_probs", "mix_logits",

@@ -7,10 +7,13 @@ One interface (`Router`), the router `rho_t(k | c, x_t)` of THEORY S8 as a small
     state = router.update(state, token_log_probs)  # evidence [K, batch]: each expert's log-prob of
                                                    # the tokens revealed since the last call
 
-`router.uses_evidence` says whether `update` reads its evidence (only the Bayes filter does), so a
-caller may skip computing it. Every consumer (`dfm.decentral.ensemble_posterior_fn` in the
-samplers, `dfm.decentral.mixture_token_log_probs` for teacher-forced scoring) calls these three
-methods and nothing else.
+`router.uses_evidence` says whether `update` reads its evidence (only the Bayes filter does: its
+weights follow the tokens, a sequential router), so a caller may skip computing it;
+`router.needs_context` whether `init` needs conditioning features (the centroid router). Every
+consumer (`dfm.decentral.ensemble_posterior_fn` in the samplers, `dfm.decentral.mixture_token_log_probs`
+for teacher-forced scoring) calls these three methods and nothing else. Callers that pick experts
+use `support` (the experts that can get weight), `subset` (the router over some experts) and
+`with_top_k` (the router with another top-k), so no caller needs to know a router's type.
 - `BayesFilterRouter` (THEORY S9): the exact AR router, the posterior over clusters given the
   prefix, from the experts' own likelihoods and the priors `w_k`; online (`init`/`update`/
   `weights`, usable in `lax.scan`) or batch (`posterior`).
@@ -39,10 +42,12 @@ Array = jax.Array
 
 @runtime_checkable
 class Router(Protocol):
-    """The router interface (module docstring): `init`, `weights`, `update`, `uses_evidence`."""
+    """The router interface (module docstring): `init`, `weights`, `update`, `uses_evidence`,
+    `needs_context`, `support`, `subset`, `with_top_k`, `log_weights`."""
 
     num_experts: int
     uses_evidence: bool
+    needs_context: bool
 
     def init(self, batch: int, context: Any = None) -> Any: ...
 
@@ -54,11 +59,31 @@ class Router(Protocol):
 
     def log_weights(self, state: Any, x_t: Array | None = None, t: Any = None) -> Array: ...
 
+    def subset(self, experts: Any) -> Any: ...
+
+    def with_top_k(self, k: int | None) -> Any: ...
+
 
 class RouterBase:
-    """Defaults of `Router.support` (None: any expert may get weight) and `Router.log_weights`
+    """Defaults of `Router.support` (None: any expert may get weight), `Router.log_weights`
     (the log of `weights`; routers with a log-space state override it, so that restricting them
-    to some experts never underflows)."""
+    to some experts never underflows), `needs_context` (False), `subset` (not supported) and
+    `with_top_k` (the router itself)."""
+
+    needs_context = False  # class attribute: `init` needs no conditioning features
+
+    def subset(self, experts: Any) -> Any:
+        """The router over the experts `experts` only (indices into its K, in order), its weights
+        renormalized over them. Raises NotImplementedError for a router that cannot be restricted."""
+        raise NotImplementedError(f"{type(self).__name__}.subset: this router cannot be restricted to some "
+                                  f"experts; pass every expert, or use a FixedRouter / BayesFilterRouter")
+
+    def with_top_k(self, k: int | None) -> Any:
+        """The router keeping each row's k largest weights (THEORY S13). Routers without a top-k
+        setting (the Bayes filter, fixed and callable weights) return themselves: pass `top_k=` to
+        `ensemble_posterior_fn` / `mixture_token_log_probs` instead."""
+        del k
+        return self
 
     def support(self, top_k: int | None = None, available: np.ndarray | None = None) -> np.ndarray | None:
         """`[K]` bool of the experts that can get weight (restricted to the `available` mask, then
@@ -97,6 +122,15 @@ def check_router(router: Any, num_experts: int | None = None, name: str = "route
                          f"CallableRouter")
     if num_experts is not None and router.num_experts != num_experts:
         raise ValueError(f"{name} has {router.num_experts} experts but there are {num_experts}")
+
+
+def _expert_indices(experts: Any, num_experts: int) -> np.ndarray:
+    """Distinct expert indices in [0, K) as int64 `[n]`, n >= 1 (ValueError naming `experts`)."""
+    idx = np.asarray(experts).reshape(-1)
+    if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= num_experts \
+            or np.unique(idx).size != idx.size:
+        raise ValueError(f"experts: expected distinct indices in [0, {num_experts}), got {idx.tolist()}")
+    return idx.astype(np.int64)
 
 
 def top_k(weights: Array, k: int) -> Array:
@@ -174,8 +208,8 @@ def oracle_weights(labels: Any, num_experts: int, dtype=jnp.float32) -> Array:
 class BayesFilterRouter(RouterBase):
     """The exact router for AR experts: a Bayes filter over clusters (THEORY S9).
 
-    `rho_t(k | x^{<=t}) ∝ w_k q_k(x^{<=t})`, updated online
-    `rho_{t+1}(k) ∝ rho_t(k) q_k(x^{t+1} | x^{<=t})`. It needs nothing but the experts' own
+    `rho_t(k | x^{<t}) ∝ w_k q_k(x^{<t})` (0-indexed: `x^{<t}` are the t tokens before position t), updated
+    online `rho_{t+1}(k) ∝ rho_t(k) q_k(x^t | x^{<t})`. It needs nothing but the experts' own
     token log-probabilities and the priors `w_k` (share of the data in cluster k). All state is
     log-weights `[batch, K]`, renormalized (log-softmax) after each update, so long prefixes do
     not underflow. Pure jax: a registered pytree, jittable, usable as a `lax.scan` carry.
@@ -228,7 +262,7 @@ class BayesFilterRouter(RouterBase):
 
         Args:
           state: `[batch, K]` log-weights.
-          expert_token_logprobs: `log q_k(x^{t+1} | x^{<=t})`, `[K, batch]` (expert_axis=0, the
+          expert_token_logprobs: `log q_k(x^t | x^{<t})` of the token just revealed, `[K, batch]` (expert_axis=0, the
             ensemble layout) or `[batch, K]` (expert_axis=1). A zero row adds no evidence.
 
         Returns:
@@ -255,6 +289,16 @@ class BayesFilterRouter(RouterBase):
         """Router weights `[batch, K]` (rows sum to 1): `softmax(state)`; x_t, t are not used."""
         del x_t, t
         return jax.nn.softmax(state, axis=-1)
+
+    def subset(self, experts: Any) -> "BayesFilterRouter":
+        """The filter over the experts `experts` (indices, in order): their log priors (renormalized
+        by `init`), i.e. the exact router of the mixture of those experts (THEORY S9).
+
+        Raises:
+          ValueError: no index, an index outside [0, K) or repeated, or only experts of prior 0.
+        """
+        idx = _expert_indices(experts, self.num_experts)
+        return BayesFilterRouter(jnp.asarray(self.log_priors)[idx])
 
     def posterior(self, prefix_logliks: Array) -> Array:
         """Batch form: `rho(k | prefix) = softmax_k(log w_k + log q_k(prefix))`, `[batch, K]`.
@@ -323,6 +367,7 @@ class CentroidRouter(StatelessRouter):
     temperature: float = 1.0
     top_k: int | None = None
     threshold: float | None = None
+    needs_context = True  # class attribute: `init` takes the conditioning features
 
     def __post_init__(self):
         if not float(self.temperature) > 0:
@@ -351,6 +396,18 @@ class CentroidRouter(StatelessRouter):
         """
         return centroid_weights(jnp.asarray(self.similarities(features)), self.temperature,
                                 self.top_k, self.threshold)
+
+    def subset(self, experts: Any) -> "CentroidRouter":
+        """The router over the clusters `experts` (`Partition.subset`: the softmax over their cosines
+        renormalized; top-k capped at their number)."""
+        idx = _expert_indices(experts, self.num_experts)
+        top = None if self.top_k is None else min(self.top_k, len(idx))
+        return CentroidRouter(self.partition.subset(idx), temperature=self.temperature, top_k=top,
+                              threshold=self.threshold)
+
+    def with_top_k(self, k: int | None) -> "CentroidRouter":
+        """This router with `top_k = k` (None: keep the stored one)."""
+        return self if k is None else dataclasses.replace(self, top_k=k)
 
     def init(self, batch: int, context: Any = None) -> Array:
         """State = the weights `[batch, K]` of the context features `[batch, D]` (`route`).
@@ -418,6 +475,19 @@ class FixedRouter(StatelessRouter):
             np.put_along_axis(in_top, order, True, axis=1)
             keep &= in_top
         return keep.any(axis=0)
+
+    def subset(self, experts: Any) -> "FixedRouter":
+        """The table's columns `experts` (indices, in order). Rows that had weight elsewhere are
+        renormalized over them; rows that did not are kept bit for bit.
+
+        Raises:
+          ValueError: a bad index (as `BayesFilterRouter.subset`), or a row with no weight left.
+        """
+        idx = _expert_indices(experts, self.num_experts)
+        table = jnp.asarray(self.table)
+        kept = table[:, idx]
+        lost = jnp.sum(jnp.delete(table, idx, axis=1), axis=1, keepdims=True) > 0
+        return FixedRouter(jnp.where(lost, kept / jnp.sum(kept, axis=1, keepdims=True), kept))
 
     def weights(self, state: Any = None, x_t: Array | None = None, t: Any = None) -> Array:
         """The table `[batch, K]`."""

@@ -12,7 +12,7 @@ InternViT + Qwen2 / Llama) directory (`experiments.mllm.pretrained`). Stage 1 st
 weights (`dfm.hf.load_pretrained`); the architecture is the checkpoint's, so [vision], [text],
 [projector], ``data.image_size`` and ``data.vocab_size`` are ignored (the run logs it); the
 tokenizer, its chat template and the image-token layout are the checkpoint's (as transformers'
-processor lays them out, `experiments.mllm.chat`); images are resized to the checkpoint's
+processor lays them out, `dfm.prompts`); images are resized to the checkpoint's
 ``vision_config.image_size``. A top-level key rather than a section: it names where the whole model
 comes from, like ``seed`` names its random init.
 

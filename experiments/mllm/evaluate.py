@@ -6,9 +6,9 @@ top-k with its temperature fitted on val (softmax over the top-k cosines, S13), 
 (S9 for experts of p(answer | image, question): `rho_k` starts at the prior w_k and is updated by
 every answer token), and the oracle (the test image's cluster, i.e. its nearest centroid — it
 coincides with top-1 here, S12); plus the random-partition control (Bayes filter over the random
-experts). Mixtures are the library's: greedy decoding through `dfm.samplers` with
-`dfm.decentral.ensemble_posterior_fn` (`modeling.mixture_generate`), teacher-forced answer NLL
-with `dfm.decentral.mixture_token_log_probs`.
+experts). Inference is the library's, shared with `dfm.DecentralizedModel`: prompts laid out by
+`dfm.prompts`, greedy decoding by `dfm.decentral.mixture_generate`, teacher-forced log-probs by
+`dfm.inference.token_log_probs` mixed with `dfm.decentral.mixture_token_log_probs`.
 
 Metrics per system: answer NLL (teacher-forced reference answer incl. EOS, nats / token, and its
 perplexity) and greedy answers (`eval.max_new_tokens` tokens, cut at EOS) scored by
@@ -27,7 +27,10 @@ from collections import defaultdict
 import jax.numpy as jnp
 import numpy as np
 
+from dfm.decentral import mixture_generate, mixture_token_log_probs
+from dfm.inference import token_log_probs
 from dfm.progress import progress_bar
+from dfm.prompts import decode_answer, encode_answer, encode_prompt, pad_rows
 from experiments.engine.rundir import load_file, load_npz
 from experiments.engine.stages import (
     Context,
@@ -38,7 +41,6 @@ from experiments.engine.stages import (
 )
 from experiments.mllm import modeling
 from experiments.mllm.data import MultimodalData
-from experiments.mllm.text import decode_answer, encode_answer, encode_prompt, pad_rows
 
 
 def select_questions(rows: list[dict], limit: int) -> list[dict]:
@@ -102,8 +104,8 @@ class QuestionSet:
         return modeling.pixels(self.images[self.image[rows]], self.stats)
 
     def log_probs(self, model, batch_size: int) -> np.ndarray:
-        """`modeling.sequence_log_probs` of the teacher-forced rows, `[n, L-1]`."""
-        return modeling.sequence_log_probs(model, self.seqs, self.pixels, batch_size)
+        """`dfm.inference.token_log_probs` of the teacher-forced rows given their images, `[n, L-1]`."""
+        return token_log_probs(model, self.seqs, pixels=self.pixels, batch_size=batch_size)
 
     def split_log_probs(self, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(question log-lik [n], answer token log-probs [n, A] (0 where padded))` from `[n, L-1]`."""
@@ -133,8 +135,8 @@ def _generate(models, qs: QuestionSet, router_for, batch_size: int, max_new_toke
             idx = idx_all[s:s + batch_size]
             rows = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
             prompts = np.stack([qs.prompts[i] for i in rows])
-            gen = modeling.mixture_generate(models, prompts, qs.pixels(rows), max_new_tokens, router_for(rows),
-                                            cache_length=cache_length)
+            gen = mixture_generate(models, prompts, max_new_tokens, router_for(rows), pixels=qs.pixels(rows),
+                                   cache_length=cache_length)
             for i, g in zip(idx, gen):
                 preds[i] = decode_answer(tokenizer, g)
             progress(len(idx))
@@ -144,8 +146,6 @@ def _generate(models, qs: QuestionSet, router_for, batch_size: int, max_new_toke
 def _answer_nll(lp_answer: np.ndarray, router, answer_mask: np.ndarray):
     """Teacher-forced mixture NLL of the reference answers ``[n, A]`` (THEORY S8 / S9) and the
     router state after the answer (`dfm.decentral.mixture_token_log_probs`)."""
-    from dfm.decentral import mixture_token_log_probs
-
     scores = mixture_token_log_probs(router, jnp.asarray(lp_answer, jnp.float32), valid=answer_mask)
     return -np.asarray(scores.log_probs, np.float64), scores.final_state
 

@@ -1,26 +1,16 @@
-"""Models of the multimodal job: construction, the LLaVA loss, teacher-forced scoring, and greedy
-generation from a mixture of experts (any `dfm.decentral.Router`; THEORY S8/S9/S12).
+"""Models of the multimodal job: construction, the LLaVA loss, pixels and routing features.
 
-Mixture decoding is the library's: the AR schedule over the answer positions
-(`dfm.schedules.autoregressive`) sampled greedily by `dfm.samplers.sample_discrete`, with the
-experts' cached posterior functions continuing the prefilled prompt
-(`dfm.autoregressive.prompted_posterior_fn`) mixed by `dfm.decentral.ensemble_posterior_fn`: at
-every step `p(y) = sum_k rho_k p_k(y | image, prompt, generated)`, with `rho` fixed per question
-(centroid routers; top-1 = the partition function, exact by S12) or the Bayes filter
-`rho_k ∝ w_k prod p_k(generated tokens | image, question)` updated after every token (S9). The
-answer is `argmax_y p(y)` at every step; with a fixed-weight router only the experts that carry
-weight in the batch are run (`Router.support`).
+Teacher-forced scoring, prefill and mixture generation are the library's (`dfm.inference`,
+`dfm.decentral.mixture_generate`), shared with `dfm.DecentralizedModel`.
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from dfm.inference import routing_features
 from dfm.models import DecoderConfig
 
 
@@ -132,87 +122,8 @@ def llava_loss(model, batch, key):
     return (ce * m).sum() / jnp.maximum(n, 1.0), {"tokens": n}
 
 
-@nnx.jit
-def _target_log_probs(model, tokens, px):
-    logits = model(tokens[:, :-1], px)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
-def sequence_log_probs(model, seqs: np.ndarray, pixels_of, batch_size: int) -> np.ndarray:
-    """Log-probabilities `[n, L-1]` float64 of tokens 1.. of `seqs [n, L]` given their images.
-
-    `pixels_of(rows) -> [len(rows), S, S, 3]` gives the normalized images of rows `rows`. Rows are
-    padded to `batch_size` so every batch has one shape (one compilation).
-    """
-    n = len(seqs)
-    out = np.zeros((n, seqs.shape[1] - 1))
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, min(n, s + batch_size))
-        pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-        lp = _target_log_probs(model, jnp.asarray(seqs[pad]), jnp.asarray(pixels_of(pad)))
-        out[idx] = np.asarray(lp, np.float64)[: len(idx)]
-    return out
-
-
-@nnx.jit
-def pooled_features(model, px):
-    """Routing / partition features `[n, vision_hidden]` (`MultimodalModel.routing_features`: the
-    patch mean of the tower's layer `vision_feature_layer`)."""
-    return model.routing_features(px)
-
-
 def image_features(model, images_uint8: np.ndarray, batch_size: int, stats=None) -> np.ndarray:
-    """`pooled_features` of uint8 images `[n, S, S, 3]` (normalized per batch with `stats`, as
-    `pixels`), float64 `[n, vision_hidden]`."""
-    parts = [np.asarray(pooled_features(model, jnp.asarray(pixels(images_uint8[s:s + batch_size], stats))),
-                        np.float64)
-             for s in range(0, len(images_uint8), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0))
-
-
-@functools.partial(nnx.jit, static_argnums=(3,))
-def _prefill(model, tokens, px, cache_length):
-    cache = model.init_cache(tokens.shape[0], cache_length)
-    logits, cache = model.prefill(tokens, px, cache)
-    return cache, jax.nn.log_softmax(logits[:, -1], axis=-1)
-
-
-def mixture_generate(models: list, prompts: np.ndarray, px: np.ndarray, max_new_tokens: int, router, *,
-                     cache_length: int | None = None) -> np.ndarray:
-    """Greedy decoding from the mixture of `models` under `router` (one batch of equal-length prompts).
-
-    Each expert prefills the prompt (images scattered in) into a KV cache of `cache_length`
-    positions; then one jitted `dfm.samplers.sample_discrete` over the answer positions decodes
-    all experts step by step. The decoding program depends on the prompt length only as a traced
-    value, so one compilation serves every prompt length when `cache_length` is fixed.
-
-    Args:
-      models: K `MultimodalModel`s (K = 1 with `FixedRouter(ones [B, 1])`: plain greedy decoding).
-      prompts: `[B, P]` int32 prompt ids (image tokens expanded); px: `[B, S, S, 3]` pixels.
-      max_new_tokens: answer length.
-      router: a `dfm.decentral.Router` over the K experts for these B rows: `FixedRouter(weights
-        [B, K])` or `BayesFilterRouter.from_priors(w)` (starts at the priors, updated by every
-        generated token).
-      cache_length: KV cache positions, >= P + max_new_tokens (default exactly that).
-
-    Returns:
-      `[B, max_new_tokens]` int32 generated ids (continuing after EOS; cut with `decode_answer`).
-
-    Raises:
-      ValueError: a `cache_length` shorter than P + max_new_tokens.
-    """
-    from dfm.decentral import FixedRouter, mixture_decode
-
-    prompt_length = prompts.shape[1]
-    cache_length = cache_length or prompt_length + max_new_tokens
-    if cache_length < prompt_length + max_new_tokens:
-        raise ValueError(f"cache_length: {cache_length} < prompt {prompt_length} + {max_new_tokens} new tokens")
-    support = router.support()
-    if support is not None and not support.all():   # only the experts that carry weight run
-        used = np.flatnonzero(support)
-        models = [models[i] for i in used]
-        router = FixedRouter(jnp.asarray(np.asarray(router.table)[:, used]))
-    tokens, px = jnp.asarray(prompts), jnp.asarray(px)
-    starts = tuple(_prefill(m, tokens, px, cache_length) for m in models)
-    return np.asarray(mixture_decode(models, starts, prompt_length, max_new_tokens, router), np.int32)
+    """Routing / partition features `[n, vision_hidden]` float64 of uint8 images `[n, S, S, 3]`
+    (`dfm.inference.routing_features`: the patch mean of the tower's layer `vision_feature_layer`),
+    normalized per batch with `stats` (as `pixels`)."""
+    return routing_features(model, lambda rows: pixels(images_uint8[rows], stats), len(images_uint8), batch_size)

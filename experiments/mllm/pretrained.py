@@ -8,10 +8,10 @@
 - Weights: `dfm.hf.load_pretrained` (safetensors, no torch), moved into a model built with those
   numerics (`new_model`).
 - Tokenizer: the checkpoint's (`dfm.hf.load_tokenizer`), with its chat template (the tokenizer's,
-  else the processor's ``chat_template.json``, else `experiments.mllm.chat.default_template`), a
+  else the processor's ``chat_template.json``, else `dfm.prompts.default_template`), a
   PAD token (EOS when it has none; padding is never a target) and the image token the model's
   ``image_token_id`` names (``<image>`` for LLaVA, ``<IMG_CONTEXT>`` for InternVL). The token
-  layout is `experiments.mllm.chat`'s, the processor's.
+  layout is `dfm.prompts`' (the processor's).
 - Images: resized to the checkpoint's ``vision_config.image_size`` and normalised with CLIP's mean /
   std (`experiments.mllm.modeling.pixels`; LLaVA's `CLIPImageProcessor`. InternVL's processor uses
   ImageNet's statistics: fine-tuning adapts, the job keeps one normalisation for both towers).
@@ -190,28 +190,28 @@ def load_tokenizer(ckpt: Checkpoint):
     """
     from dfm.hf import load_tokenizer as hf_tokenizer
     from dfm.hf.safetensors_io import CheckpointError
-    from experiments.mllm import chat
+    from dfm import prompts
 
     try:
         tok = hf_tokenizer(ckpt.path)
     except CheckpointError as e:
         raise ConfigError(f"init_from: {e}") from None
-    if not chat.is_templated(tok):
-        tok.chat_template = _template_file(ckpt.path) or chat.default_template(ckpt.kind)
+    if not prompts.is_templated(tok):
+        tok.chat_template = _template_file(ckpt.path) or prompts.default_template(ckpt.kind)
     if tok.eos_token is None:
         raise ConfigError(f"init_from: the tokenizer of {ckpt.path} has no eos_token (answers end with it)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     mc = ckpt.model_config()
-    if ckpt.kind == "internvl" and not chat.is_internvl(tok):
+    if ckpt.kind == "internvl" and not prompts.is_internvl(tok):
         raise ConfigError(f"init_from: the tokenizer of {ckpt.path} names no context_image_token "
                           "(InternVL's <IMG_CONTEXT>, with start_image_token / end_image_token)")
     try:
-        tid = chat.image_token_id(tok)
+        tid = prompts.image_token_id(tok)
     except ValueError as e:
         raise ConfigError(f"init_from: {ckpt.path}: {e}") from None
     if tid != mc.image_token_id:
-        raise ConfigError(f"init_from: the tokenizer's {chat.image_token(tok)!r} has id {tid}, but config.json's "
+        raise ConfigError(f"init_from: the tokenizer's {prompts.image_token(tok)!r} has id {tid}, but config.json's "
                           f"image_token_id is {mc.image_token_id}")
     if len(tok) > mc.text.vocab_size:
         raise ConfigError(f"init_from: the tokenizer has {len(tok)} tokens > the model's vocab_size "

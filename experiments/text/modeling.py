@@ -215,31 +215,3 @@ def training_loss_fn(config: ExperimentConfig, vocab: int, bos_id: int):
     if config.schedule == "ar":
         return ar_loss_fn(bos_id)
     return masked_loss_fn(kappa_schedule(config), vocab)
-
-
-@nnx.jit
-def _token_log_probs(model, inputs, targets):
-    logits = model(inputs)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
-def ar_token_log_probs(model, x1: np.ndarray, bos_id: int, batch_size: int) -> np.ndarray:
-    """``log p(x1[:, j] | x1[:, :j])`` of a causal model, ``[num, L]`` float64 (THEORY S5).
-
-    Batches of `batch_size` sequences; the last batch is padded (by repetition) to keep one
-    compiled shape.
-    """
-    from dfm.autoregressive import shift_right
-
-    out = []
-    for start in range(0, len(x1), batch_size):
-        chunk = x1[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        x = jnp.asarray(chunk)
-        out.append(np.asarray(_token_log_probs(model, shift_right(x, bos_id), x), np.float64)[:n])
-    if not out:
-        return np.zeros((0, x1.shape[1]), np.float64)
-    return np.concatenate(out)

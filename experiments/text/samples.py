@@ -1,50 +1,26 @@
 """Generated samples of the dense model and the expert ensemble, decoded to text.
 
-Both use `dfm.samplers.sample_discrete` from an all-mask source with fixed keys (the same key for
-dense and ensemble):
-- AR schedule (`dfm.schedules.autoregressive`): `dfm.autoregressive.causal_posterior_fn` over the
-  decoder's KV cache (`init_cache` / `decode_step`), one cached token per step; the ensemble
-  mixes the experts with the Bayes-filter router (`dfm.decentral.ensemble_posterior_fn`,
-  THEORY S9), priors = the clusters' shares of the train sequences.
-- masked schedule (the config's discretized kappa schedule, full `seq_len`): the denoisers via
-  `posterior_fn_from_denoiser`; the ensemble uses the learned router (THEORY S10).
+Both are drawn with fixed keys (the same key for dense and ensemble):
+- AR schedule: `dfm.decentral.mixture_generate` (the library's one mixture generation, shared with
+  `dfm.DecentralizedModel.generate`) continues the prompt BOS for `eval.sample_length` tokens: the
+  autoregressive schedule over the experts' KV caches (THEORY S5), the ensemble mixing the experts
+  with the Bayes-filter router (S9), priors = the clusters' shares of the train sequences; dense is
+  the mixture of one model.
+- masked schedule (the config's discretized kappa schedule, full `seq_len`): `dfm.samplers.sample_discrete`
+  from an all-mask source over the denoisers (`posterior_fn_from_denoiser`); the ensemble uses the
+  learned router (THEORY S10).
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfm.decentral import BayesFilterRouter, FixedRouter, mixture_generate
 from experiments.engine.stages import Context, load_stage_model
 from experiments.text.data import TextData
 from experiments.text.modeling import kappa_schedule, router_factory
-
-
-def _ar_sampler(graphdefs, priors, num: int, length: int, bos: int, vocab: int, temperature: float):
-    from dfm import schedules
-    from dfm.autoregressive import causal_posterior_fn
-    from dfm.decentral import BayesFilterRouter, ensemble_init_state, ensemble_posterior_fn
-    from dfm.paths import mask_source
-    from dfm.samplers import sample_discrete
-
-    schedule = schedules.autoregressive(length)
-    router = None if priors is None else BayesFilterRouter.from_priors(priors)
-
-    @jax.jit
-    def go(states, key):
-        models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
-        fns = [causal_posterior_fn(m.decode_step, bos) for m in models]
-        caches = [m.init_cache(num, length) for m in models]
-        x0 = mask_source((num, length), vocab)
-        if router is None:
-            return sample_discrete(key, fns[0], schedule, x0, temperature=temperature, mask_id=vocab,
-                                   state=caches[0], check_finite=True)
-        fn = ensemble_posterior_fn(fns, router, mask_id=vocab)
-        state = ensemble_init_state(router, caches, batch=num, num_moving=1, vocab=vocab)
-        return sample_discrete(key, fn, schedule, x0, temperature=temperature, mask_id=vocab, state=state,
-                              check_finite=True)
-
-    return go
 
 
 def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, temperature: float):
@@ -79,16 +55,18 @@ def generate(ctx: Context, data: TextData, models: dict, experts: list, priors: 
         return {"dense": [], "ensemble": [], "router": None}
     vocab, bos = data.vocab_size, data.bos_id
     key = jax.random.PRNGKey(c.eval.seed)
-    split = {name: nnx.split(models[name]) for name in ["dense", *experts]}
     out = {}
     if c.schedule == "ar":
-        length = c.eval.sample_length
-        for label, names, prior in (("dense", ["dense"], None), ("ensemble", experts, priors)):
-            go = _ar_sampler(tuple(split[n][0] for n in names), prior, num, length, bos, vocab, c.eval.temperature)
-            out[label] = np.asarray(go(tuple(split[n][1] for n in names), key))
+        prompt = np.full((num, 1), bos, np.int32)
+        routers = {"dense": FixedRouter(jnp.ones((num, 1), jnp.float32)),
+                   "ensemble": BayesFilterRouter.from_priors(priors)}
+        for label, names in (("dense", ["dense"]), ("ensemble", experts)):
+            out[label] = mixture_generate([models[n] for n in names], prompt, c.eval.sample_length, routers[label],
+                                          temperature=c.eval.temperature, key=key)
         router_name = "bayes filter (S9)"
     else:
         schedule = kappa_schedule(c)
+        split = {name: nnx.split(models[name]) for name in ["dense", *experts]}
         router_gd, router_state = nnx.split(load_stage_model(ctx, data, "router", router_factory(c, vocab)))
         go = _masked_sampler((split["dense"][0],), None, num, schedule, vocab, c.eval.temperature)
         out["dense"] = np.asarray(go((split["dense"][1],), None, key))

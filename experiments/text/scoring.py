@@ -2,7 +2,8 @@
 DFM loss (masked). Mixtures of experts are the library's (`dfm.decentral`), never computed here.
 
 AR (THEORY S5): every model gives ``log p(x^j | x^{<j})`` of the observed token at each position
-of each sequence (`ar_log_probs`); ensembles are scored from these with
+of each sequence (`ar_log_probs`: `dfm.inference.token_log_probs` of ``[BOS] + x1``, the library's
+one teacher-forced scoring, shared with `dfm.DecentralizedModel`); ensembles are scored from these with
 `dfm.decentral.mixture_token_log_probs` (fixed weights, S8; the Bayes filter, S9).
 
 Masked (THEORY S4, S5(e)): the DFM loss ``T * sum_i rate_t^i 1[x_t^i = m] (-log p_{1|t}(x_1^i | x_t))``
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.text.modeling import ar_token_log_probs
+from dfm.inference import token_log_probs
 
 
 @nnx.jit
@@ -121,12 +122,14 @@ def masked_elbo(models: dict, x1: np.ndarray, schedule, mask_id: int, *, num_dra
 
 
 def ar_log_probs(models: dict, x1: np.ndarray, bos_id: int, batch_size: int, progress=None) -> tuple[dict, dict]:
-    """``{name: [n, L] log p(x^j | x^{<j})}`` and ``{name: seconds}`` for causal models."""
-
+    """``{name: [n, L] float64 log p(x^j | x^{<j})}`` (``x^{-1}`` = BOS) and ``{name: seconds}`` for
+    causal models, `batch_size` sequences per forward pass (`dfm.inference.token_log_probs`)."""
+    tokens = np.concatenate([np.full((len(x1), 1), bos_id, x1.dtype), x1], axis=1)
     out, seconds = {}, {}
     for name, model in models.items():
         t0 = time.perf_counter()
-        out[name] = ar_token_log_probs(model, x1, bos_id, batch_size)
+        out[name] = (token_log_probs(model, tokens, batch_size=batch_size) if len(x1)
+                     else np.zeros((0, x1.shape[1])))
         seconds[name] = time.perf_counter() - t0
         if progress is not None:
             progress(1)

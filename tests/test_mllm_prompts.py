@@ -1,12 +1,15 @@
-"""Multimodal job: conversation template, image-token expansion, question selection."""
+"""Prompt layouts (`dfm.prompts`: LLaVA v1, chat templates, image-token expansion) as the multimodal
+job uses them, and the job's question selection."""
 import numpy as np
 import pytest
 
 from experiments.mllm.evaluate import select_questions
 from experiments.mllm.formats import Turn
 from experiments.mllm.modeling import frozen_prefixes
-from experiments.mllm.text import (IMAGE_TOKEN, TemplateError, build_tokenizer, decode_answer, encode_answer,
-                                   encode_conversation, encode_prompt, image_token_id)
+from dfm import prompts
+from dfm.prompts import (IMAGE_TOKEN, TemplateError, decode_answer, encode_answer, encode_conversation, encode_prompt,
+                         image_text_tokens, image_token_id, question_prompt)
+from experiments.mllm.bpe import build_tokenizer
 
 TEXTS = ["<image>\nWhat digit is shown?", "7", "Is the digit even or odd?", "odd", "How many shapes are there?", "3"]
 
@@ -50,6 +53,29 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tok):
 def test_decode_answer_stops_at_eos(tok):
     gen = np.concatenate([encode_answer(tok, "odd"), encode_answer(tok, "7")])
     assert decode_answer(tok, gen) == "odd"
+
+
+def test_user_questions_and_scored_texts_are_laid_out_as_written_by_hand(tok):
+    """`question_prompt` puts "<image>\\n" in front of a bare question (the records' layout);
+    `image_text_tokens` lays a text out after / around its image with its own tokens marked."""
+    img, bos = image_token_id(tok), tok.bos_token_id
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    want = [bos] + ids("USER: ") + [img] * 3 + ids("\nWhat digit is shown? ASSISTANT:")
+    assert [bos] + ids("USER: <image>\nWhat digit is shown? ASSISTANT:") != want      # the expansion matters
+    assert question_prompt(tok, "What digit is shown?", 3).tolist() == want
+    assert question_prompt(tok, " <image>\nWhat digit is shown? ", 3).tolist() == want
+    with pytest.raises(ValueError, match=r"^prompts\[4\]: has 2 '<image>' placeholders \(one image per entry\)$"):
+        question_prompt(tok, "<image><image> x", 3, "prompts", 4)
+    seq, is_text = image_text_tokens(tok, " odd", 2)
+    assert seq.tolist() == [bos, img, img] + ids(" odd") and is_text.tolist() == [False] * 3 + [True] * len(ids(" odd"))
+    seq, is_text = image_text_tokens(tok, "a <image> b", 2)
+    assert seq.tolist() == [bos] + ids("a ") + [img, img] + ids(" b")
+    assert seq[is_text].tolist() == ids("a ") + ids(" b")
+    with pytest.raises(ValueError, match=r"^texts\[1\]: has no tokens besides '<image>'$"):
+        image_text_tokens(tok, "<image>", 2, "texts", 1)
 
 
 def test_frozen_prefixes_of_each_stage_setting():
@@ -135,12 +161,10 @@ def test_llava_layout_is_the_processors_input_ids(template):
     """Prompt ids = `LlavaProcessor`'s `input_ids` of the chat template's prompt (16 px / patch 8:
     4 image tokens); the conversation = the processor's ids of the rendered conversation, plus EOS
     after each answer where the template has none; the targets are the answers and their EOS."""
-    from experiments.mllm import chat
-
-    tok = llama_like_tokenizer(LLAVA_HF_TEMPLATE if template == "llava-hf" else chat.LLAVA_V1_TEMPLATE)
+    tok = llama_like_tokenizer(LLAVA_HF_TEMPLATE if template == "llava-hf" else prompts.LLAVA_V1_TEMPLATE)
     proc = llava_processor(tok)
     image = np.zeros((16, 16, 3), np.uint8)
-    msgs = chat.messages([Turn("human" if i % 2 == 0 else "gpt", t) for i, t in enumerate(CHAT)])
+    msgs = prompts.messages([Turn("human" if i % 2 == 0 else "gpt", t) for i, t in enumerate(CHAT)])
     assert msgs[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What digit is shown?"}]
     prompt_text = proc.apply_chat_template(msgs[:1], add_generation_prompt=True)
     assert prompt_text == "USER: <image>\nWhat digit is shown? ASSISTANT:"
@@ -175,15 +199,13 @@ def qwen_like_tokenizer():
     import transformers
 
     from experiments.engine.tokenizer import train_tokenizer
-    from experiments.mllm import chat
-
     backend = train_tokenizer(CHAT * 10 + ["user assistant\n"] * 5, 300).backend_tokenizer
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
         extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
                               "end_image_token": "</img>"})
     tok.add_tokens(["<|im_start|>"], special_tokens=True)
-    tok.chat_template = chat.default_template("internvl")
+    tok.chat_template = prompts.default_template("internvl")
     return tok
 
 
@@ -191,10 +213,8 @@ def test_internvl_layout_follows_its_template_and_processor_expansion():
     """InternVL: ChatML with `<IMG_CONTEXT>` per image, expanded to `<img>` + `<IMG_CONTEXT>` x n +
     `</img>` (`InternVLProcessor.replace_image_token`); no BOS; `<|im_end|>` ends (and is the EOS of)
     an answer."""
-    from experiments.mllm import chat
-
     tok = qwen_like_tokenizer()
-    assert chat.is_internvl(tok) and image_token_id(tok) == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert prompts.is_internvl(tok) and image_token_id(tok) == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     text = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat digit is shown?<|im_end|>\n"
             "<|im_start|>assistant\n")
     np.testing.assert_array_equal(encode_prompt(tok, CHAT[0], 4), tok(text)["input_ids"])
