@@ -91,6 +91,12 @@ class RouterBase:
         del top_k, available
         return None
 
+    def settings(self) -> dict:
+        """The router as `decentral.json`'s ``"router"`` entry (`dfm.hf.experts`). Raises ValueError
+        for routers that a decentralized directory cannot store (fixed, callable, learned)."""
+        raise ValueError(f"{type(self).__name__} cannot be saved in decentral.json (a centroid or Bayes-filter "
+                         f"router, or the settings 'bayes' / 'uniform', can)")
+
     def log_weights(self, state: Any, x_t: Array | None = None, t: Any = None) -> Array:
         """`log weights(state, x_t, t)`, `[batch, K]` (-inf where a weight is 0)."""
         return jnp.log(self.weights(state, x_t, t))
@@ -300,6 +306,10 @@ class BayesFilterRouter(RouterBase):
         idx = _expert_indices(experts, self.num_experts)
         return BayesFilterRouter(jnp.asarray(self.log_priors)[idx])
 
+    def settings(self) -> dict:
+        """``{"type": "bayes"}``: the priors are stored beside it (`dfm.hf.experts`)."""
+        return {"type": "bayes"}
+
     def posterior(self, prefix_logliks: Array) -> Array:
         """Batch form: `rho(k | prefix) = softmax_k(log w_k + log q_k(prefix))`, `[batch, K]`.
 
@@ -404,6 +414,12 @@ class CentroidRouter(StatelessRouter):
         top = None if self.top_k is None else min(self.top_k, len(idx))
         return CentroidRouter(self.partition.subset(idx), temperature=self.temperature, top_k=top,
                               threshold=self.threshold)
+
+    def settings(self) -> dict:
+        """``{"type": "centroid", "temperature", "top_k", "threshold"}``; the partition is stored
+        beside it (`dfm.hf.experts`)."""
+        return {"type": "centroid", "temperature": float(self.temperature), "top_k": self.top_k,
+                "threshold": self.threshold}
 
     def with_top_k(self, k: int | None) -> "CentroidRouter":
         """This router with `top_k = k` (None: keep the stored one)."""

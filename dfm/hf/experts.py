@@ -156,13 +156,15 @@ def _output_vocab(model: Any) -> tuple[int, bool]:
 def _router_settings(router: Any) -> dict:
     if router is None or router == "uniform":
         return {"type": "uniform"}
-    if isinstance(router, CentroidRouter):
-        return {"type": "centroid", "temperature": float(router.temperature), "top_k": router.top_k,
-                "threshold": router.threshold}
-    if isinstance(router, BayesFilterRouter) or router == "bayes":
+    if router == "bayes":
         return {"type": "bayes"}
     if isinstance(router, dict) and router.get("type") in ROUTER_TYPES:
         return dict(router)
+    if hasattr(router, "settings"):
+        try:
+            return router.settings()
+        except ValueError as e:
+            raise ValueError(f"router: {e}") from None
     raise ValueError(f"router: expected a CentroidRouter, BayesFilterRouter, 'bayes', 'uniform' or a "
                      f"settings dict with type in {ROUTER_TYPES}, got {router!r}")
 
@@ -204,13 +206,14 @@ def save_decentralized(root: str | os.PathLike, experts: Sequence[Any], partitio
     if mask_id is None and not causal:
         mask_id = vocab
     settings = _router_settings(router)
-    if isinstance(router, CentroidRouter) and not (
-            np.array_equal(np.asarray(router.partition.centroids), np.asarray(partition.centroids))
-            and (router.partition.mean is None) == (partition.mean is None)
-            and (partition.mean is None or np.array_equal(router.partition.mean, partition.mean))):
+    own = None if isinstance(router, (str, dict)) else getattr(router, "partition", None)   # a centroid router
+    if own is not None and not (
+            np.array_equal(np.asarray(own.centroids), np.asarray(partition.centroids))
+            and (own.mean is None) == (partition.mean is None)
+            and (partition.mean is None or np.array_equal(own.mean, partition.mean))):
         raise ValueError("router: its partition differs from `partition` (the saved router is rebuilt on "
                          "`partition`, so it would change)")
-    if priors is None and isinstance(router, BayesFilterRouter):
+    if priors is None and settings["type"] == "bayes" and getattr(router, "log_priors", None) is not None:
         priors = np.exp(np.asarray(router.log_priors, np.float64))
     priors = _check_priors(partition.sizes if priors is None else priors, k, "priors")
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:

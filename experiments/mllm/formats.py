@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 
 from dfm.io import atomic_path
+from dfm.prompts import IMAGE_TOKEN
 from experiments.engine.task import DataError
 
-IMAGE_TOKEN = "<image>"
 HUMAN, GPT = "human", "gpt"
 ROLE_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": GPT, "assistant": GPT}
 RESERVED_KEYS = ("id", "image", "conversations")
