@@ -5,8 +5,8 @@ those tests need to run on a GPU machine too.
 seeded numpy Generator into an abstract module, which avoids compiling `jax.random` once per
 parameter shape. `cpu_devices(n)` gives the simulated CPU devices (conftest) for meshes whatever the
 default backend; `bit_exact_reruns` / `assert_same_run` / `same_numbers` state what a resumed or
-repeated run must reproduce (docs/accelerators.md). Importable from tests (pytest puts tests/ on
-sys.path) and from test files run as scripts (their folder is sys.path[0]).
+repeated run must reproduce (docs/accelerators.md). Importable from tests (pyproject's
+`pythonpath = ["tests"]`) and from test files run as scripts (`tests/` on their PYTHONPATH).
 """
 import os
 import re
@@ -100,3 +100,41 @@ def same_numbers(a, b) -> bool:
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return a == pytest.approx(b, rel=RESUME_RTOL)
     return a == b
+
+
+# ----------------------------------------------------------------- vision towers (tests/dfm/models)
+def build(cls, config, seed=0, scale=0.2):
+    """`cls(config)` with every parameter drawn from a seeded numpy Generator (norm scales around 1),
+    filled into an abstract module (no jax.random compile per shape)."""
+    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        base = 1.0 if path[-1] == "scale" else 0.0
+        var.set_raw_value(jnp.asarray(base + scale * rng.standard_normal(var.shape), var.dtype))
+    return model
+
+
+def load_hf(model, state_dict, key_of=lambda name: name):
+    """Copy a torch `state_dict` into `model` by mechanical name mapping: our path joined with "."
+    with `kernel` / `scale` / `embedding` -> `weight` (mapped by `key_of`); Linear kernels are the
+    torch weights transposed, conv kernels `(out, in, kh, kw) -> (kh, kw, in, out)`.
+    Returns the state-dict keys no parameter used."""
+    used = set()
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *module, leaf = [str(p) for p in path]
+        key = key_of(".".join(module + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf]))
+        value = state_dict[key].detach().numpy()
+        if leaf == "kernel":
+            value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+        assert value.shape == tuple(var.shape), (key, value.shape, var.shape)
+        var.set_raw_value(jnp.asarray(value, var.dtype))
+        used.add(key)
+    return set(state_dict) - used
+
+
+def perturb(torch, module, seed=0, scale=0.1):
+    """Add seeded noise to every torch parameter (HF inits norms to 1/0, cls/pos to 0)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))

@@ -1,4 +1,4 @@
-"""Input validation shared by the decentralization modules.
+"""Argument checks shared by the decentralization modules.
 
 Every helper raises `ValueError` naming the argument and what was wrong. Checks that look at
 values run only on concrete arrays: inside `jax.jit` (tracers) they are skipped, as the design

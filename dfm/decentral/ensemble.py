@@ -19,7 +19,7 @@ import numpy as np
 from dfm.decentral.mixing import (available_mask, available_weights, check_available_rows, mix_log_probs,
                                   mix_logits)
 from dfm.decentral.routers import check_router, top_k as top_k_weights
-from dfm.decentral.validation import check_positive_int
+from dfm.decentral.arguments import check_positive_int
 
 Array = jax.Array
 PosteriorFn = Callable[[Array, Any, Array, Any], tuple[Array, Any]]

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dfm.decentral.validation import as_feature_matrix, check_positive_int
+from dfm.decentral.arguments import as_feature_matrix, check_positive_int
 from dfm.io import atomic_path
 
 FORMAT = "dfm-featurizer"

@@ -28,7 +28,7 @@ from dfm.paths import sample_masked_path
 from dfm.schedules import DiscreteSchedule
 from dfm.train import TrainConfig, TrainResult, train
 from dfm.decentral.routers import StatelessRouter
-from dfm.decentral.validation import check_positive_int
+from dfm.decentral.arguments import check_positive_int
 
 Array = jax.Array
 

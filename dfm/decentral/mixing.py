@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm.decentral.routers import check_router, top_k as top_k_weights
-from dfm.decentral.validation import check_weights, is_concrete
+from dfm.decentral.arguments import check_weights, is_concrete
 
 Array = jax.Array
 

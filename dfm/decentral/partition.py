@@ -32,7 +32,7 @@ from dfm.decentral.balance import (
     transport,
     weighted_balanced_assignment,
 )
-from dfm.decentral.validation import as_feature_matrix, check_positive_int
+from dfm.decentral.arguments import as_feature_matrix, check_positive_int
 from dfm.io import atomic_path
 
 _NORM_EPS = 1e-12

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm.decentral.partition import Partition
-from dfm.decentral.validation import check_positive_int, check_weights, is_concrete
+from dfm.decentral.arguments import check_positive_int, check_weights, is_concrete
 
 Array = jax.Array
 

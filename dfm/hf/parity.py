@@ -11,7 +11,7 @@ it with `save_pretrained`, loads it with `dfm.hf.load_pretrained`, and prints a 
 Ours runs at `matmul_precision="highest"` (the import default): full float32 matmuls, so the
 table reads the same on a GPU / TPU backend as on CPU (docs/accelerators.md).
 
-The tests (tests/test_hf_text.py, tests/test_hf_vision.py) assert on the same functions
+The tests (tests/dfm/hf/test_parity.py, tests/dfm/hf/test_vision_parity.py) assert on the same functions
 (`dfm.hf.parity_tools`, `dfm.hf.vision_parity`).
 """
 from __future__ import annotations

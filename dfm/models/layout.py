@@ -3,7 +3,7 @@
 `DecoderConfig.scan_layers=True` stores each block parameter once with a leading `[num_layers]`
 axis (compile time independent of depth); HF checkpoints, `dfm.hf` import / export and older
 orbax checkpoints use the per-layer layout (`layers[i].…`). The same weights give the same
-logits in either layout (tests/test_scale_knobs.py).
+logits in either layout (tests/dfm/train/test_scale_knobs.py).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
   all `AxisType.Auto`).
 - `rules`: the logical-axis table `DEFAULT_RULES` (MaxText style), `rules_from_table`,
   `logical_to_spec`, `use_rules` (mesh + rules context), `constrain` (activation constraint).
-- `partition`: NNX state / batch placement (`shard_module`, `state_shardings`, `init_sharded`,
+- `placement`: NNX state / batch placement (`shard_module`, `state_shardings`, `init_sharded`,
   `abstract_state`, `global_batch`).
 - `distributed`: guarded `jax.distributed` initialization (`initialize`, `detect_cluster`,
   `is_main_process`).
@@ -14,7 +14,7 @@ Sharded training / evaluation steps live in `dfm.train` (`train(..., mesh=, rule
 """
 from dfm.sharding.distributed import ClusterSpec, detect_cluster, initialize, is_main_process
 from dfm.sharding.mesh import MESH_AXES, MeshConfig, make_mesh
-from dfm.sharding.partition import (abstract_state, batch_spec, global_batch, init_sharded, shard_module,
+from dfm.sharding.placement import (abstract_state, batch_spec, global_batch, init_sharded, shard_module,
                                     state_shardings, variable_sharding)
 from dfm.sharding.rules import (DEFAULT_RULES, Rules, constrain, logical_sharding, logical_to_spec,
                                 rules_from_table, use_rules)

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dfm.io import arrays_sha256, raise_naming, remove_temporaries
-from dfm.sharding.partition import abstract_state
+from dfm.sharding.placement import abstract_state
 
 # Model-held RNG streams (nnx.RngState) are not checkpointed: randomness in training comes from
 # the explicit per-step key, so these streams do not affect a resumed run's result.

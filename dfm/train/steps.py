@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dfm.sharding.partition import (
+from dfm.sharding.placement import (
     batch_spec,
     global_batch,
     shard_module,

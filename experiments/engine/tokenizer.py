@@ -13,7 +13,7 @@ offsets at once. A document over `PIECE_CHARS` characters is cut into pieces at 
 between two non-space characters (`byte_level_pieces`); the GPT-2 byte-level pre-tokenizer (no
 normalizer) never joins text across such a point (the space always opens the next pre-token and no
 pre-token ends in it), so the pieces give the same pre-tokens, hence the same trained merges and
-the same ids, as the whole document (`tests/test_data_edges.py`). Pretrained tokenizers (other
+the same ids, as the whole document (`tests/integration/test_data_edges.py`). Pretrained tokenizers (other
 normalizers / pre-tokenizers, e.g. a leading-space convention) are encoded one document at a time,
 whole.
 """

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.slow, pytest.mark.peer]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 TRAIN_ROWS = ("train", "train_xla", "train_remat_dots", "train_remat_full", "train_scan", "train_micro2",
               "train_dfm", "train_hf")

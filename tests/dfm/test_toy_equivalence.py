@@ -28,7 +28,7 @@ models are compute-limited at 400 steps; figures printed): the ensemble's ELBO i
 of the dense one and both beat the context-free baseline by > 2 nats.
 
 Budget: dense + experts = 2 x 400 steps per schedule, plus the router. Run `pytest -s
-tests/test_toy_equivalence.py` to see the figures (compute-matched, seed 0: AR dense 9.7421,
+tests/dfm/test_toy_equivalence.py` to see the figures (compute-matched, seed 0: AR dense 9.7421,
 Bayes ensemble 9.5625 nats/sequence against H(q) = 9.5248; masked ELBO dense 12.6014, ensemble with
 the learned router 12.9905).
 """

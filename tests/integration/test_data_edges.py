@@ -4,8 +4,11 @@ give exactly the ids (and the trained tokenizer) of the whole document."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from experiments.cli import main
+
+pytestmark = pytest.mark.integration
 
 
 def _corpus(folder: Path, words: list[str], docs: int = 60, length: int = 400) -> Path:

@@ -12,8 +12,8 @@ from scipy.special import logsumexp
 
 from experiments.cli import main
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["def mean(xs):\n    return sum(xs) / len(xs)\n", "The quick brown fox"]
 SNIPPET = '''from dfm import DecentralizedModel
 

@@ -12,7 +12,7 @@ from scipy.special import logsumexp
 
 from experiments.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GEN_QUESTIONS = [0, 1]   # two prompt lengths (34 and 29 tokens in the tiny run): one KV-cache length
 
 

@@ -22,9 +22,9 @@ from tiny_models import same_numbers
 
 from experiments.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HINT = "and re-run the same command: finished stages are kept and nothing half-written is used"
 FREE = "free some space " + HINT
 

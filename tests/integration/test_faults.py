@@ -14,7 +14,7 @@ from tiny_models import assert_same_run, same_numbers
 
 from experiments.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _run(*argv) -> int:
@@ -172,7 +172,7 @@ def test_bad_settings_fail_early_with_a_clear_message(reference, tmp_path, capsy
     assert main(["run", "--config", "tiny", "--out", ""]) == 2
     assert "--out: an empty directory name" in capsys.readouterr().err
     cfg = tmp_path / "hot.toml"
-    cfg.write_text((Path(__file__).parent.parent / "experiments" / "configs" / "tiny.toml").read_text()
+    cfg.write_text((Path(__file__).resolve().parents[2] / "experiments" / "configs" / "tiny.toml").read_text()
                    .replace("learning_rate = 3e-3", "learning_rate = 1e6"))
     out = _with_data(reference, tmp_path / "hot")
     assert main(["train", "--base", "--config", str(cfg), "--out", str(out), "--quiet"]) == 1
@@ -195,7 +195,7 @@ def test_run_files_are_shareable(reference):
 
 def test_more_clusters_than_train_images_fails_before_training(tmp_path, capsys):
     cfg = tmp_path / "many.toml"
-    cfg.write_text((Path(__file__).parent.parent / "experiments" / "configs" / "mllm-tiny.toml").read_text()
+    cfg.write_text((Path(__file__).resolve().parents[2] / "experiments" / "configs" / "mllm-tiny.toml").read_text()
                    .replace("[partition]\nnum_clusters = 2", "[partition]\nnum_clusters = 100")
                    .replace("[stage2]\nsteps = 8", "[stage2]\nsteps = 100"))
     out = tmp_path / "run"

@@ -18,7 +18,7 @@ from experiments.engine import stages
 from experiments.text.config import ExperimentConfig, load_config
 from experiments.text.task import TextTask
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TASK = TextTask()
 
 

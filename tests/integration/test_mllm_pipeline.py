@@ -17,7 +17,7 @@ from experiments.mllm.task import MultimodalTask
 from experiments.registry import load_job
 from experiments.text.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TASK = MultimodalTask()
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.peer, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.peer, pytest.mark.slow]
 
 from experiments.cli import main
 from experiments.engine import stages

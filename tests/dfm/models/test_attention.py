@@ -3,7 +3,7 @@
 Cases: causal, bidirectional, padded keys, GQA, a KV-cache mask (queries at an offset over a
 longer key axis), a fully masked row (uniform weights), bfloat16 inputs; and the decoder /
 vision models with `attention="xla"` against HF-style numerics already covered by the parity
-tests. cuDNN runs only on a GPU (tests/test_gpu_backend.py).
+tests. cuDNN runs only on a GPU (tests/dfm/models/test_attention_gpu.py).
 """
 import jax
 import jax.numpy as jnp

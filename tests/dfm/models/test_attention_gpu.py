@@ -6,7 +6,7 @@
   weights with `attention="xla"`;
 - a float32 decoder at `matmul_precision="highest"` on the GPU against the same model on the CPU.
 
-Run on a GPU machine: `PYTHONPATH=. python -m pytest -m gpu tests/test_gpu_backend.py` (docs/accelerators.md).
+Run on a GPU machine: `PYTHONPATH=. python -m pytest -m gpu tests/dfm/models/test_attention_gpu.py` (docs/accelerators.md).
 """
 import jax
 import jax.numpy as jnp

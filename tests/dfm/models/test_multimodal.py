@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_vision_models import build, load_hf, perturb
+from tiny_models import build, load_hf, perturb
 
 from dfm.models import (Decoder, DecoderConfig, MultimodalConfig, MultimodalModel, VisionConfig,
                         multimodal_greedy_generate, pixel_shuffle)

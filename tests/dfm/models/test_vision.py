@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import build, load_hf, perturb
 
 from dfm.models import CLIPVisionTower, InternVisionTower, VisionConfig
 
@@ -14,43 +15,6 @@ TINY = dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, nu
 
 def tiny(**kw) -> VisionConfig:
     return VisionConfig(**{**TINY, **kw})
-
-
-def build(cls, config, seed=0, scale=0.2):
-    """`cls(config)` with every parameter drawn from a seeded numpy Generator (norm scales around 1),
-    filled into an abstract module (no jax.random compile per shape)."""
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        base = 1.0 if path[-1] == "scale" else 0.0
-        var.set_raw_value(jnp.asarray(base + scale * rng.standard_normal(var.shape), var.dtype))
-    return model
-
-
-def load_hf(model, state_dict, key_of=lambda name: name):
-    """Copy a torch `state_dict` into `model` by mechanical name mapping: our path joined with "."
-    with `kernel` / `scale` / `embedding` -> `weight` (mapped by `key_of`); Linear kernels are the
-    torch weights transposed, conv kernels `(out, in, kh, kw) -> (kh, kw, in, out)`.
-    Returns the state-dict keys no parameter used."""
-    used = set()
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *module, leaf = [str(p) for p in path]
-        key = key_of(".".join(module + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf]))
-        value = state_dict[key].detach().numpy()
-        if leaf == "kernel":
-            value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-        assert value.shape == tuple(var.shape), (key, value.shape, var.shape)
-        var.set_raw_value(jnp.asarray(value, var.dtype))
-        used.add(key)
-    return set(state_dict) - used
-
-
-def perturb(torch, module, seed=0, scale=0.1):
-    """Add seeded noise to every torch parameter (HF inits norms to 1/0, cls/pos to 0)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
 
 
 @pytest.fixture(scope="module")

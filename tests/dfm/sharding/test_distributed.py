@@ -133,13 +133,13 @@ def _free_port() -> int:
 
 def test_two_processes_on_loopback_train_with_equal_losses(tmp_path):
     port = _free_port()
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     procs, outs = [], []
     for pid in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "DFM_"))}
         env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   PYTHONPATH=f"{repo}{os.pathsep}{env.get('PYTHONPATH', '')}")
+                   PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests"), env.get("PYTHONPATH", "")]))
         outs.append(tmp_path / f"process{pid}.json")
         procs.append(subprocess.Popen([sys.executable, __file__, str(outs[-1])], env=env, cwd=repo,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

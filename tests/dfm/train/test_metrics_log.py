@@ -16,7 +16,7 @@ from experiments.engine.plots import loss_curves, stage_family
 CONFIG = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                        num_kv_heads=2)
 DATA = jax.random.randint(jax.random.key(0), (4, 12), 0, 50, dtype=jnp.int32)
-# the same optimizer setting as tests/test_train.py's RESUME_CONFIG (one compilation per session)
+# the same optimizer setting as tests/dfm/train/test_loop.py's RESUME_CONFIG (one compilation per session)
 RESUME_CONFIG = TrainConfig(steps=10, learning_rate=5e-3, warmup_steps=2, log_every=2, checkpoint_every=4,
                             weight_decay=0.1, seed=7)
 

@@ -1,13 +1,13 @@
 """Model selection by validation loss in `dfm.train.train` (`validate=`, `TrainConfig.validate_every`,
-`keep_best`) and the engine's rule of which validation units select which model."""
+`keep_best`; dfm/train/selection.py). The engine's rule of which validation units select which
+model: tests/experiments/engine/test_validation.py."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from dfm.train import TrainConfig, train
-from experiments.engine.stages import Assignments
-from experiments.engine.validation import make_validate, validation_units
+from dfm.train.selection import BestCheckpoint
 
 TARGET = jnp.array([1.0, 2.0, 3.0])
 
@@ -104,32 +104,54 @@ def test_validation_rows_reach_the_metrics_file(tmp_path):
     assert [r["step"] for r in rows] == list(range(0, 31, 3))
 
 
-def test_make_validate_is_the_token_weighted_mean():
-    """Two batches of different sizes: the mean is over target tokens, not over batches."""
-    def mean_abs(model, batch, key):
-        del key
-        err = jnp.abs(model.w[...][None, :] - batch)
-        return err.mean(), {"tokens": jnp.asarray(err.size, jnp.float32)}
-
-    rng = np.random.default_rng(0)
-    b1, b2 = rng.normal(size=(4, 3)), rng.normal(size=(1, 3))
-    got = make_validate(mean_abs, [jnp.asarray(b1), jnp.asarray(b2)])(Point())
-    assert got == pytest.approx(np.abs(np.concatenate([b1, b2])).mean(), rel=1e-6)
-    with pytest.raises(ValueError, match="batches"):
-        make_validate(mean_abs, [])
-
-
-def test_each_model_is_selected_on_its_own_validation_units():
-    a = Assignments(units={"train": np.array([0, 1, 1]), "random": np.array([1, 0, 1]),
-                           "val": np.array([1, 0, 1, 1, 0]), "test": np.array([0])}, example_unit=np.arange(3))
-    assert validation_units("expert-1", a).tolist() == [0, 2, 3]
-    assert validation_units("expert-0", a).tolist() == [1, 4]
-    assert validation_units("dense", a) is None
-    assert validation_units("random-0", a) is None       # a uniform sample: all of val
-
-
 def test_config_errors():
     with pytest.raises(ValueError, match="validate_every"):
         TrainConfig(steps=3, validate_every=-1)
     with pytest.raises(ValueError, match="keep_best"):
         TrainConfig(steps=3, keep_best="yes")
+
+
+def _offers(best: BestCheckpoint, offers) -> list[bool]:
+    """Offer `Point`s whose weights are the step number, so a restore shows which step was kept."""
+    out = []
+    for step, loss in offers:
+        model = Point()
+        model.w[...] = jnp.full((3,), float(step))
+        out.append(best.offer(step, loss, model))
+    return out
+
+
+# (step, validation loss) -> whether it becomes the best: strictly lower only; a tie keeps the earlier
+# step; NaN / inf never count.
+OFFERS = [(0, 2.0), (3, 1.5), (6, 1.5), (9, float("nan")), (12, 1.25), (15, 1.25), (18, float("inf")),
+          (21, 1.3)]
+ACCEPTED = [True, True, False, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_best_validation_ties_keep_the_earlier_step(tmp_path, on_disk):
+    best = BestCheckpoint(tmp_path / "best" if on_disk else None, fresh=True)
+    assert (best.step, best.val_loss) == (None, None)
+    assert _offers(best, OFFERS) == ACCEPTED
+    assert (best.step, best.val_loss) == (12, 1.25)
+    model = Point()
+    best.restore(model)
+    np.testing.assert_array_equal(np.asarray(model.w[...]), np.full(3, 12.0))
+    best.close()
+    if on_disk:                          # a resumed run reads the same choice and goes on with it
+        again = BestCheckpoint(tmp_path / "best", fresh=False)
+        assert (again.step, again.val_loss) == (12, 1.25)
+        assert _offers(again, [(24, 1.25), (27, 1.0)]) == [False, True]
+        assert again.step == 27
+        again.close()
+        assert BestCheckpoint(tmp_path / "best", fresh=True).step is None     # a fresh start forgets it
+
+
+def test_a_flat_or_all_nan_curve():
+    flat = BestCheckpoint(None, fresh=True)
+    assert _offers(flat, [(0, 1.0), (5, 1.0), (10, 1.0)]) == [True, False, False] and flat.step == 0
+    nan = BestCheckpoint(None, fresh=True)
+    assert _offers(nan, [(0, float("nan")), (5, float("inf"))]) == [False, False] and nan.step is None
+    model = Point()
+    nan.restore(model)                   # nothing recorded: the model is left as it is
+    np.testing.assert_array_equal(np.asarray(model.w[...]), np.zeros(3))
