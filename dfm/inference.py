@@ -1,5 +1,5 @@
 """One causal model on observed tokens: teacher-forced token log-probabilities and the prefill of
-a prompt into a KV cache (THEORY S5: a causal model's row j is `p(x^{j+1} | x^{<=j})`).
+a prompt into a KV cache (THEORY S5: a causal model's row j is `p(x^{j+1} | x^{<j+1})`).
 
 The one implementation of both for text experts (`dfm.models.Decoder`) and image-text experts
 (`dfm.models.multimodal.MultimodalModel`, the image's features scattered at its image tokens):

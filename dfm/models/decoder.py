@@ -12,7 +12,7 @@ Sharding: parameters carry logical axis names (see `dfm.models.layers`); the res
 `dfm.sharding.use_rules(mesh, rules)` (the sharded steps of `dfm.train.steps`).
 
 With `causal=True` the model is the next-token distribution of an AR model: row j of the logits
-is `p(x^{j+1} | x^{<=j})` (THEORY S5; shift with `dfm.autoregressive.shift_right` to use it as a
+is `p(x^{j+1} | x^{<j+1})` (THEORY S5; shift with `dfm.autoregressive.shift_right` to use it as a
 denoiser). With `causal=False` every position sees the whole sequence: the posterior
 `p_{1|t}(x^i | x_t)` of a masked DFM denoiser (THEORY S4).
 """

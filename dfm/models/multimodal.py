@@ -148,7 +148,7 @@ class MultimodalModel(nnx.Module):
 
     Call: `model(tokens [batch, length], pixel_values [n_images, H, W, C] | None, *, positions=None,
     attention_mask=None, segment_ids=None)` -> logits `[batch, length, vocab]` float32, the
-    next-token distribution (row j is `p(x^{j+1} | x^{<=j}, images)`). With `segment_ids` (packed
+    next-token distribution (row j is `p(x^{j+1} | x^{<j+1}, images)`). With `segment_ids` (packed
     rows) each segment sees only itself (`Decoder.hidden_states`).
     """
 
