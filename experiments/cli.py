@@ -9,8 +9,9 @@
     dfm evaluate               score every system on the held-out data; report + plots
     dfm run                    all stages in order, in this process
     dfm run --seeds N          the whole job for seeds 0..N-1 into OUT/seed-<s>/, then OUT/summary.json
-    dfm sweep --clusters 1 2 4 8 --budgets 120 480 --seeds 3
-                               the job over K x stage-2 steps x seeds, then OUT/sweep.{json,md,png}
+    dfm sweep --clusters 1 2 4 8 --budgets 120 480 --seeds 3 [--sizes s m l]
+                               the job over [size x] K x stage-2 steps x seeds, then OUT/sweep.{json,md},
+                               regime.png (and sweep.png)
 
 The config's ``task`` key picks the job (`experiments.registry`): the text job by default
 (`experiments.text`), or with ``task = "mllm"`` (e.g. ``--config mllm-digits``) the multimodal job
@@ -112,14 +113,18 @@ def _parser() -> argparse.ArgumentParser:
                           "write OUT/summary.json and summary.md: mean ± sd over seeds and intervals vs dense "
                           "(overrides the config's seeds = [...])")
     sweep = sub.add_parser("sweep", parents=[common],
-                           help="the job over a grid of K x stage-2 steps x seeds; Δ vs dense per cell + plot",
-                           description="Run the job for every K in --clusters, stage2.steps in --budgets and seed "
-                                       "in 0..N-1 into OUT/seed-<s>/K<k>-steps<b>/ (stage 1 shared within a seed), "
-                                       "then write OUT/sweep.json, sweep.md and sweep.png "
+                           help="the job over [size x] K x stage-2 steps x seeds; Δ vs dense per cell + plots",
+                           description="Run the job for every size in --sizes (if given), K in --clusters, "
+                                       "stage2.steps in --budgets and seed in 0..N-1 into "
+                                       "OUT/seed-<s>/[<size>-]K<k>-steps<b>/ (stage 1 shared within a seed and "
+                                       "size, dense within a seed, size and budget), then write OUT/sweep.json, "
+                                       "sweep.md, regime.png and (without sizes) sweep.png "
                                        "(experiments.engine.sweep; default OUT runs/<config>-sweep).")
     sweep.add_argument("--clusters", type=_positive, nargs="+", required=True, metavar="K", help="numbers of experts")
-    sweep.add_argument("--budgets", type=_positive, nargs="+", required=True, metavar="STEPS",
-                       help="stage-2 steps (dense; the experts split them)")
+    sweep.add_argument("--budgets", nargs="+", required=True, metavar="STEPS|SIZE=STEPS,...",
+                       help="stage-2 steps (dense; the experts split them), for every size, or SIZE=S1,S2,... for one")
+    sweep.add_argument("--sizes", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+                       help="model sizes: s, m, l (experiments.engine.sweep.SIZES) or NAME:KEY=VALUE,... overrides")
     sweep.add_argument("--seeds", type=_positive, default=3, metavar="N", help="seeds 0..N-1 per cell (default 3)")
     config = sub.add_parser("config", help="show a resolved config, list the shipped ones")
     what = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -175,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit status: 0 success, 1 a stage failed (missing prerequisite, unusable run directory or
     data, a full / over-quota / read-only disk: the message names the stage and the file), 2 bad
-    command line or config (the message names the key/field).
+    command line or config (the message names the key/field), 75 (``EX_TEMPFAIL``) preempted:
+    SIGTERM / SIGUSR1 arrived during training, the stage was checkpointed at the next step
+    boundary (`dfm.train.preemption`); re-run the same command to resume, 130 interrupted (Ctrl-C).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -218,8 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"dfm: error: distributed launch: {exc}", file=sys.stderr)
         return 2
+    from dfm.train.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         _run_command(args, task, config)
+    except Preempted as exc:
+        print(f"dfm: preempted: stage '{exc.desc}' checkpointed at step {exc.step} in {exc.checkpoint}; "
+              "re-run the same command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (RunDirError, StageError, DataError) as exc:
         if isinstance(exc, DiskFaultError):
             _settle_aborted_writes()
@@ -401,24 +414,33 @@ def _run_sweep(args, task, config) -> None:
     from experiments.registry import load_job
 
     out = Path(args.out) if args.out is not None else Path("runs") / f"{config.name}-sweep"
+    try:
+        sizes = None if args.sizes is None else grid.parse_sizes(args.sizes)
+        budgets = grid.parse_budgets(args.budgets, None if sizes is None else list(sizes))
+    except ValueError as exc:
+        raise UsageError(f"sweep: {exc}") from None
     cells = {}
     for seed in range(args.seeds):            # every cell's config validated before anything runs
-        for k in args.clusters:
-            for budget in args.budgets:
-                overrides = [*args.overrides, *grid.cell_overrides(seed, k, budget, config)]
-                try:
-                    cells[seed, k, budget] = load_job(args.config, args.schedule, overrides)[1]
-                except ConfigError as exc:
-                    raise UsageError(f"sweep cell K={k}, stage2.steps={budget}: {exc}") from None
+        for size, size_overrides in (sizes or {None: ()}).items():
+            for k in args.clusters:
+                for budget in budgets[size]:
+                    overrides = [*args.overrides, *size_overrides, *grid.cell_overrides(seed, k, budget, config)]
+                    try:
+                        cells[seed, k, budget, size] = load_job(args.config, args.schedule, overrides)[1]
+                    except ConfigError as exc:
+                        raise UsageError(f"sweep cell {grid.cell_name(k, budget, size)}: {exc}") from None
 
-    def run_cell(seed: int, k: int, budget: int, where: Path) -> dict:
-        ctx = stages.open_context(task, cells[seed, k, budget], where, progress=not args.quiet and is_main_process())
+    def run_cell(seed: int, k: int, budget: int, where: Path, size: str | None = None) -> dict:
+        ctx = stages.open_context(task, cells[seed, k, budget, size], where,
+                                  progress=not args.quiet and is_main_process())
         return stages.run_all(ctx)
 
-    result = grid.run_sweep(args.clusters, args.budgets, list(range(args.seeds)), out, run_cell, task.stage1)
+    result = grid.run_sweep(args.clusters, budgets, list(range(args.seeds)), out, run_cell, task.stage1,
+                            sizes=sizes)
     if is_main_process():
         print(grid.sweep_markdown(result))
-        print(f"[sweep] {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
+        print(f"[sweep] {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'regime.png'}"
+              + ("" if sizes else f", {out / 'sweep.png'}"))
 
 
 if __name__ == "__main__":  # pragma: no cover

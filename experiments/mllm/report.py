@@ -94,6 +94,35 @@ def dense_comparison(results: dict, seed: int, margin: float, resamples: int) ->
             "parity_margin": margin, "verdict_rule": VERDICT_RULE_HIGHER}
 
 
+def flops_entry(config, results: dict) -> dict:
+    """Inference FLOPs of every system (`dfm.models.flops`; added in place to ``results["systems"]``)
+    and the report's ``compute["flops"]``. Per system: ``experts_evaluated`` (1 for dense, stage 1,
+    centroid top-1 and the oracle, k for top-k, K for the Bayes filter and the random control),
+    ``inference_flops_per_token``: that many decoder forwards per LLM position (text and image
+    positions alike, attention over ``data.max_length`` positions), and
+    ``inference_flops_per_image``: the vision tower (once when stage 2 freezes it, as the experts
+    then share it; else once per expert run) plus the projector per expert run."""
+    from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token, image_flops
+    from experiments.mllm.modeling import frozen_prefixes, model_config
+
+    d = results["data"]
+    mc = model_config(config, int(d["vocab_size"]), int(d["image_token_id"]))
+    text, img = flops_per_token(mc.text, config.data.max_length), image_flops(mc)
+    shared_tower = "vision_tower" in frozen_prefixes(config.stage2.train)
+    k = config.partition.num_clusters
+    available = k - len(results.get("skipped_experts") or [])
+    for s in results["systems"]:
+        m = experts_evaluated(s["name"], max(1, k if s["name"].startswith("random-") else available),
+                              config.eval.top_k)
+        s["experts_evaluated"] = m
+        s["inference_flops_per_token"] = m * text.forward
+        s["inference_flops_per_image"] = (1 if shared_tower else m) * img.tower + m * img.projector
+    return {"counted": COUNTED + "; per image: the vision tower up to the feature layer (2 x its parameters per "
+                                 "position + attention; shared by the experts when stage 2 freezes it) and the "
+                                 "projector (2 x its parameters per image token) of each expert run",
+            "source": SOURCE, "per_model": text.to_dict(), "per_image": img.to_dict(), "shared_tower": shared_tower}
+
+
 def build_report(ctx: Context, results: dict) -> dict:
     """Assemble report.json's contents (without the per-question lists) from the evaluation results."""
     systems, c = results["systems"], ctx.config
@@ -101,9 +130,11 @@ def build_report(ctx: Context, results: dict) -> dict:
     for s in systems:
         s["delta_exact_match_vs_dense"] = s["scores"]["all"]["exact_match"] - dense["scores"]["all"]["exact_match"]
     comparison = dense_comparison(results, c.seed, c.eval.parity_margin, c.eval.bootstrap_resamples)
+    flops = flops_entry(c, results)
     sources, routing = routing_by_source(results)
     return {
         "config": c.to_dict(), "metric": METRIC, "comparison": comparison, "systems": systems,
+        "compute": {"flops": flops},
         "question_types": _types(systems),
         "num_test_questions": results["num_test_questions"], "num_val_questions": results["num_val_questions"],
         "num_test_images": len({r["image"] for r in results["test_rows"]}),
@@ -151,6 +182,14 @@ def temperature_text(temperature: float) -> str:
     return f"T = {temperature:.4g}" + (f", {note}" if note else " (an interior maximum)")
 
 
+def flops_text(system: dict) -> str:
+    """``0.929 (1); 3.6``: MFLOPs per LLM position (models run); MFLOPs per image (- when absent)."""
+    f = system.get("inference_flops_per_token")
+    if f is None:
+        return "-"
+    return f"{f / 1e6:.3g} ({system.get('experts_evaluated', '?')}); {system['inference_flops_per_image'] / 1e6:.3g}"
+
+
 def markdown(rep: dict) -> str:
     """report.md text."""
     types = rep["question_types"]
@@ -167,7 +206,7 @@ def markdown(rep: dict) -> str:
               "yes/no questions, answer NLL (nats/token, teacher-forced reference answer), and the EM difference "
               "with dense in points with its interval and the parity verdict."), ""]
     head = ["system", "router", "EM % [95% CI]", "VQA acc % [95% CI]", "MME acc", "MME acc+", "answer NLL",
-            "Δ EM vs dense ± sd [95% CI]", "vs dense"]
+            "inference MFLOPs/position (models); /image", "Δ EM vs dense ± sd [95% CI]", "vs dense"]
     lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for s in rep["systems"]:
         sc, iv = s["scores"], s.get("intervals") or {}
@@ -175,12 +214,17 @@ def markdown(rep: dict) -> str:
         cells = [s["name"], s["router"] or "", pct_ci(sc["all"]["exact_match"], iv.get(METRIC, {}).get("ci95")),
                  pct_ci(sc["all"]["vqa_accuracy"], iv.get("vqa_accuracy", {}).get("ci95")),
                  _pct(mme.get("acc")) if mme else "—", _pct(mme.get("acc_plus")) if mme else "—",
-                 f"{s['answer_nll']:.4f}", delta_text(s), (s.get("delta_vs_dense") or {}).get("verdict", "-")]
+                 f"{s['answer_nll']:.4f}", flops_text(s), delta_text(s),
+                 (s.get("delta_vs_dense") or {}).get("verdict", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     if comp:
         lines += ["", (f"Δ = system - dense in EM points (positive: better than dense); ± sd over seeds (- for "
                        f"one seed); intervals: {comp['statistic']}. Verdict {comp['verdict_rule']} Margin m = "
                        f"{100 * comp['parity_margin']:g} EM point(s).")]
+    flops = (rep.get("compute") or {}).get("flops")
+    if flops:
+        lines += ["", "Inference MFLOPs per LLM position (text and image positions) and per image: "
+                      f"{flops['counted']}."]
     counts = {t: rep["systems"][0]["scores"][t]["n"] for t in types}
     lines += ["", "### Exact match (%) per question type [95% CI]", "",
               "| system | " + " | ".join(f"{t} (n={counts[t]})" for t in types) + " |",

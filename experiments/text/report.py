@@ -68,6 +68,33 @@ def dense_comparison(results: dict, seq_len: int, seed: int, margin: float, resa
             "margin": margin, "resamples": resamples, "documents": num_docs}
 
 
+def flops_entry(config, vocab: int, systems: list[dict], num_experts: int, num_random: int,
+                stage_tokens: dict[str, int]) -> dict:
+    """FLOPs of the run (`dfm.models.flops`; what is counted: `dfm.models.flops.COUNTED`): adds to every
+    system of `systems` (in place) ``experts_evaluated`` (models run per token: 1 for dense, base,
+    centroid top-1 and the oracle, k for top-k, K for the Bayes filter and the random control) and
+    ``inference_flops_per_token`` (that many forward passes of one model, plus the learned router's
+    trunk for ``ensemble/learned``), and returns the report's ``compute["flops"]``: the per-model
+    counts and the training FLOPs (tokens x 3 x forward) of each entry of `stage_tokens`."""
+    from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token
+    from experiments.text.modeling import decoder_config, router_config
+
+    seq_len = config.data.seq_len
+    model = flops_per_token(decoder_config(config, vocab), seq_len)
+    router = None
+    for system in systems:
+        k = num_random if system["name"].startswith("random-") else num_experts
+        m = experts_evaluated(system["name"], max(1, k), config.eval.top_k)
+        system["experts_evaluated"] = m
+        system["inference_flops_per_token"] = m * model.forward
+        if system["name"] == "ensemble/learned":    # its trunk runs on every token too (no vocab logits)
+            router = flops_per_token(router_config(config, vocab), seq_len)
+            system["inference_flops_per_token"] += router.forward - router.logits
+    return {"counted": COUNTED, "source": SOURCE, "per_model": model.to_dict(),
+            "learned_router_per_token": None if router is None else router.forward - router.logits,
+            "training_flops": {name: tokens * model.training for name, tokens in stage_tokens.items()}}
+
+
 def build_report(ctx: Context, results: dict) -> dict:
     """Assemble report.json's contents from the evaluation results and the stage markers."""
     run, c = ctx.run, ctx.config
@@ -84,6 +111,9 @@ def build_report(ctx: Context, results: dict) -> dict:
         "expert_steps": {e: stages[e]["steps"] for e in experts},
         "random_expert_steps": {e: stages[e]["steps"] for e in randoms},
     }
+    compute["flops"] = flops_entry(c, results["data"]["vocab_size"], results["systems"], len(experts), len(randoms),
+                                   {"base": compute["base_tokens"], "dense_stage2": compute["dense_stage2_tokens"],
+                                    "experts_stage2": compute["experts_stage2_tokens"]})
     partition = run.stage_info("partition")
     return {
         "config": c.to_dict(),
@@ -148,18 +178,20 @@ def markdown(rep: dict) -> str:
                   "UPPER BOUND on the sampler's perplexity, not an exact perplexity.**", ""]
     comparison = rep.get("comparison")
     lines += [f"| system | router | tokens | {metric} | perplexity{' (bound)' if masked else ''} | "
-              f"Δ vs dense ± sd [95% CI] | vs dense | train s (incl. base) | eval s |",
-              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+              f"Δ vs dense ± sd [95% CI] | vs dense | inference MFLOPs/token (models run) | "
+              f"train s (incl. base) | eval s |",
+              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for s in rep["systems"]:
         lines.append(f"| {s['name']} | {s['router'] or '-'} | {s['tokens']:,} | {_fmt(s['loss'])} | "
                      f"{_fmt(s['perplexity'], 2)} | {delta_text(s, dense)} | "
-                     f"{(s.get('delta_vs_dense') or {}).get('verdict', '-')} | "
+                     f"{(s.get('delta_vs_dense') or {}).get('verdict', '-')} | {flops_text(s)} | "
                      f"{s['train_wall_time_s']:.1f} | {s['eval_wall_time_s']:.1f} |")
     lines += ["", "Δ = system - dense (nats/token; negative: better than dense); ± sd over seeds (- for one seed); "
                   + (f"[CI]: {comparison['statistic']}. Verdict {comparison['verdict_rule']} "
                      f"Margin m = {comparison['parity_margin']} nats/token. " if comparison else "")
                   + "train s: training wall time of every stage the system uses, INCLUDING the shared base "
-                    "(stage 1) for every system but base itself."]
+                    "(stage 1) for every system but base itself. Inference MFLOPs/token: "
+                    + (rep["compute"].get("flops") or {}).get("counted", "-") + "."]
     lines += ["", temperature_line(rep)]
     s11 = rep["s11"]
     gap = s11.get("dense_minus_oracle_gap", s11.get("dense_minus_weighted_expert_loss"))
@@ -200,6 +232,7 @@ def markdown(rep: dict) -> str:
               f"- base: {comp['base_tokens']:,} tokens; dense stage 2: {comp['dense_stage2_tokens']:,}; "
               f"experts stage 2 (sum): {comp['experts_stage2_tokens']:,}",
               f"- expert steps: {comp['expert_steps']}",
+              *flops_lines(comp.get("flops")),
               f"- wall time: training {rep['wall_time_s']['training']:.1f} s, evaluation "
               f"{rep['wall_time_s']['evaluation']:.1f} s", ""]
     lines += selection_lines(rep["stages"])
@@ -217,6 +250,24 @@ def markdown(rep: dict) -> str:
                 lines += [f"**{label} {i}**", "", "```text", text.replace("```", "'''"), "```", ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in rep["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def flops_text(system: dict) -> str:
+    """``1.25 (1)``: a system's inference MFLOPs per token and the models it runs (- when absent)."""
+    f = system.get("inference_flops_per_token")
+    return "-" if f is None else f"{f / 1e6:.3g} ({system.get('experts_evaluated', '?')})"
+
+
+def flops_lines(flops: dict | None) -> list[str]:
+    """The Compute section's FLOPs lines (markdown list items; [] for a report without them)."""
+    if not flops:
+        return []
+    m, t = flops["per_model"], flops["training_flops"]
+    return [f"- one model: {m['params']['total']:,} parameters ({m['params']['non_embedding']:,} non-embedding); "
+            f"forward {m['forward'] / 1e6:.4g} MFLOPs/token (2N {m['non_embedding']:,} + logits {m['logits']:,} + "
+            f"attention {m['attention']:,} over {m['context']} keys), training {m['training'] / 1e6:.4g} MFLOPs/token",
+            "- training FLOPs (tokens x 3 x forward): " + "; ".join(f"{k} {v:.3e}" for k, v in t.items())
+            + " (dense and the experts together: equal tokens, equal FLOPs)"]
 
 
 def temperature_line(rep: dict) -> str:
@@ -287,12 +338,12 @@ def print_summary(rep: dict) -> None:
     masked = rep["schedule"] == "masked"
     table = Table(title=f"{rep['config']['name']} ({rep['schedule']}): {rep['eval']['scored_tokens']:,} held-out tokens"
                         + (" - ELBO, perplexity is an upper bound" if masked else ""))
-    for col in ("system", "loss", "ppl", "Δ vs dense ± sd [95% CI]", "verdict"):
+    for col in ("system", "loss", "ppl", "Δ vs dense ± sd [95% CI]", "verdict", "MFLOPs/token (models)"):
         table.add_column(col, justify="left" if col in ("system", "verdict") else "right")
     dense_system = next(s for s in rep["systems"] if s["name"] == "dense")
     for s in rep["systems"]:
         table.add_row(s["name"], _fmt(s["loss"]), _fmt(s["perplexity"], 2), delta_text(s, dense_system),
-                      (s.get("delta_vs_dense") or {}).get("verdict", "-"))
+                      (s.get("delta_vs_dense") or {}).get("verdict", "-"), flops_text(s))
     console = Console()
     console.print(table)
     if rep["eval"].get("skipped_experts"):
