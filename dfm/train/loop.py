@@ -10,6 +10,7 @@ run can be watched while it trains.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from dfm.train.checkpoint import (
     restore_into,
 )
 from dfm.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
+from dfm.train.preemption import Preempted, PreemptionFlag, preemption_signals
 from dfm.train.selection import BEST_SUBDIR, BestCheckpoint
 from dfm.train.steps import LossFn, make_train_step
 
@@ -156,6 +158,12 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
         ``<checkpoint_dir>/best`` when checkpointing, so a resumed run continues the same
         selection); with `config.keep_best` the model ends with those parameters.
 
+    Preemption: with `checkpoint_dir`, in the main thread of a single process, SIGTERM and SIGUSR1
+    (when their handler is the default one) are recorded during the loop instead of ending the process
+    (`dfm.train.preemption`); after the step in progress a checkpoint of that step is saved and
+    written (also with `config.async_checkpoint`) and `Preempted` is raised. A later call with
+    the same arguments resumes from it exactly. The previous handlers are restored on return.
+
     Returns:
       `TrainResult(model, history, steps_done, wall_time_s)`.
 
@@ -165,6 +173,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
       TrainingDiverged (a FloatingPointError): the loss became NaN or inf (checked at every logged
         and every checkpointed step, so no diverged state is ever saved); the message names the
         step, the last good checkpoint and suggests a lower learning rate.
+      dfm.train.preemption.Preempted: SIGTERM / SIGUSR1 arrived during the loop (see Preemption
+        above); it carries `desc`, the checkpointed `step`, the `checkpoint` directory and the
+        `signal`'s name.
 
     Warns:
       CheckpointFallbackWarning: the latest checkpoint does not restore (truncated, corrupt);
@@ -211,7 +222,12 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
 
     bar = progress_bar(config.steps, initial=start, desc=desc, disable=not (progress and is_main_process()))
     t_loop = time.perf_counter()
+    handlers = contextlib.ExitStack()
     try:
+        # several processes could see a signal at different steps and disagree on the checkpoint
+        # step (a hung collective save): there the signals keep their default action
+        preemptible = manager is not None and jax.process_count() == 1
+        preempt = handlers.enter_context(preemption_signals()) if preemptible else PreemptionFlag()
         if validating and start == 0:
             check(0)
         for step in range(start, end):
@@ -219,7 +235,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
                                                learning_rate=learning_rates[step])
             done = step + 1
             logging_step = done % config.log_every == 0 or done == config.steps
-            saving_step = manager is not None and (done % config.checkpoint_every == 0 or done == end)
+            stopping = preempt.requested           # checked once per step: save and stop on it
+            saving_step = manager is not None and (done % config.checkpoint_every == 0 or done == end or stopping)
             if logging_step or saving_step:          # never log or save a diverged state
                 value = float(loss)
                 if not math.isfinite(value):
@@ -237,12 +254,15 @@ def train(model: nnx.Module, loss_fn: LossFn, batch_fn: Callable[[int], Any], co
             bar.update(1)
             if saving_step:
                 _save(manager, done, model, optimizer, history, wall_before + time.perf_counter() - t_loop,
-                      validation, wait=not config.async_checkpoint)
+                      validation, wait=not config.async_checkpoint or stopping)
+            if stopping:
+                raise Preempted(desc, done, manager.directory, preempt.signal)
     except BaseException:
         if best is not None:
             best.close()
         raise
     finally:
+        handlers.close()
         bar.close()
         if log is not None:
             log.close()

@@ -2,9 +2,12 @@
 an uninterrupted one (a healed run), or in a clear error naming what is wrong (exit status 1 or 2)."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -80,6 +83,45 @@ def test_killed_stage_and_a_corrupt_latest_checkpoint_resume_to_the_same_run(ref
     fallback = [w for w in caught if issubclass(w.category, CheckpointFallbackWarning)]
     assert fallback and "checkpoint step 20" in str(fallback[0].message) and "does not restore" in str(fallback[0].message)
     assert same_numbers(_losses(out), _losses(reference))
+    _assert_same_params(out, reference, "base")
+
+
+def test_a_signalled_stage_checkpoints_exits_75_and_resumes_to_the_same_run(reference, tmp_path):
+    """SIGTERM to `dfm train --base` mid-stage (the scheduler's preemption notice): a checkpoint of
+    the next step boundary, one line, exit status 75; the same command then finishes the stage with
+    the uninterrupted run's parameters."""
+    from dfm.train.loop import read_metrics
+
+    out = _with_data(reference, tmp_path / "run")
+    metrics = out / "logs" / "base" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from experiments.cli import main; sys.exit(main())",
+                             "train", "--base", "--config", "tiny", "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 300
+        while not read_metrics(metrics):          # rows are written inside the training loop only
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGSTOP)         # hold it inside the loop while we look and signal
+        logged = max(row["step"] for row in read_metrics(metrics))
+        assert logged < 20, f"the stage ran to step {logged} before it could be signalled"
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 75, err
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"dfm: preempted: stage 'base' checkpointed at step (\d+) in (.+); "
+                         r"re-run the same command to resume", last)
+    assert match and match[2] == str(out / "checkpoints" / "base"), last
+    step = int(match[1])
+    assert logged < step < 24 and (out / "checkpoints" / "base" / str(step)).is_dir()
+    assert not (out / "stages" / "base.json").exists() and not (out / "locks" / "base.lock").exists()
+    assert _run("train", "--base", "--out", str(out)) == 0
     _assert_same_params(out, reference, "base")
 
 
