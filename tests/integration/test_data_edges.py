@@ -1,6 +1,7 @@
 """The text job's data edges (issue: security and the edges): a corpus too small for the partition's
 features is named by its config key, and very long documents are tokenized in bounded pieces that
 give exactly the ids (and the trained tokenizer) of the whole document."""
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,15 @@ def test_a_warmup_longer_than_the_stage_is_warned(tmp_path, capsys):
             "warmup is cut to the 3 steps") in capsys.readouterr().out.splitlines()
 
 
-def _stdlib_texts(n: int = 120) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs() -> tuple:
     from experiments.text.corpus import stdlib_documents
 
-    return [d.text for d in stdlib_documents()[:n]]
+    return tuple(stdlib_documents())                # parsed once per worker (~20 s on CI)
+
+
+def _stdlib_texts(n: int = 120) -> list[str]:
+    return [d.text for d in _stdlib_docs()[:n]]
 
 
 def test_pieces_join_back_and_cut_only_at_single_spaces():
