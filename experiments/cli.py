@@ -30,15 +30,32 @@ training resumes from its last checkpoint.
     dfm config list                        the shipped configs
     dfm plan --config NAME --devices N [--device-memory 80GiB] [KEY=VALUE ...]
                                            memory per device of each training stage, built abstractly
+    dfm data convert --from vqav2|gqa|textvqa|scienceqa|pope|mme|refcoco|chartqa|docvqa ... --out FILE
+                                           a benchmark's official files -> the multimodal job's eval JSONL
+                                           (`experiments.mllm.convert`; docs/benchmarks.md)
     dfm --version
 
-This module only parses arguments and dispatches; the job code is imported lazily.
+This module only parses arguments and dispatches; the job code (jax and the rest) is imported
+lazily, so `dfm --help` and `dfm config` import only the config machinery (stdlib only).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+import dfm
+from experiments.engine.config import (
+    ConfigError,
+    UsageError,
+    available_configs,
+    is_override,
+    override_changes,
+    parse_override,
+    toml_value,
+)
+from experiments.mllm.convert.cli import add_parser as add_data_parser
+from experiments.mllm.convert.cli import main as data_main
 
 OVERRIDE_HELP = ("override a config value: SECTION.KEY=VALUE or KEY=VALUE, the value in TOML syntax "
                  "(200, 3e-4, false, \"text\"; a bare word is a string); repeatable")
@@ -51,16 +68,10 @@ def _version() -> str:
     try:
         return metadata.version("dfm")
     except metadata.PackageNotFoundError:
-        import dfm
-
         return getattr(dfm, "__version__", "unknown")
 
 
 def _epilog() -> str:
-    from experiments.engine.config import (
-        available_configs,  # stdlib only: keeps --help fast
-    )
-
     return f"""shipped configs (--config NAME; experiments/configs/NAME.toml): {', '.join(available_configs())}
 
 examples:
@@ -148,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--schedule", choices=("ar", "masked"), default=None, help="as for the other commands")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_data_parser(sub)
     return parser
 
 
@@ -164,8 +176,6 @@ def _positive(text: str) -> int:
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """`parse_known_args`, with the ``KEY=VALUE`` overrides that follow an option collected too
     (argparse takes one run of positionals only); any other unknown argument is an error."""
-    from experiments.engine.config import is_override
-
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if not is_override(a)]
     if stray or (extra and not hasattr(args, "overrides")):
@@ -193,19 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         return _config_command(args)
     if args.command == "plan":
         return _plan_command(args)
+    if args.command == "data":
+        return data_main(args)
     if args.out is not None and not args.out.strip():
         print("dfm: error: --out: an empty directory name would write the run into the current "
               "directory; give a directory", file=sys.stderr)
         return 2
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")   # no "PyTorch was not found" notice
 
-    from experiments.engine.task import UsageError  # lazy: keeps `dfm --help` fast
-
     job = _load_job(args.config, args.schedule, args.overrides)
     if job is None:
         return 2
     task, config = job
-    if args.command == "train" and args.router and "router" not in task.extra_stages(config):
+    if args.command == "train" and args.router and "router" not in config.extra_stages:
         print(f"dfm: error: {_router_usage(task)}", file=sys.stderr)
         return 2
     if args.overrides and not args.quiet:
@@ -214,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dfm.io import mute_disk_fault_reports
     from dfm.sharding import initialize
+    from experiments.engine.graph import StageError
     from experiments.engine.rundir import DiskFaultError, RunDirError, disk_fault_error
-    from experiments.engine.stages import StageError
     from experiments.engine.task import DataError
 
     mute_disk_fault_reports()   # a full disk is reported once, below, not by each background writer
@@ -265,8 +275,6 @@ def _settle_aborted_writes() -> None:
 def _load_job(name: str, schedule, overrides):
     """`experiments.registry.load_job(name, schedule, overrides)`, or None after printing its
     ConfigError / UsageError (the caller exits with status 2)."""
-    from experiments.engine.config import ConfigError
-    from experiments.engine.task import UsageError
     from experiments.registry import load_job
 
     try:
@@ -278,12 +286,6 @@ def _load_job(name: str, schedule, overrides):
 
 def _changes(args, config) -> list[str]:
     """One line per value in which the resolved config differs from the file (its overrides)."""
-    from experiments.engine.config import (
-        ConfigError,
-        override_changes,
-        parse_override,
-        toml_value,
-    )
     from experiments.registry import load_job
 
     def text(v):
@@ -302,8 +304,6 @@ def _changes(args, config) -> list[str]:
 
 def _config_command(args) -> int:
     """``dfm config show NAME [KEY=VALUE ...]`` / ``dfm config list``."""
-    from experiments.engine.config import available_configs
-
     if args.config_command == "list":
         print("\n".join(available_configs()))
         return 0
@@ -342,9 +342,9 @@ def _router_usage(task) -> str:
 
 
 def _run_command(args, task, config) -> None:
-    """Open the run directory and run the command's stages (`experiments.engine.stages`)."""
+    """Open the run directory and run the command's stages (`experiments.engine.pipeline`)."""
     from dfm.sharding import is_main_process
-    from experiments.engine import stages
+    from experiments.engine import evaluation, graph, pipeline, training
 
     skip = tuple(getattr(args, "skip_expert", ()))
     if args.command == "sweep":
@@ -355,28 +355,28 @@ def _run_command(args, task, config) -> None:
         if seeds:
             _run_seeds(args, task, config, seeds, skip)
             return
-    ctx = stages.open_context(task, config, args.out, progress=not args.quiet and is_main_process(),
-                              skip_experts=skip)
+    options = graph.run_options(config, progress=not args.quiet and is_main_process(), skip_experts=skip)
+    run = pipeline.open_run(config, args.out)
     if args.command == "run":
-        stages.run_all(ctx)
+        pipeline.run_all(task, config, run, options)
         return
-    data = stages.load_data(ctx)
+    data = pipeline.load_data(task, config, run, options)
     if args.command == "partition":
-        stages.run_until_partition(ctx, data)
+        pipeline.run_until_partition(task, config, run, data, options)
     elif args.command == "train":
         if args.base:
             stage = task.stage1
         elif args.dense:
             stage = "dense"
         elif args.expert is not None:
-            stage = stages.expert_stage(ctx, args.expert)
+            stage = graph.expert_stage(config, args.expert)
         elif args.random_expert is not None:
-            stage = stages.expert_stage(ctx, args.random_expert, random=True)
+            stage = graph.expert_stage(config, args.random_expert, random=True)
         else:
             stage = "router"
-        stages.run_train(ctx, data, stage, stop_after=args.stop_after)
+        training.run_train(task, config, run, data, stage, options, stop_after=args.stop_after)
     elif args.command == "evaluate":
-        stages.run_evaluate(ctx, data)
+        evaluation.run_evaluate(task, config, run, data, options)
 
 
 def _run_seeds(args, task, config, seeds: list[int], skip: tuple[int, ...]) -> None:
@@ -385,16 +385,16 @@ def _run_seeds(args, task, config, seeds: list[int], skip: tuple[int, ...]) -> N
     from pathlib import Path
 
     from dfm.sharding import is_main_process
+    from experiments.engine import graph, pipeline
     from experiments.engine import seeds as multi
-    from experiments.engine import stages
     from experiments.registry import load_job
 
     out = Path(args.out) if args.out is not None else Path("runs") / config.name
 
     def run_one(seed: int, where: Path) -> dict:
         _, sub = load_job(args.config, args.schedule, [*args.overrides, *multi.seed_overrides(seed, config)])
-        ctx = stages.open_context(task, sub, where, progress=not args.quiet and is_main_process(), skip_experts=skip)
-        return stages.run_all(ctx)
+        options = graph.run_options(sub, progress=not args.quiet and is_main_process(), skip_experts=skip)
+        return pipeline.run_all(task, sub, pipeline.open_run(sub, where), options)
 
     summary = multi.run_seeds(seeds, out, run_one)
     if is_main_process():
@@ -407,10 +407,8 @@ def _run_sweep(args, task, config) -> None:
     from pathlib import Path
 
     from dfm.sharding import is_main_process
-    from experiments.engine import stages
+    from experiments.engine import graph, pipeline
     from experiments.engine import sweep as grid
-    from experiments.engine.config import ConfigError
-    from experiments.engine.task import UsageError
     from experiments.registry import load_job
 
     out = Path(args.out) if args.out is not None else Path("runs") / f"{config.name}-sweep"
@@ -431,9 +429,9 @@ def _run_sweep(args, task, config) -> None:
                         raise UsageError(f"sweep cell {grid.cell_name(k, budget, size)}: {exc}") from None
 
     def run_cell(seed: int, k: int, budget: int, where: Path, size: str | None = None) -> dict:
-        ctx = stages.open_context(task, cells[seed, k, budget, size], where,
-                                  progress=not args.quiet and is_main_process())
-        return stages.run_all(ctx)
+        cell = cells[seed, k, budget, size]
+        options = graph.run_options(cell, progress=not args.quiet and is_main_process())
+        return pipeline.run_all(task, cell, pipeline.open_run(cell, where), options)
 
     result = grid.run_sweep(args.clusters, budgets, list(range(args.seeds)), out, run_cell, task.stage1,
                             sizes=sizes)

@@ -1,7 +1,8 @@
 """Which task runs a config: the config's ``task`` key ("text" when absent, "mllm").
 
 The one place that knows every task, so that the engine never imports a task and the tasks
-never import each other. Tasks are imported when asked for (keeps `dfm --help` fast).
+never import each other. It imports both tasks (and with them jax); the `dfm` console script
+imports it only for a command that loads a config, so `dfm --help` stays fast.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 
 from experiments.engine.config import ConfigError, apply_overrides, parse_config, read_toml, resolve_path
 from experiments.engine.task import Task
+from experiments.mllm.task import MultimodalTask
+from experiments.text.task import TextTask
 
 TASKS = ("text", "mllm")
 DEFAULT_TASK = "text"
@@ -21,12 +24,8 @@ def task_named(name: str) -> Task:
       ConfigError: an unknown task (naming the known ones).
     """
     if name == "text":
-        from experiments.text.task import TextTask
-
         return TextTask()
     if name == "mllm":
-        from experiments.mllm.task import MultimodalTask
-
         return MultimodalTask()
     raise ConfigError(f"task: must be one of {list(TASKS)}, got {name!r}")
 
@@ -36,7 +35,7 @@ def load_job(name_or_path: str, schedule: str | None = None,
     """The task and validated config of a config NAME (in experiments/configs/) or PATH, with the
     command line's ``KEY=VALUE`` overrides applied to the file before validation
     (`experiments.engine.config.apply_overrides`) and its ``--schedule`` applied last
-    (`Task.with_schedule`).
+    (`JobConfig.with_schedule`).
 
     Raises:
       ConfigError: unknown file, TOML syntax error, malformed override, unknown task, key or bad
@@ -51,4 +50,4 @@ def load_job(name_or_path: str, schedule: str | None = None,
     except ConfigError as exc:
         where = f"{path} with overrides {' '.join(overrides)}" if overrides else f"{path}"
         raise ConfigError(f"{where}: {exc}") from None
-    return task, task.with_schedule(parse_config(task.config_class, raw, path, overrides), schedule)
+    return task, parse_config(task.config_class, raw, path, overrides).with_schedule(schedule)

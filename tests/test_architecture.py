@@ -1,7 +1,9 @@
 """The module map holds: the library never imports the jobs, no import circles (lazy imports inside
 functions included), no module reaches into another's private names, the engine never imports a
-task and the tasks never import each other, no source file grows past ~600 lines, and every library
-module has its test file at the matching path (`dfm/a/b.py` -> `tests/dfm/a/test_b.py`)."""
+task and the tasks never import each other, no source file grows past ~600 lines, the jobs import
+project modules at module level (the few exceptions listed with their reason), a `Task` is handed
+explicit values (never an object holding it) and keeps few methods, and every library module has
+its test file at the matching path (`dfm/a/b.py` -> `tests/dfm/a/test_b.py`)."""
 import ast
 from pathlib import Path
 
@@ -110,7 +112,7 @@ def _cycles(edges):
 
 
 def test_the_graph_is_read():
-    assert "experiments.engine.stages" in EDGES["experiments.text.task"]
+    assert "experiments.engine.training" in EDGES["experiments.text.task"]
     assert "dfm.decentral.mixing" in EDGES["dfm.decentral.ensemble"]
     assert len(MODULES) > 100
 
@@ -145,6 +147,96 @@ def test_no_source_file_over_the_size_limit():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, long
+
+
+# Project imports (`dfm`, `experiments`) kept inside a function in experiments/, per (file, function):
+# the modules imported there and why. Every other project import of the jobs is at module level, so
+# a module's dependencies are read at its top; jax and the rest of the library at module level are
+# fine in the jobs.
+CLI_START_UP = ("the console script's start-up: `dfm --help` and `dfm config list` import only the stdlib-only "
+                "config module; these pull numpy / jax (the registry imports both tasks)")
+LAZY_PROJECT_IMPORTS = {
+    ("experiments/cli.py", "main"): (
+        {"dfm.io", "dfm.sharding", "dfm.train.preemption", "experiments.engine.graph", "experiments.engine.rundir",
+         "experiments.engine.task"}, CLI_START_UP),
+    ("experiments/cli.py", "_load_job"): ({"experiments.registry"}, CLI_START_UP),
+    ("experiments/cli.py", "_changes"): ({"experiments.registry"}, CLI_START_UP),
+    ("experiments/cli.py", "_plan_command"): ({"experiments.engine.plan"}, CLI_START_UP),
+    ("experiments/cli.py", "_run_command"): (
+        {"dfm.sharding", "experiments.engine.evaluation", "experiments.engine.graph", "experiments.engine.pipeline",
+         "experiments.engine.training"}, CLI_START_UP),
+    ("experiments/cli.py", "_run_seeds"): (
+        {"dfm.sharding", "experiments.engine.graph", "experiments.engine.pipeline", "experiments.engine.seeds",
+         "experiments.registry"}, CLI_START_UP),
+    ("experiments/cli.py", "_run_sweep"): (
+        {"dfm.sharding", "experiments.engine.graph", "experiments.engine.pipeline", "experiments.engine.sweep",
+         "experiments.registry"}, CLI_START_UP),
+}
+# Packages of experiments/ not held to the rule, and why (none).
+LAZY_IMPORTS_NOT_CHECKED: dict[str, str] = {}
+
+
+def _function_level_project_imports() -> dict[tuple[str, str], set[str]]:
+    """``{(file, outermost function): {imported project module}}`` of every import statement inside
+    a function (at any depth; a nested function's count for the function holding it) in experiments/."""
+    found: dict[tuple[str, str], set[str]] = {}
+
+    def visit(node, rel, function):
+        for child in ast.iter_child_nodes(node):
+            if function is None and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, rel, child.name)
+                continue
+            if function is not None and isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif function is not None and isinstance(child, ast.ImportFrom) and not child.level:
+                base = child.module or ""
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in child.names]
+            else:
+                visit(child, rel, function)
+                continue
+            for name in names:
+                if name.split(".")[0] in PACKAGES:
+                    found.setdefault((rel, function), set()).add(name)
+
+    for path in sorted((ROOT / "experiments").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if not rel.startswith(tuple(LAZY_IMPORTS_NOT_CHECKED)):
+            visit(ast.parse(path.read_text(encoding="utf-8")), rel, None)
+    return found
+
+
+def test_the_jobs_import_project_modules_at_module_level():
+    found = _function_level_project_imports()
+    unlisted = {f"{f}:{fn}": sorted(mods - LAZY_PROJECT_IMPORTS.get((f, fn), (set(), ""))[0])
+                for (f, fn), mods in found.items() if mods - LAZY_PROJECT_IMPORTS.get((f, fn), (set(), ""))[0]}
+    assert not unlisted, (f"imports inside functions (move them to the module's top, or list them in "
+                          f"LAZY_PROJECT_IMPORTS with the reason): {unlisted}")
+    stale = {f"{f}:{fn}": sorted(mods - found.get((f, fn), set()))
+             for (f, fn), (mods, _) in LAZY_PROJECT_IMPORTS.items() if mods - found.get((f, fn), set())}
+    assert not stale, f"listed in LAZY_PROJECT_IMPORTS but no longer imported there (remove them): {stale}"
+    assert all(why for _, why in LAZY_PROJECT_IMPORTS.values())
+
+
+MAX_TASK_METHODS = 12
+
+
+def test_a_task_gets_explicit_values_and_has_few_methods():
+    """`Task` (experiments/engine/task.py) keeps at most `MAX_TASK_METHODS` methods, and no function of
+    the jobs takes a context (``ctx``): stages and task methods receive the config, the run directory,
+    the data and the options they use, never an object that holds the task."""
+    tree = ast.parse((ROOT / "experiments" / "engine" / "task.py").read_text(encoding="utf-8"))
+    task = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Task")
+    methods = [n.name for n in task.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert 0 < len(methods) <= MAX_TASK_METHODS, methods
+    takes_context = []
+    for path in sorted((ROOT / "experiments").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                if "ctx" in names:
+                    takes_context.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not takes_context, takes_context
 
 
 # Library modules without a test file at the matching path, and why. Package `__init__.py` files are

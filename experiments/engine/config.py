@@ -12,7 +12,10 @@ The machinery lives here once: `constrained` declares a field's range or choices
 checks a section, `JobConfig` gives a task's config `from_dict` / `to_dict` / `to_toml` /
 `replace`, and the sections every task shares are `StageConfig` (one training stage) and
 `MeshSection` (the device mesh). Each task declares its own config class (`experiments.text.config`,
-`experiments.mllm.config`) from these parts.
+`experiments.mllm.config`) from these parts. What a config decides about the stage graph is read
+from it by the engine: its extra training stages (`JobConfig.extra_stages`), the parameters a stage
+freezes (`StageConfig.frozen`), whether the partition needs stage 1 (`PartitionBalance.needs_stage1`)
+and what ``--schedule`` does to it (`JobConfig.with_schedule`).
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ DEFAULT_CONFIG = "default"
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key, its section and the problem."""
+
+
+class UsageError(ValueError):
+    """A command-line flag that does not apply to the chosen task (exit status 2)."""
 
 
 def constrained(default, *, lo=None, hi=None, lo_open=False, choices=None):
@@ -153,11 +160,17 @@ class StageConfig:
     keep: str = constrained("best", choices=("best", "last"))
     continue_schedule: bool = False
 
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Dotted parameter prefixes the stage does not update (`dfm.train.TrainConfig.frozen`;
+        none here, a task's section may say otherwise)."""
+        return ()
+
 
 @dataclass(frozen=True)
 class PartitionBalance:
     """How the engine's balanced k-means balances the clusters; the base of every task's partition
-    section (`experiments.engine.stages`).
+    section (`experiments.engine.clustering`).
 
     Attributes:
       balance: "examples" (default): balanced k-means equalises the clusters' training examples
@@ -172,6 +185,12 @@ class PartitionBalance:
 
     balance: str = constrained("examples", choices=("examples", "units"))
     kmeans: str = constrained("exact", choices=("exact", "two_stage"))
+
+    @property
+    def needs_stage1(self) -> bool:
+        """The partition's features come from the stage-1 model, so stage 1 runs before the
+        partition (False here: features of the data alone)."""
+        return False
 
     def __post_init__(self):
         if self.kmeans == "two_stage" and self.balance != "units":
@@ -220,6 +239,12 @@ class NumericsSection:
       scan_layers: stack the decoder's blocks and run them with `jax.lax.scan`.
       microbatches: gradient accumulation slices per step (must divide every stage's batch size).
       async_checkpoint: orbax writes checkpoints in the background.
+      loss_chunk: 0 (default): the training loss takes the full float32 `[batch, length, vocab]` logits;
+        N > 0: the vocabulary-tiled cross-entropy (`dfm.train.tiled_loss.causal_lm_loss`), N positions
+        per row at a time, logits recomputed in the backward pass, so no `[batch, length, vocab]`
+        buffer exists (equal loss and gradients within 1e-5 in float32; what a 151k vocabulary at
+        8192 tokens needs, docs/plan.md). AR causal LMs only (the text job's masked schedule keeps the
+        plain loss).
     """
 
     dtype: str = constrained("float32", choices=("float32", "bfloat16"))
@@ -230,6 +255,7 @@ class NumericsSection:
     scan_layers: bool = False
     microbatches: int = constrained(1, lo=1)
     async_checkpoint: bool = False
+    loss_chunk: int = constrained(0, lo=0)
 
     def model_fields(self) -> dict:
         """The `DecoderConfig` keyword arguments of this section."""
@@ -267,6 +293,22 @@ class JobConfig:
                 if isinstance(stage, StageConfig) and stage.batch_size % numerics.microbatches:
                     raise ConfigError(f"numerics.microbatches: must divide {section}.batch_size "
                                       f"({stage.batch_size}), got {numerics.microbatches}")
+
+    @property
+    def extra_stages(self) -> tuple[str, ...]:
+        """Training stages after the experts (e.g. the text job's learned router; none here)."""
+        return ()
+
+    def with_schedule(self, schedule: str | None):
+        """The config with the command line's ``--schedule`` applied (default: none accepted).
+
+        Raises:
+          UsageError: the task has no schedule choice.
+        """
+        if schedule is not None:
+            raise UsageError(f"--schedule: the {getattr(self, 'task', '?')} task has no schedule choice; "
+                             f"drop --schedule")
+        return self
 
     @classmethod
     def top_keys(cls) -> list[str]:

@@ -11,6 +11,7 @@ scores).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -36,3 +37,11 @@ def training_memory_bytes(parameters: int, *, batch: int, seq_len: int, hidden: 
     per_layer = 2 * (34 * seq_len * batch * hidden + 5 * heads * seq_len**2 * batch)
     logits = 3 * 4 * batch * seq_len * vocab
     return int(16 * parameters + layers * per_layer + logits)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None

@@ -15,25 +15,36 @@ per device are summed:
 - activations: an ESTIMATE (below).
 
 Activations, per device and per decoder layer, for ``b`` sequences per device per microbatch
-(stage batch / (data x fsdp) / microbatches), ``s`` tokens, width ``h``, ``a`` heads, ``c`` bytes
-per compute-dtype value (2 for bfloat16, 4 for float32):
+(stage batch / (data x fsdp) / microbatches: `dfm.train.steps.value_and_grads` runs the
+microbatches one after another, so one microbatch's activations are alive at a time), ``s``
+tokens, width ``h``, ``a`` heads, ``c`` bytes per compute-dtype value (2 for bfloat16, 4 for
+float32):
 
 - remat "none": Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-  Models" (arXiv:2205.05198), eq. 1: ``s b h (34 + 5 a s / h)`` bytes for 16-bit activations,
-  scaled by ``c / 2``; the ``5 a s^2 b`` attention-score term is dropped when the attention
-  kernel is a flash kernel (``attention = "cudnn"``, or "auto" with bfloat16 compute);
+  Models" (arXiv:2205.05198), eq. 1 without its score term: ``34 s b h`` bytes for 16-bit
+  activations, scaled by ``c / 2``; plus, unless the attention kernel is a flash kernel
+  (``attention = "cudnn"``, or "auto" with bfloat16 compute), ``16 a s^2 b``: XLA's attention
+  keeps the scores, their softmax and both their gradients in float32, four ``[b, a, s, s]``
+  float32 buffers (their ``5 a s^2 b`` assumes 16-bit scores; measured with
+  ``memory_analysis()``: 16-19 bytes per score, benchmarks/tiled_loss_memory.py);
 - remat "full": the block input, ``c s b h`` per layer, plus one layer's "none" activations
   (the block being recomputed in the backward pass; their Section 4.1);
 - remat "dots" (`dots_with_no_batch_dims_saveable`): the block input and the outputs of the
   weight matmuls (q, k, v, o, gate, up, down): ``c s b (4 h + 2 kv_dim + 2 i)`` per layer, plus one
   layer's "none" activations for the recomputed elementwise ops;
-- the logits, their softmax and gradient in float32, ``3 x 4 b s V`` (as in
-  `experiments.engine.memory`), split over the tensor axis when V divides;
+- the logits and their gradient in float32, ``2 x 4 b s V``, plus the float32 gradient of the
+  output projection, ``4 V h``, split over the tensor axis when V divides. With the tiled loss
+  (``numerics.loss_chunk = N > 0``, `dfm.train.tiled_loss`) only one chunk's logits exist at a
+  time: ``2 x 4 b min(N, s) V``;
 - the multimodal job's vision tower (no remat) when it is trained: eq. 1 with its own sizes
   (one image per sequence); a frozen tower keeps nothing for the backward pass.
 
-It ignores XLA's buffer reuse, fusion and temporary workspaces, so treat the activation row as
-an order-of-magnitude guide; the parameter, gradient and optimizer rows are exact layouts.
+The rows are summed: it assumes no overlap between the logits and the recomputed layer, which
+XLA sometimes finds (then the estimate errs high). On the reduced InternVL2.5-1B decoder (1 layer,
+8192 tokens, vocabulary 151,674, XLA attention) it is within 15% of the compiled program's
+temporaries (``jax.jit(...).lower(...).compile().memory_analysis()``), plain and tiled loss:
+benchmarks/tiled_loss_memory.py. Treat it as a guide; the parameter, gradient and optimizer rows
+are exact layouts.
 """
 from __future__ import annotations
 
@@ -44,6 +55,10 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dfm.sharding import MESH_AXES, MeshConfig, logical_to_spec, make_mesh
+from dfm.train.optim import TrainConfig, frozen_mask, make_optimizer, path_name
 
 RULE_OF_THUMB_BYTES = 16   # float32 parameter + gradient + AdamW mu + nu
 
@@ -121,18 +136,12 @@ def mesh_sizes(mesh_section, devices: int) -> dict[str, int]:
     Raises:
       ValueError: the sizes do not fit the device count.
     """
-    from dfm.sharding import MESH_AXES, MeshConfig
-
     m = mesh_section
     return dict(zip(MESH_AXES, MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor).shape(devices)))
 
 
 def _leaf_layout(var, sizes: dict[str, int], mesh, rules) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
     """``(global shape, dtype, per-device shard shape)`` of one abstract variable."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from dfm.sharding import logical_to_spec
-
     value = var.get_value() if isinstance(var, nnx.Variable) else var
     shape, dtype = tuple(value.shape), np.dtype(value.dtype)
     names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
@@ -165,8 +174,6 @@ class Tally:
 
 
 def _tally(state, sizes, mesh, rules, keep=lambda path: True) -> Tally:
-    from dfm.train.optim import path_name
-
     out = Tally()
     leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for path, var in leaves:
@@ -184,14 +191,29 @@ def _flash(numerics) -> bool:
     return numerics.attention == "cudnn" or (numerics.attention == "auto" and numerics.dtype == "bfloat16")
 
 
+ATTENTION_SCORE_BYTES = 16   # XLA attention: float32 scores, softmax and their two gradients per score
+LOGIT_BYTES = 8              # float32 logits and their gradient per logit
+
+
 def _layer_none(s: int, b: int, h: int, a: int, c: int, flash: bool) -> float:
-    """Korthikanti et al. 2022 eq. 1 for one layer, scaled from 16-bit to `c` bytes per value."""
-    return (34 * s * b * h + (0 if flash else 5 * a * s * s * b)) * c / 2
+    """One layer's activations without remat: Korthikanti et al. 2022 eq. 1's ``34 s b h`` (16-bit,
+    scaled to `c` bytes) plus XLA's float32 attention scores unless `flash` (module docstring)."""
+    return 34 * s * b * h * c / 2 + (0 if flash else ATTENTION_SCORE_BYTES * a * s * s * b)
+
+
+def loss_chunk(numerics) -> int:
+    """Positions per chunk of the tiled loss (`dfm.train.tiled_loss`): ``numerics.loss_chunk``
+    (0: the plain loss, whole logits)."""
+    return int(numerics.loss_chunk)
 
 
 def activation_bytes(dims: Dims, numerics, batch_per_device: int, vocab_split: int,
                      tower_trained: bool) -> dict[str, float]:
-    """Estimated activation bytes per device of one microbatch (module docstring)."""
+    """Estimated activation bytes per device of one microbatch (module docstring).
+
+    `batch_per_device`: sequences per device in one microbatch. Returns ``{"decoder", "logits",
+    "vision"}`` in bytes; "logits" counts one chunk's when ``numerics.loss_chunk > 0``.
+    """
     s, b, h, a, L = dims.seq_len, batch_per_device, dims.hidden, dims.heads, dims.layers
     c = 2 if numerics.dtype == "bfloat16" else 4
     flash = _flash(numerics)
@@ -202,7 +224,9 @@ def activation_bytes(dims: Dims, numerics, batch_per_device: int, vocab_split: i
         decoder = L * c * s * b * h + one
     else:   # "dots"
         decoder = L * c * s * b * (4 * h + 2 * dims.kv_dim + 2 * dims.intermediate) + one
-    logits = 3 * 4 * b * s * dims.vocab / vocab_split
+    chunk = loss_chunk(numerics)
+    positions = min(chunk, s) if chunk > 0 else s
+    logits = (LOGIT_BYTES * b * positions * dims.vocab + 4 * dims.vocab * h) / vocab_split
     vision = 0.0
     if dims.vision and tower_trained:
         v = dims.vision
@@ -231,9 +255,6 @@ def plan(task, config, devices: int, device_memory: int | None = None, *, vocab:
     Raises:
       ValueError: a mesh that does not fit `devices`.
     """
-    from dfm.sharding import MeshConfig, make_mesh
-    from dfm.train.optim import TrainConfig, frozen_mask, make_optimizer
-
     sizes = mesh_sizes(config.mesh, devices)
     cpu = jax.devices("cpu")
     mesh = (make_mesh(MeshConfig(**sizes), devices=cpu[:devices]) if devices <= len(cpu) else None)
@@ -251,10 +272,11 @@ def plan(task, config, devices: int, device_memory: int | None = None, *, vocab:
                              "total": RULE_OF_THUMB_BYTES * params.count,
                              "per_device": RULE_OF_THUMB_BYTES * params.count / devices},
            "numerics": {"dtype": numerics.dtype, "param_dtype": numerics.param_dtype, "remat": numerics.remat,
-                        "microbatches": numerics.microbatches, "attention": numerics.attention}}
+                        "microbatches": numerics.microbatches, "attention": numerics.attention,
+                        "loss_chunk": loss_chunk(numerics)}}
     for stage in stages or training_stages(task, config):
         sc = getattr(config, stage)
-        frozen = tuple(task.frozen(sc))
+        frozen = tuple(sc.frozen)
         tc = TrainConfig(steps=1, weight_decay=sc.weight_decay, frozen=frozen)
         opt = nnx.eval_shape(lambda tc=tc: nnx.Optimizer(factory(), make_optimizer(tc, lr_argument=True),
                                                      wrt=nnx.Param))
@@ -294,8 +316,6 @@ def _plain(state):
 
 
 def _named(tree):
-    from dfm.train.optim import path_name
-
     return [(path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
 
 
@@ -304,26 +324,30 @@ def format_plan(p: dict) -> str:
     """The plan as a plain-text (markdown) table, one column per stage."""
     stages = list(p["stages"])
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
-    n = p["numerics"]
+    n = {"loss_chunk": 0, **p["numerics"]}
     lines = [(f"plan: config {p['config']} (task {p['task']}) on {p['devices']} devices, mesh {mesh}"
              f"{'' if p['mesh_built'] else ' (layout computed from the PartitionSpecs; no mesh built)'}"),
              (f"parameters: {p['parameters']:,} ({p['parameters'] / 1e9:.3f} B), "
              f"{format_bytes(p['parameter_bytes'])} in {n['param_dtype']}; compute {n['dtype']}, remat "
-             f"{n['remat']}, microbatches {n['microbatches']}, seq_len {p['seq_len']}"), ""]
+             f"{n['remat']}, microbatches {n['microbatches']}, seq_len {p['seq_len']}, loss "
+             f"{'tiled (chunk ' + str(n['loss_chunk']) + ')' if n['loss_chunk'] else 'plain (whole logits)'}"), ""]
     header = "| per device | " + " | ".join(f"{s} (train {p['stages'][s]['train']})" for s in stages) + " |"
     lines += [header, "|---|" + "---:|" * len(stages)]
 
     def row(label, fn):
         lines.append(f"| {label} | " + " | ".join(fn(p["stages"][s]) for s in stages) + " |")
 
-    row("batch / sequences per device", lambda r: f"{r['batch_size']} / {r['sequences_per_device']}")
+    row("batch / sequences per device and microbatch",
+        lambda r: f"{r['batch_size']} / {r['sequences_per_device']}")
     row("trainable parameters", lambda r: f"{r['trainable']:,}")
     row("parameters", lambda r: format_bytes(r["parameters"]))
     row("gradients", lambda r: format_bytes(r["gradients"]))
     row("optimizer state (AdamW mu, nu)", lambda r: format_bytes(r["optimizer"]))
     row("activations (estimate)", lambda r: format_bytes(r["activations"]))
     row("  decoder layers", lambda r: format_bytes(r["activations_detail"]["decoder"]))
-    row("  logits (f32, x3)", lambda r: format_bytes(r["activations_detail"]["logits"]))
+    logits = (f"  logits (f32 + gradient, chunks of {n['loss_chunk']})" if n["loss_chunk"]
+              else "  logits (f32 + gradient)")
+    row(logits, lambda r: format_bytes(r["activations_detail"]["logits"]))
     row("  vision tower", lambda r: format_bytes(r["activations_detail"]["vision"]))
     row("**total**", lambda r: f"**{format_bytes(r['total'])}**")
     if p["device_memory"] is not None:
@@ -334,5 +358,5 @@ def format_plan(p: dict) -> str:
               f"{t['total'] / 1e9:.1f} GB total = {format_bytes(t['total'])}, "
               f"{format_bytes(t['per_device'])} per device if evenly sharded (no activations)"),
               ("parameters, gradients and optimizer state are exact layouts; activations are an estimate "
-              "(Korthikanti et al. 2022 eq. 1 with the remat policy; see docs/plan.md)")]
+              "(Korthikanti et al. 2022 eq. 1 with the remat policy, float32 logits; see docs/plan.md)")]
     return "\n".join(lines)

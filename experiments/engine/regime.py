@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.engine.plots import pyplot, save_figure
+
 NOT_ROUTERS = ("ensemble/oracle",)
 PARITY_RULE = ("parity: the 95% interval of Δ lies inside [-m, m] or entirely on the ensemble's better side "
                "of 0 (the verdicts 'within margin' and 'better'); better: entirely on the better side of 0")
@@ -145,8 +147,6 @@ def crossover_markdown(rows: Sequence[dict], unit: str = "") -> list[str]:
 def plot_regime(sweep: dict, path: Path) -> Path:
     """Δ vs dense (best router of each cell) against tokens per parameter, one panel per size, one
     line per K; error bars: the cells' 95% intervals; the parity band [-m, m] shaded grey."""
-    from experiments.engine.plots import pyplot, save_figure
-
     plt = pyplot()
     points = regime_points(sweep)
     sizes = list(dict.fromkeys(size for size, _ in points)) or [None]

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from dfm.io import DiskFault, arrays_sha256, atomic_path, atomic_write_bytes, disk_fault, remove_temporaries
+from dfm.train.checkpoint import model_sha256
 from experiments.engine.config import ConfigError, JobConfig
 
 
@@ -271,8 +272,6 @@ class RunDir:
         """
         extra = {}
         if model:
-            from dfm.train.checkpoint import model_sha256
-
             extra = {"model_sha256": model_sha256(self.model(stage))}
         atomic_write_json(self.marker(stage), {"stage": stage, **info, **extra})
 
@@ -292,8 +291,6 @@ class RunDir:
         digest = info.get("model_sha256")
         if digest is None:
             return None
-        from dfm.train.checkpoint import model_sha256
-
         model = self.model(stage)
         if not model.is_dir():
             return f"its model {model} is missing"

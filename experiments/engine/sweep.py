@@ -27,7 +27,9 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from experiments.engine import regime
 from experiments.engine import seeds as multi
+from experiments.engine.plots import pyplot, save_figure
 from experiments.engine.rundir import atomic_write_json, atomic_write_text
 
 #: systems drawn in sweep.png (those present in the reports; the text job's names)
@@ -228,8 +230,6 @@ def summarize(out: Path, clusters: Sequence[int], budgets, reports: dict, sizes:
       budgets: a list of steps, or ``{size: [steps, ...]}``.
       reports: ``{(size, k, budget): {seed: report}}`` (``(k, budget)`` keys are accepted without sizes).
     """
-    from experiments.engine import regime
-
     out = Path(out)
     overrides = dict(sizes) if isinstance(sizes, dict) else {s: SIZES.get(s) for s in (sizes or [])}
     sizes = None if sizes is None else list(sizes)
@@ -273,8 +273,6 @@ def sweep_markdown(sweep: dict) -> str:
     """One row per (size, K, budget, system): the cell's scale (parameters, tokens per parameter,
     training FLOPs of each side), the system's inference FLOPs per token, Δ vs dense mean ± sd
     [t 95% CI over seeds] and verdict; then the crossover table of every (size, K)."""
-    from experiments.engine import regime
-
     axes = "size x K x stage-2 budget" if sweep.get("sizes") else "K x stage-2 budget"
     lines = [f"# Sweep of {sweep['config']}: {axes}, seeds {sweep['seeds']}", "",
              (f"Δ = system - dense ({sweep['unit']}); {sweep['interval']}. Verdict {sweep['verdict_rule']} "
@@ -332,8 +330,6 @@ def _num(x) -> str:
 def plot_sweep(sweep: dict, path: Path) -> Path:
     """Δ vs dense against K (log2 axis), one panel per plotted system, one line per budget; error
     bars: the t 95% interval over seeds; the parity margin as a grey band."""
-    from experiments.engine.plots import pyplot, save_figure
-
     plt = pyplot()
     names = [n for n in PLOTTED if any(n in c["systems"] for c in sweep["cells"])] or \
         sorted({n for c in sweep["cells"] for n in c["systems"] if n.startswith("ensemble/")})[:2]

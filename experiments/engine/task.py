@@ -1,14 +1,23 @@
 """The `Task` interface: what differs between jobs (text, multimodal); the engine does the rest.
 
-The engine (`experiments.engine.stages`) owns the run directory, the stage graph
+The engine owns the run directory (`experiments.engine.rundir`), the stage graph
+(`experiments.engine.graph`)
 
     data -> stage 1 -> partition -> dense / expert-k / random-k -> extras -> evaluate -> [export]
 
-(the partition runs before stage 1 when its features do not come from the stage-1 model), the
-balanced k-means and the random control, the compute-matched step allocation, training (one loop,
-`dfm.train.train`, with the config's `[mesh]`) and evaluate-and-report. A task supplies its data,
-the features it partitions by, its model, loss and batches, optional extra stages, its evaluation
-and report body, and optionally an export stage. Tasks import the engine and `dfm`, never each
+(the partition runs before stage 1 when its features do not come from the stage-1 model,
+`PartitionBalance.needs_stage1`), the balanced k-means and the random control
+(`experiments.engine.clustering`), the compute-matched step allocation and training (one loop,
+`dfm.train.train`, with the config's `[mesh]`; `experiments.engine.training`), evaluate-and-report
+and export (`experiments.engine.evaluation`), and the order of it all (`experiments.engine.pipeline`).
+A task supplies its data, the features it partitions by, its model, loss and batches, its extra
+stages' training, its evaluation and report, and optionally an export stage.
+
+Every method receives the values it reads, never an object that holds the task: the config, the
+run directory (`RunDir`), the data `prepare_data` returned, and where needed how to report
+(``log``, ``progress``) and which experts are left out (``skip_experts``). What a config decides
+(extra stages, frozen parameters, whether the partition needs stage 1, ``--schedule``) is read
+from the config (`experiments.engine.config`). Tasks import the engine and `dfm`, never each
 other; the engine never imports a task (`experiments.registry` maps config names to tasks).
 """
 from __future__ import annotations
@@ -16,19 +25,32 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from experiments.engine.config import JobConfig, StageConfig
+from experiments.engine.config import JobConfig, UsageError
 
+if TYPE_CHECKING:   # annotations only: this module stays light (the tasks' data modules import its errors)
+    from experiments.engine.rundir import RunDir
 
-class UsageError(ValueError):
-    """A command-line flag that does not apply to the chosen task (exit status 2)."""
+__all__ = ["DataError", "PartitionInput", "StageBatches", "Task", "TaskData", "UsageError"]
 
 
 class DataError(ValueError):
     """A task's input data cannot be used (exit status 1); the message names the record and file."""
+
+
+class TaskData(Protocol):
+    """What the engine reads of a task's loaded data (`Task.prepare_data`); the rest is the task's."""
+
+    @property
+    def num_train_examples(self) -> int:
+        """Training examples (sequences, conversations) of stage 1 and the dense model."""
+
+    @property
+    def num_train_units(self) -> int:
+        """Train units the partition clusters (documents, images)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,19 @@ class PartitionInput:
     examples: str
 
 
+@dataclass(frozen=True)
+class StageBatches:
+    """The batches of one training stage.
+
+    Attributes:
+      batch: ``batch(step)``, the input of the task's `loss_fn` at optimizer step `step`.
+      marker: the task's entries of the stage's completion marker (e.g. token counts, packing).
+    """
+
+    batch: Callable[[int], Any]
+    marker: dict
+
+
 class Task(abc.ABC):
     """One job of the pipeline. Subclasses set the class attributes and implement the methods.
 
@@ -59,111 +94,68 @@ class Task(abc.ABC):
         ``num_clusters``, ``random_control``, ``seed``; `stage2`; `mesh`; `eval` with ``top_k``;
         and the stage-1 section named `stage1`).
       stage1: name of the shared first training stage and of its config section.
-      partition_needs_stage1: the partition features come from the stage-1 model.
       has_export: the task has an export stage after evaluation.
     """
 
     name: str
     config_class: type[JobConfig]
     stage1: str
-    partition_needs_stage1: bool = False
     has_export: bool = False
-
-    # ---------------------------------------------------------------- config
-    def with_schedule(self, config: JobConfig, schedule: str | None) -> JobConfig:
-        """The config with the command line's ``--schedule`` applied (default: none accepted).
-
-        Raises:
-          UsageError: the task has no schedule choice.
-        """
-        if schedule is not None:
-            raise UsageError(f"--schedule: the {self.name} task has no schedule choice; drop --schedule")
-        return config
-
-    def stage_config(self, config: JobConfig, stage: str) -> StageConfig:
-        """The optimizer section of a training stage: stage 1's section or `stage2`."""
-        return getattr(config, self.stage1) if stage == self.stage1 else config.stage2
 
     # ---------------------------------------------------------------- data
     @abc.abstractmethod
-    def prepare_data(self, ctx) -> Any:
+    def prepare_data(self, config: JobConfig, run: RunDir, *, log: Callable[..., None] = print) -> TaskData:
         """Run the data stage if needed (idempotent, writes ``<run>/data``) and return the loaded
         data object that every later stage receives."""
 
-    @abc.abstractmethod
-    def num_train_examples(self, data) -> int:
-        """Number of training examples (sequences, conversations) of stage 1 and the dense model."""
-
-    @abc.abstractmethod
-    def num_train_units(self, data) -> int:
-        """Number of train units the partition clusters (documents, images)."""
-
-    def training_memory_bytes(self, ctx, data) -> int | None:
+    def training_memory_bytes(self, config: JobConfig, data) -> int | None:
         """Estimated bytes of one training step (`experiments.engine.memory`), or None (no check)."""
-        del ctx, data
+        del config, data
         return None
 
     # ---------------------------------------------------------------- partition
-    def partition_after_stage1(self, config: JobConfig) -> bool:
-        """Whether this config's partition features come from the stage-1 model (then stage 1 runs
-        before the partition); default the class attribute `partition_needs_stage1`."""
-        del config
-        return self.partition_needs_stage1
-
     @abc.abstractmethod
-    def partition_input(self, ctx, data, stage1_model) -> PartitionInput:
+    def partition_input(self, config: JobConfig, run: RunDir, data, stage1_model) -> PartitionInput:
         """Features of the units of every split (and any files the evaluation needs, written to
-        ``ctx.run.partition``); `stage1_model` is None unless `partition_after_stage1(config)`."""
+        ``run.partition``); `stage1_model` is None unless ``config.partition.needs_stage1``."""
 
     # ---------------------------------------------------------------- training
     @abc.abstractmethod
-    def new_model(self, ctx, data):
+    def new_model(self, config: JobConfig, data):
         """A freshly initialized model of this run (seeded by the config)."""
 
     @abc.abstractmethod
-    def loss_fn(self, ctx, data) -> Callable:
+    def loss_fn(self, config: JobConfig, data) -> Callable:
         """``loss_fn(model, batch, key) -> (scalar loss, metrics)`` of every training stage."""
 
     @abc.abstractmethod
-    def batch_fn(self, ctx, data, index: np.ndarray, batches) -> Callable[[int], Any]:
-        """``batch(step)`` of the training examples `index` (an `EpochBatches` gives the rows)."""
+    def stage_batches(self, config: JobConfig, data, index: np.ndarray, batches, *,
+                      log: Callable[..., None] = print) -> StageBatches:
+        """The batches of the training examples `index` (an `EpochBatches` named after the stage,
+        with its `steps` and `batch_size`, gives the rows of each step) and the task's entries of
+        the stage's marker."""
 
-    def validation_batches(self, ctx, data, units: np.ndarray | None):
+    def validation_batches(self, config: JobConfig, data, units: np.ndarray | None):
         """Fixed batches of validation examples for `loss_fn` (model selection during training;
         `experiments.engine.validation`): the examples of the validation units `units` (indices
         into the validation split's units; None = all), in a fixed order, as a list (or any
         sequence with `len` and indexing, e.g. one that builds each batch when read). Empty = no
         validation (the default; the stage then keeps its last model)."""
-        del ctx, data, units
+        del config, data, units
         return []
 
-    def frozen(self, stage_config: StageConfig) -> tuple[str, ...]:
-        """Dotted parameter prefixes that a stage does not update (default: none)."""
-        del stage_config
-        return ()
-
-    def stage_marker(self, ctx, stage: str, steps: int, batch_size: int) -> dict:
-        """Task-specific entries of a training stage's completion marker (e.g. token counts)."""
-        del ctx, stage, steps, batch_size
-        return {}
-
-    def extra_stages(self, config: JobConfig) -> list[str]:
-        """Training stages after the experts (e.g. the text job's learned router)."""
-        del config
-        return []
-
-    def run_extra(self, ctx, data, stage: str, *, stop_after: int | None = None) -> dict | None:
-        """Train an extra stage (see `extra_stages`)."""
+    def run_extra(self, config: JobConfig, run: RunDir, data, stage: str, *, progress: bool = True,
+                  log: Callable[..., None] = print, stop_after: int | None = None) -> dict | None:
+        """Train an extra stage (one of ``config.extra_stages``); returns its marker info, or None
+        when stopped early by `stop_after`."""
         raise UsageError(f"stage {stage!r}: the {self.name} task has no extra stages")
 
     # ---------------------------------------------------------------- evaluation
     @abc.abstractmethod
-    def evaluate(self, ctx, data) -> dict:
-        """Score every system; returns the results the report renders."""
-
-    @abc.abstractmethod
-    def write_report(self, ctx, data, results: dict) -> dict:
-        """Write report.json, report.md and the plots; returns the report dict."""
+    def evaluate(self, config: JobConfig, run: RunDir, data, *, skip_experts: tuple[int, ...] = (),
+                 progress: bool = True) -> dict:
+        """Score every system (the experts `skip_experts` left out) and write report.json,
+        report.md and the plots; returns the report dict."""
 
     @abc.abstractmethod
     def print_summary(self, report: dict) -> None:
@@ -176,6 +168,7 @@ class Task(abc.ABC):
         task without a plan."""
         raise NotImplementedError(f"task {self.name!r}: dfm plan is not available for it")
 
-    def export(self, ctx, data) -> dict:
+    def export(self, config: JobConfig, run: RunDir, data, *, skip_experts: tuple[int, ...] = (),
+               log: Callable[..., None] = print) -> dict:
         """Export the trained models (when `has_export`); returns the stage's marker info."""
         raise UsageError(f"the {self.name} task has no export stage")

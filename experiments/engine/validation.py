@@ -26,7 +26,7 @@ def validation_units(stage: str, assignments) -> np.ndarray | None:
 
     Args:
       stage: stage 1, "dense", "expert-k" or "random-k".
-      assignments: the run's `experiments.engine.stages.Assignments` (unused for stage 1 and dense).
+      assignments: the run's `experiments.engine.graph.Assignments` (unused for stage 1 and dense).
 
     Returns:
       ``[n]`` int64 unit indices for "expert-k" (its cluster's validation units, possibly empty);

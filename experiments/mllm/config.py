@@ -33,9 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from experiments.engine.config import (ConfigError, JobConfig, MeshSection, NumericsSection, PartitionBalance,
-                                       StageConfig, constrained)
+                                       StageConfig, UsageError, constrained)
 
 TASK = "mllm"
+#: the stage-1 training stage (alignment on all data) and its config section
+STAGE1 = "stage1"
 SOURCES = ("default", "llava", "internvl")
 TRAINABLE = ("all", "projector", "projector+tower", "projector+llm")
 CLIP_PREFIX = "clip:"
@@ -158,6 +160,11 @@ class PartitionSection(PartitionBalance):
         """The CLIP checkpoint directory of ``features = "clip:<dir>"`` ("" for "tower")."""
         return self.features[len(CLIP_PREFIX):] if self.features.startswith(CLIP_PREFIX) else ""
 
+    @property
+    def needs_stage1(self) -> bool:
+        """Tower features need the stage-1 model; CLIP features (``features = "clip:..."``) do not."""
+        return not self.clip_dir
+
 
 @dataclass(frozen=True)
 class StageSection(StageConfig):
@@ -175,6 +182,20 @@ class StageSection(StageConfig):
     """
 
     train: str = constrained("all", choices=TRAINABLE)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The parameters its `train` setting leaves out (`frozen_prefixes`)."""
+        return frozen_prefixes(self.train)
+
+
+def frozen_prefixes(train: str) -> tuple[str, ...]:
+    """`TrainConfig.frozen` for a stage's `train` setting ("all", "projector", ...)."""
+    keep = {"all": {"vision_tower", "multi_modal_projector", "language_model"},
+            "projector": {"multi_modal_projector"},
+            "projector+tower": {"multi_modal_projector", "vision_tower"},
+            "projector+llm": {"multi_modal_projector", "language_model"}}[train]
+    return tuple(sorted({"vision_tower", "multi_modal_projector", "language_model"} - keep))
 
 
 @dataclass(frozen=True)
@@ -276,3 +297,13 @@ class MultimodalExperimentConfig(JobConfig):
                                   f"{'into even head sizes ' if section == 'text' else ''}, got {heads}")
         if self.text.num_kv_heads and self.text.num_heads % self.text.num_kv_heads:
             raise ConfigError(f"text.num_kv_heads: must divide num_heads, got {self.text.num_kv_heads}")
+
+    def with_schedule(self, schedule: str | None) -> MultimodalExperimentConfig:
+        """``--schedule`` accepts only "ar" (the job is autoregressive; a no-op).
+
+        Raises:
+          UsageError: any other schedule.
+        """
+        if schedule not in (None, "ar"):
+            raise UsageError("--schedule: the multimodal job is autoregressive (LLaVA); drop --schedule")
+        return self

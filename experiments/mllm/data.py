@@ -23,12 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
+from dfm.hf.clip_features import image_stats
+from dfm.models.vision import CLIP_MEAN, CLIP_STD
 from dfm.prompts import IMAGE_TOKEN, TemplateError, encode_conversation, image_token_id, pad_rows
 from experiments.engine.rundir import (arrays_digest, atomic_save_npz, atomic_write_json, load_npz, read_json,
                                        software_versions)
 from experiments.engine.task import DataError as EngineDataError
 from experiments.engine.tokenizer import load_tokenizer, save_tokenizer
+from experiments.mllm import formats
 from experiments.mllm.bpe import build_tokenizer
+from experiments.mllm.dataset import build_default_dataset
+from experiments.mllm.images import UnreadableImageError, load_image
+from experiments.mllm.pretrained import RunTokenizer, read_checkpoint
 
 SPLITS = ("train", "val", "test")
 
@@ -39,12 +45,8 @@ class DataError(EngineDataError):
 
 def record_files(config, run_root: Path, log=print) -> dict[str, list]:
     """`{split: [Record, ...]}` for the config's data source (building the default dataset if needed)."""
-    from experiments.mllm import formats
-
     d = config.data
     if d.source == "default":
-        from experiments.mllm.dataset import build_default_dataset
-
         out = Path(run_root) / "data" / "default"
         info = build_default_dataset(out, seed=config.seed, image_size=d.image_size,
                                      max_digits=d.max_digits or None, num_shapes=d.num_shapes,
@@ -72,8 +74,6 @@ def _one_image(record, path_hint: str) -> Path:
 def _load_images(paths: list[Path], size: int, used_by: dict[str, str] | None = None) -> np.ndarray:
     """uint8 `[len(paths), size, size, 3]`; an unreadable image's error names the first record that
     uses it (`used_by`: path -> that record's `source`, "<file>: line 3: record 'id'")."""
-    from experiments.mllm.images import UnreadableImageError, load_image
-
     out = np.zeros((len(paths), size, size, 3), np.uint8)
     for i, p in enumerate(paths):
         try:
@@ -125,8 +125,6 @@ def prepare_data(config, run_root: Path, num_image_tokens: int, log=print) -> di
             if IMAGE_TOKEN not in r.turns[0].text:
                 raise DataError(f"{split}: record {r.id!r}: the <image> placeholder must be in the first human turn")
     if config.init_from:
-        from experiments.mllm.pretrained import RunTokenizer, read_checkpoint
-
         ckpt = read_checkpoint(config.init_from)
         saved = RunTokenizer(ckpt)
         tokenizer, image_size = saved.tokenizer, ckpt.image_size
@@ -203,12 +201,8 @@ def pixel_stats(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """`(image_mean, image_std)` of the run's pixels: the ``init_from`` checkpoint's image processor
     (`dfm.hf.clip_features.image_stats`: ``preprocessor_config.json``; InternVL's conversions use
     ImageNet's), else CLIP's (models trained from scratch here)."""
-    from dfm.models.vision import CLIP_MEAN, CLIP_STD
-
     if not config.init_from:
         return CLIP_MEAN, CLIP_STD
-    from dfm.hf.clip_features import image_stats
-
     return image_stats(config.init_from)
 
 
@@ -235,11 +229,19 @@ class MultimodalData:
         return int(self.summary["vocab_size"])
 
     @property
+    def num_train_examples(self) -> int:
+        """Training examples (train conversations) of stage 1 and the dense model."""
+        return len(self.arrays["tokens"])
+
+    @property
+    def num_train_units(self) -> int:
+        """Train images (what the partition clusters)."""
+        return len(self.arrays["images_train"])
+
+    @property
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """`(image_mean, image_std)` the towers read their pixels with (`pixel_stats` at the data
         stage; CLIP's for a run directory written before they were recorded)."""
-        from dfm.models.vision import CLIP_MEAN, CLIP_STD
-
         return (tuple(self.summary.get("image_mean", CLIP_MEAN)), tuple(self.summary.get("image_std", CLIP_STD)))
 
     @property

@@ -27,20 +27,26 @@ from collections import defaultdict
 import jax.numpy as jnp
 import numpy as np
 
-from dfm.decentral import mixture_generate, mixture_token_log_probs
+from dfm.decentral import (
+    BayesFilterRouter,
+    CentroidRouter,
+    FixedRouter,
+    Partition,
+    fit_centroid_router,
+    mixture_generate,
+    mixture_token_log_probs,
+)
 from dfm.inference import token_log_probs
 from dfm.progress import progress_bar
 from dfm.prompts import decode_answer, encode_answer, encode_prompt, pad_rows
-from experiments.engine.rundir import load_file, load_npz
-from experiments.engine.stages import (
-    Context,
-    expert_names,
-    load_assignments,
-    load_stage_model,
-    training_stages,
-)
+from experiments.engine.graph import available_experts, expert_names, load_assignments
+from experiments.engine.rundir import RunDir, load_file, load_npz
+from experiments.engine.training import load_stage_model
 from experiments.mllm import modeling
+from experiments.mllm.config import MultimodalExperimentConfig
 from experiments.mllm.data import MultimodalData
+from experiments.mllm.metrics import question_scores, score_predictions
+from experiments.mllm.scorers import score_by_metric
 
 
 def select_questions(rows: list[dict], limit: int) -> list[dict]:
@@ -150,34 +156,32 @@ def _answer_nll(lp_answer: np.ndarray, router, answer_mask: np.ndarray):
     return -np.asarray(scores.log_probs, np.float64), scores.final_state
 
 
-def evaluate(ctx: Context, data: MultimodalData) -> dict:
-    """Score every system on the test questions; returns the results dict the report renders."""
-    from dfm.decentral import (
-        BayesFilterRouter,
-        CentroidRouter,
-        FixedRouter,
-        Partition,
-        fit_centroid_router,
-    )
-    from experiments.mllm.metrics import question_scores, score_predictions
-    from experiments.mllm.scorers import score_by_metric
+def evaluate(config: MultimodalExperimentConfig, run: RunDir, data: MultimodalData, stages: list[str], *,
+             skip_experts: tuple[int, ...] = (), progress: bool = True) -> dict:
+    """Score every system on the test questions; returns the results dict the report renders.
 
-    c, a, tok = ctx.config, data.arrays, data.tokenizer
+    Args:
+      stages: the run's training stages (`experiments.engine.graph.training_stages`), whose
+        markers the results carry.
+      skip_experts: experts left out: the ensembles route among the others, the oracle is dropped.
+    """
+    c, a, tok = config, data.arrays, data.tokenizer
     test_rows = select_questions(data.questions["test"], c.data.max_test)
     val_rows = data.questions["val"]
     nit, img_id = data.summary["num_image_tokens"], data.image_token_id
     test = QuestionSet(test_rows, tok, a["images_test"], nit, img_id, data.pixel_stats)
     val = QuestionSet(val_rows, tok, a["images_val"], nit, img_id, data.pixel_stats)
     k = c.partition.num_clusters
-    avail = np.flatnonzero(ctx.available)
+    avail = np.flatnonzero(available_experts(c, skip_experts))
     experts, randoms = [expert_names(c)[i] for i in avail], expert_names(c, random=True)
     names = ["stage1", "dense"] + experts + randoms
-    models = {n: load_stage_model(ctx, data, n) for n in names}
+    models = {n: load_stage_model(run, n, lambda: modeling.run_model(c, data.vocab_size, data.image_token_id))
+              for n in names}
     bs = c.eval.batch_size
 
     t0 = time.perf_counter()
     lp_a = {}   # answer-token log-probs [n, A] of every model
-    bar = progress_bar(len(names), desc="score", disable=not ctx.progress)
+    bar = progress_bar(len(names), desc="score", disable=not progress)
     for n in names:
         lp_a[n] = test.split_log_probs(test.log_probs(models[n], bs))[1]
         bar.update(1)
@@ -185,9 +189,9 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     val_ll = np.stack([val.split_log_probs(val.log_probs(models[e], bs))[1].sum(1) for e in experts], axis=1)
     score_s = time.perf_counter() - t0
 
-    feats = load_npz(ctx.run.partition / "features.npz")
-    assignments = load_assignments(ctx)
-    partition = load_file(ctx.run.partition / "partition.npz", Partition.load, "partition")
+    feats = load_npz(run.partition / "features.npz")
+    assignments = load_assignments(run, k)
+    partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
     routed = partition if len(avail) == k else partition.subset(avail)   # lost experts: route among the rest
     f_test = feats["test"][test.image]
     top1 = CentroidRouter(routed, temperature=1.0, top_k=1)
@@ -219,7 +223,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
         random_bayes = BayesFilterRouter.from_priors(assignments.priors(k, random=True))
         plan.append(("random-ensemble/bayes", "random ensemble", "bayes filter (S9)", randoms,
                      lambda rows: random_bayes))
-    bar = progress_bar(len(plan) * len(test_rows), desc="generate", disable=not ctx.progress)
+    bar = progress_bar(len(plan) * len(test_rows), desc="generate", disable=not progress)
     preds, per_question, systems, final_states = {}, {}, [], {}
     all_rows = np.arange(len(test_rows))
     for name, kind, router, members, router_for in plan:
@@ -244,7 +248,7 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
     bar.close()
     return {
         "systems": systems, "num_test_questions": len(test_rows), "num_val_questions": len(val_rows),
-        "skipped_experts": list(ctx.skip_experts),
+        "skipped_experts": list(skip_experts),
         "temperature": float(topk.temperature), "priors": priors.tolist(), "score_s": score_s,
         "weights": {n: w.tolist() for n, w in weights.items()},
         "bayes_weights_after_answer": np.asarray(bayes.weights(final_states["ensemble/bayes"]), np.float64).tolist(),
@@ -253,8 +257,8 @@ def evaluate(ctx: Context, data: MultimodalData) -> dict:
                                                 "pair_id", "source")} for r in test_rows],
         "predictions": preds, "question_scores": per_question,
         "train_clusters_by_source": _composition(data.train_sources, assignments.examples(), k),
-        "stages": {n: ctx.run.stage_info(n) for n in training_stages(ctx)},
-        "partition": ctx.run.stage_info("partition"), "data": data.summary,
+        "stages": {n: run.stage_info(n) for n in stages},
+        "partition": run.stage_info("partition"), "data": data.summary,
     }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dfm.hf.clip_features import resize_bicubic
 from dfm.io import atomic_path
 from experiments.mllm.formats import FormatError
 
@@ -69,8 +70,6 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     Raises:
       ValueError: `images` not uint8 `[n, h, w, 3]`, or `size` < 1.
     """
-    from dfm.hf.clip_features import resize_bicubic
-
     return resize_bicubic(images, size)
 
 

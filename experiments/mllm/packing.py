@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dfm.sharding import batch_spec
+from experiments.engine.training import training_mesh
+
 
 def conversation_lengths(tokens: np.ndarray, loss_mask: np.ndarray, pad_id: int | None,
                          image_token_id: int) -> np.ndarray:
@@ -225,7 +228,7 @@ def pack_batch(tokens: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray, p
             "pixels": np.asarray(pixels)[order]}
 
 
-def stage_steps_of(ctx, batches) -> tuple[list[str], int]:
+def stage_steps_of(config, batches) -> tuple[list[str], int]:
     """`(stages, steps)`: the training stage whose batches `batches` are, and its steps.
 
     The engine builds each stage's `EpochBatches` with the stage's name (`stream`) and `steps`.
@@ -235,20 +238,15 @@ def stage_steps_of(ctx, batches) -> tuple[list[str], int]:
     """
     if getattr(batches, "steps", None) is not None:
         return [batches.stream], int(batches.steps)
-    c = ctx.config
-    return [], max(c.stage1.steps, c.stage2.steps)
+    return [], max(config.stage1.steps, config.stage2.steps)
 
 
 def batch_rows_multiple(mesh_section) -> int:
     """Size of the batch mesh axes of the `[mesh]` section (1 unsharded): every packed slice's row
     count must be divisible by it, as the padded batch is (`dfm.sharding.global_batch`)."""
-    from experiments.engine.stages import training_mesh
-
     mesh = training_mesh(mesh_section)
     if mesh is None:
         return 1
-    from dfm.sharding import batch_spec
-
     axes = batch_spec(1, mesh)
     axes = axes[0] if len(axes) else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)

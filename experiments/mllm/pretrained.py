@@ -25,6 +25,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfm import prompts
+from dfm.hf import load_pretrained
+from dfm.hf import load_tokenizer as hf_tokenizer
+from dfm.hf.configs import read_config
+from dfm.hf.safetensors_io import CheckpointError
+from dfm.hf.vision_configs import multimodal_config_from_hf
+from dfm.models import stack_layers
+from dfm.models.multimodal import MultimodalModel
 from experiments.engine.config import ConfigError
 
 KINDS = ("llava", "internvl")
@@ -48,9 +60,6 @@ class Checkpoint:
     def model_config(self, numerics=None):
         """`dfm.models.multimodal.MultimodalConfig` of the checkpoint with `numerics` (a
         `NumericsSection`; None: float32, the library's defaults) applied."""
-        from dfm.hf.safetensors_io import CheckpointError
-        from dfm.hf.vision_configs import multimodal_config_from_hf
-
         knobs = {} if numerics is None else {"dtype": numerics.dtype, "param_dtype": numerics.param_dtype,
                                               "attention": numerics.attention,
                                               "matmul_precision": numerics.matmul_precision}
@@ -80,9 +89,6 @@ def read_checkpoint(path: str) -> Checkpoint:
       ConfigError: naming ``init_from``: not a directory, no readable ``config.json``, or a
         ``model_type`` other than "llava" / "internvl".
     """
-    from dfm.hf.configs import read_config
-    from dfm.hf.safetensors_io import CheckpointError
-
     directory = Path(path)
     if not directory.is_dir():
         raise ConfigError(f"init_from: {path!r} is not a directory (a local Hugging Face LLaVA / InternVL "
@@ -127,9 +133,6 @@ def ignored_settings(config) -> list[str]:
 def _traced() -> bool:
     """True while traced for shapes only (`nnx.eval_shape`, as `dfm.train.load_model` calls a model
     factory): every new array is then a tracer."""
-    import jax
-    import jax.numpy as jnp
-
     return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
@@ -143,13 +146,6 @@ def new_model(ckpt: Checkpoint, mconfig, seed: int):
     Raises:
       ConfigError: naming ``init_from``: missing or mis-shaped tensors (`dfm.hf.load_pretrained`).
     """
-    from flax import nnx
-
-    from dfm.hf import load_pretrained
-    from dfm.hf.safetensors_io import CheckpointError
-    from dfm.models import stack_layers
-    from dfm.models.multimodal import MultimodalModel
-
     if _traced():
         return MultimodalModel(mconfig, rngs=nnx.Rngs(seed))
     t = mconfig.text
@@ -188,10 +184,6 @@ def load_tokenizer(ckpt: Checkpoint):
       ConfigError: naming ``init_from``: no tokenizer, no EOS token, an image token whose id is not
         the config's ``image_token_id``, or more token ids than the model's vocabulary.
     """
-    from dfm.hf import load_tokenizer as hf_tokenizer
-    from dfm.hf.safetensors_io import CheckpointError
-    from dfm import prompts
-
     try:
         tok = hf_tokenizer(ckpt.path)
     except CheckpointError as e:

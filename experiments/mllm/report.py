@@ -21,18 +21,41 @@ and ``test_rows[*].image``.
 from __future__ import annotations
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
+from dfm.decentral.temperature import temperature_note
+from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token, image_flops
 from experiments.engine.intervals import VERDICT_RULE_HIGHER, unit_bootstrap, verdict
 from experiments.engine.plots import loss_curves
-from experiments.engine.rundir import atomic_write_json, atomic_write_text
-from experiments.engine.stages import Context
+from experiments.engine.rundir import RunDir, atomic_write_json, atomic_write_text
 from experiments.mllm import plots
+from experiments.mllm.config import STAGE1, MultimodalExperimentConfig, frozen_prefixes
+from experiments.mllm.modeling import model_config
 
 METRIC = "exact_match"
 
 
 def _types(systems: list[dict]) -> list[str]:
-    return [t for t in systems[0]["scores"] if t != "all"]
+    """The question types of the scores (``all`` and the per-benchmark ``by_task`` entry left out)."""
+    return [t for t in systems[0]["scores"] if t not in ("all", "by_task")]
+
+
+def benchmark_lines(systems: list[dict]) -> list[str]:
+    """report.md's table of the per-record metrics (records with a ``task`` / ``metric`` field, e.g.
+    written by ``dfm data convert``): one row per system, one column per task, the task's score (%),
+    its metric and n in the header; [] when no system has ``scores.by_task``."""
+    tasks = list((systems[0]["scores"].get("by_task") or {}))
+    if not tasks:
+        return []
+    first = systems[0]["scores"]["by_task"]
+    head = [f"{t} ({first[t]['metric']}, n={first[t]['n']})" for t in tasks]
+    lines = ["", "### Benchmarks: each record scored by its own metric (%)", "",
+             "| system | " + " | ".join(head) + " |", "|---|" + "---:|" * len(tasks)]
+    for s in systems:
+        by = s["scores"].get("by_task") or {}
+        lines.append(f"| {s['name']} | " + " | ".join(_pct(by[t]["score"]) if t in by else "—" for t in tasks) + " |")
+    return lines
 
 
 def routing_by_source(results: dict) -> tuple[list[str], dict]:
@@ -102,9 +125,6 @@ def flops_entry(config, results: dict) -> dict:
     positions alike, attention over ``data.max_length`` positions), and
     ``inference_flops_per_image``: the vision tower (once when stage 2 freezes it, as the experts
     then share it; else once per expert run) plus the projector per expert run."""
-    from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token, image_flops
-    from experiments.mllm.modeling import frozen_prefixes, model_config
-
     d = results["data"]
     mc = model_config(config, int(d["vocab_size"]), int(d["image_token_id"]))
     text, img = flops_per_token(mc.text, config.data.max_length), image_flops(mc)
@@ -123,9 +143,9 @@ def flops_entry(config, results: dict) -> dict:
             "source": SOURCE, "per_model": text.to_dict(), "per_image": img.to_dict(), "shared_tower": shared_tower}
 
 
-def build_report(ctx: Context, results: dict) -> dict:
+def build_report(config: MultimodalExperimentConfig, results: dict) -> dict:
     """Assemble report.json's contents (without the per-question lists) from the evaluation results."""
-    systems, c = results["systems"], ctx.config
+    systems, c = results["systems"], config
     dense = next(s for s in systems if s["name"] == "dense")
     for s in systems:
         s["delta_exact_match_vs_dense"] = s["scores"]["all"]["exact_match"] - dense["scores"]["all"]["exact_match"]
@@ -176,8 +196,6 @@ def delta_text(system: dict) -> str:
 def temperature_text(temperature: float) -> str:
     """`T = ...`, with the note of `dfm.decentral.temperature.temperature_note` when the fit sits at a
     search bound (no interior maximum; the limit of the router it stands for)."""
-    from dfm.decentral.temperature import temperature_note
-
     note = temperature_note(temperature)
     return f"T = {temperature:.4g}" + (f", {note}" if note else " (an interior maximum)")
 
@@ -233,6 +251,7 @@ def markdown(rep: dict) -> str:
         by = (s.get("intervals") or {}).get("exact_match_by_type", {})
         lines.append(f"| {s['name']} | " + " | ".join(
             pct_ci(s["scores"][t]["exact_match"], (by.get(t) or {}).get("ci95")) for t in types) + " |")
+    lines += benchmark_lines(rep["systems"])
     lines += ["", ("The oracle (the test image's cluster) is the nearest centroid, so it equals centroid top-1 "
                    "(THEORY S12). The Bayes filter (S9) starts at the priors w_k and is updated by each answer "
                    "token: the experts model the answer given image and question, not the image."), ""]
@@ -268,19 +287,18 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(ctx: Context, results: dict, images_test: np.ndarray) -> dict:
+def write_report(config: MultimodalExperimentConfig, run: RunDir, results: dict, images_test: np.ndarray) -> dict:
     """Plots, report.json and report.md (each written atomically); returns the report dict."""
-    rep = build_report(ctx, results)
-    rep["config_toml"] = ctx.config.to_toml()
-    run = ctx.run
+    rep = build_report(config, results)
+    rep["config_toml"] = config.to_toml()
     loss_curves(results["stages"], run.plots / "loss_curves.png",
-                f"{ctx.config.name}: training loss (lines), validation loss (dots; star: the kept step)",
-                first="stage1")
+                f"{config.name}: training loss (lines), validation loss (dots; star: the kept step)",
+                first=STAGE1)
     plots.routing_heatmaps(rep["routing_by_source"]["weights"], rep["routing_by_source"]["sources"],
                            run.plots / "routing.png")
     if rep["train_clusters_by_source"]:
         plots.composition(rep["train_clusters_by_source"], run.plots / "partition.png")
-    n = min(ctx.config.eval.grid_examples, len(results["test_rows"]))
+    n = min(config.eval.grid_examples, len(results["test_rows"]))
     if n:
         pick = np.linspace(0, len(results["test_rows"]) - 1, n).round().astype(int)
         rows = [results["test_rows"][i] for i in pick]
@@ -297,9 +315,6 @@ def write_report(ctx: Context, results: dict, images_test: np.ndarray) -> dict:
 
 def print_summary(rep: dict) -> None:
     """Rich table: exact match / VQA accuracy / answer NLL per system, Δ EM vs dense and the verdict."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{rep['config']['name']}: {rep['num_test_questions']} test questions")
     for col in ("system", "EM % [95% CI]", "VQA %", "answer NLL", "Δ EM vs dense [95% CI]", "verdict"):
         table.add_column(col, justify="left" if col in ("system", "verdict") else "right")

@@ -22,8 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dfm.hf import load_clip_image_encoder
+from dfm.hf.clip_features import image_stats, routing_image_embeddings
+from dfm.hf.configs import read_config
+from dfm.hf.safetensors_io import CheckpointError
 from experiments.engine.config import ConfigError
 from experiments.engine.rundir import atomic_write_json
+from experiments.mllm import modeling
+from experiments.mllm.pretrained import read_checkpoint
 
 RECORD_FILE = "routing_features.json"
 CLIP_COPY = "routing_clip"
@@ -37,10 +43,6 @@ def clip_features(clip_dir: str, images_uint8: np.ndarray, batch_size: int) -> n
     Raises:
       ConfigError: naming ``partition.features`` when `clip_dir` is not a loadable CLIP checkpoint.
     """
-    from dfm.hf import load_clip_image_encoder
-    from dfm.hf.clip_features import image_stats, routing_image_embeddings
-    from dfm.hf.safetensors_io import CheckpointError
-
     if not Path(clip_dir).is_dir():
         raise ConfigError(f"partition.features: clip:{clip_dir} is not a directory (a local HF CLIP checkpoint)")
     try:
@@ -57,8 +59,6 @@ def partition_features(config, images: dict, stage1_model, batch_size: int, stat
     """``{split: float64 [n_images, D]}`` for the uint8 images of every split (``images[split]``):
     CLIP's with ``partition.features = "clip:<dir>"`` (`stage1_model` unused), else the stage-1
     tower's (`experiments.mllm.modeling.image_features`)."""
-    from experiments.mllm import modeling
-
     clip_dir = config.partition.clip_dir
     if clip_dir:
         return {s: clip_features(clip_dir, im, batch_size) for s, im in images.items()}
@@ -73,9 +73,6 @@ def featurizer_record(config, dim: int) -> dict:
     (how `clip_features` turns the uint8 images into the encoder's pixels)."""
     clip_dir = config.partition.clip_dir
     if clip_dir:
-        from dfm.hf.clip_features import image_stats
-        from dfm.hf.configs import read_config
-
         hf = read_config(clip_dir)[0]
         size = (hf.get("vision_config") or {}).get("image_size") if hf.get("model_type") == "clip" \
             else hf.get("image_size")
@@ -87,8 +84,6 @@ def featurizer_record(config, dim: int) -> dict:
                                "image_std": list(std)}}
     layer = config.projector.vision_feature_layer
     if config.init_from:
-        from experiments.mllm.pretrained import read_checkpoint
-
         layer = read_checkpoint(config.init_from).model_config().vision_feature_layer
     return {"featurizer": "tower", "pooling": "patch_mean", "layer": layer, "dim": int(dim)}
 

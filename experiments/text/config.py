@@ -28,6 +28,10 @@ from experiments.engine.config import (ConfigError, JobConfig, MeshSection, Nume
 
 TASK = "text"
 SCHEDULES = ("ar", "masked")
+#: the stage-1 training stage (the shared base model) and its config section
+STAGE1 = "base"
+#: the learned router's training stage (masked schedule; `ExperimentConfig.extra_stages`)
+ROUTER_STAGE = "router"
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,18 @@ class ExperimentConfig(JobConfig):
         if self.stage2.steps < self.partition.num_clusters:
             raise ConfigError(f"stage2.steps: must be >= partition.num_clusters ({self.partition.num_clusters}) "
                               f"so every expert trains, got {self.stage2.steps}")
+
+    @property
+    def extra_stages(self) -> tuple[str, ...]:
+        """The learned router (``"router"``) under the masked schedule; none under AR."""
+        return (ROUTER_STAGE,) if self.schedule == "masked" else ()
+
+    def with_schedule(self, schedule: str | None) -> ExperimentConfig:
+        """``--schedule ar|masked`` overrides the config's schedule; the run is then named
+        ``<name>-<schedule>`` (its own run directory)."""
+        if schedule is None or schedule == self.schedule:
+            return self
+        return self.replace(schedule=schedule, name=f"{self.name}-{schedule}")
 
 
 def load_config(name_or_path: str = "default") -> ExperimentConfig:

@@ -210,6 +210,16 @@ class TextData:
     def bos_id(self) -> int:
         return int(self.summary["bos_id"])
 
+    @property
+    def num_train_examples(self) -> int:
+        """Training examples (train sequences) of stage 1 and the dense model."""
+        return len(self.sequences["train"])
+
+    @property
+    def num_train_units(self) -> int:
+        """Train documents (what the partition clusters)."""
+        return len(self.splits["train"].ids)
+
 
 def load_data(config: ExperimentConfig, run: RunDir, log=print) -> TextData:
     """The data stage (if not done), then every split, its sequences and the tokenizer."""

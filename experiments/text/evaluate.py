@@ -33,14 +33,28 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from dfm.decentral import (
+    BayesFilterRouter,
+    CallableRouter,
+    CentroidRouter,
+    FixedRouter,
+    Partition,
+    TextFeaturizer,
+    fit_centroid_router,
+    mixture_token_log_probs,
+)
 from dfm.progress import progress_bar
+from experiments.engine.graph import Assignments, available_experts, expert_names, load_assignments
 from experiments.engine.intervals import partition_entropy
-from experiments.engine.rundir import load_file
-from experiments.engine.stages import (Assignments, Context, expert_names, load_assignments, load_stage_model,
-                                       training_stages)
+from experiments.engine.rundir import RunDir, load_file
+from experiments.engine.training import load_stage_model
 from experiments.text import scoring
+from experiments.text.config import ExperimentConfig
 from experiments.text.data import TextData
+from experiments.text.export import featurizer_path
+from experiments.text.modeling import kappa_schedule, new_model, router_factory
 from experiments.text.samples import generate
 
 
@@ -169,26 +183,30 @@ class EvalInputs:
         return bool((self.position >= 0).all())
 
 
-def evaluate(ctx: Context, data: TextData) -> dict:
-    """Score every system; returns the results dict used by `experiments.text.report`."""
-    from dfm.decentral import CentroidRouter, Partition, TextFeaturizer
+def evaluate(config: ExperimentConfig, run: RunDir, data: TextData, stages: list[str], *,
+             skip_experts: tuple[int, ...] = (), progress: bool = True) -> dict:
+    """Score every system; returns the results dict used by `experiments.text.report`.
 
-    c, run = ctx.config, ctx.run
+    Args:
+      stages: the run's training stages (`experiments.engine.graph.training_stages`), whose wall
+        times the systems are charged.
+      skip_experts: experts left out: the ensembles route among the others, the oracle is dropped.
+    """
+    c = config
     k, seq_len = c.partition.num_clusters, c.data.seq_len
-    assignments = load_assignments(ctx)
-    from experiments.text.export import featurizer_path
-
+    assignments = load_assignments(run, k)
     featurizer = load_file(featurizer_path(run.partition), TextFeaturizer.load, "featurizer")
     partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
     test = eval_set(data, assignments, "test", featurizer, seq_len, c.data.max_eval_docs, c.eval.max_scored_per_doc)
     val = eval_set(data, assignments, "val", featurizer, seq_len, 0, c.eval.max_scored_per_doc)
-    avail = np.flatnonzero(ctx.available)
+    avail = np.flatnonzero(available_experts(c, skip_experts))
     experts, randoms = [expert_names(c)[i] for i in avail], expert_names(c, random=True)
     position = np.full(k, -1)
     position[avail] = np.arange(len(avail))
     routed = partition if len(avail) == k else partition.subset(avail)   # lost experts: route among the rest
-    models = {n: load_stage_model(ctx, data, n) for n in ["base", "dense", *experts, *randoms]}
-    wall = {n: run.stage_info(n)["wall_time_s"] for n in training_stages(ctx)}
+    models = {n: load_stage_model(run, n, lambda: new_model(c, data.vocab_size, c.seed))
+              for n in ["base", "dense", *experts, *randoms]}
+    wall = {n: run.stage_info(n)["wall_time_s"] for n in stages}
     train_s = {"base": wall["base"], "dense": wall["base"] + wall["dense"],
                "experts": wall["base"] + sum(wall[e] for e in experts),
                "random": wall["base"] + sum(wall[e] for e in randoms),
@@ -199,14 +217,14 @@ def evaluate(ctx: Context, data: TextData) -> dict:
                         int(test.scored.sum()) * seq_len, train_s, position)
     t_eval = time.perf_counter()
     evaluate_schedule = _evaluate_ar if c.schedule == "ar" else _evaluate_masked
-    systems, per_seq, weights_doc, temperature = evaluate_schedule(ctx, data, inputs)
+    systems, per_seq, weights_doc, temperature = evaluate_schedule(c, run, data, inputs, progress)
     clusters, s11 = _s11_terms(per_seq, test, k, seq_len)
     seq_labels = test.labels[test.doc[test.scored]]
     for cl in clusters:                      # every system on each true cluster's scored tokens
         m = seq_labels == cl["cluster"]
         cl["systems"] = {sy["name"]: (float(sy["nll_per_sequence"][m].sum() / cl["tokens"]) if cl["tokens"] else None)
                          for sy in systems}
-    samples = generate(ctx, data, models, experts, inputs.priors)
+    samples = generate(c, run, data, models, experts, inputs.priors)
     arrays = {"x1": test.x1, "doc": test.doc, "context": test.context, "labels": test.labels,
               "priors": inputs.priors, "random_priors": inputs.random_priors}
     for system in systems:
@@ -222,7 +240,7 @@ def evaluate(ctx: Context, data: TextData) -> dict:
                  "documents_without_context_features": int((~test.has_features).sum()),
                  "val_documents": len(val.ids), "priors": inputs.priors.tolist(),
                  "centroid_topk_temperature": temperature, "top_k": c.eval.top_k,
-                 "skipped_experts": list(ctx.skip_experts),
+                 "skipped_experts": list(skip_experts),
                  "wall_time_s": time.perf_counter() - t_eval},
         "systems": systems,
         "clusters": clusters,
@@ -290,8 +308,6 @@ def _own_cluster_nll(lp_experts: np.ndarray, position: np.ndarray) -> np.ndarray
 def _fixed_mixture_nll(lp_experts: np.ndarray, weights_seq: np.ndarray) -> np.ndarray:
     """Per-sequence NLL ``[n]`` of the mixture with fixed per-sequence weights ``[n, K]`` (THEORY S8),
     from the experts' token log-probs ``[K, n, L]``."""
-    from dfm.decentral import FixedRouter, mixture_token_log_probs
-
     scores = mixture_token_log_probs(FixedRouter(jnp.asarray(weights_seq, jnp.float32)),
                                      jnp.asarray(lp_experts, jnp.float32))
     return -np.asarray(scores.log_probs, np.float64).sum(axis=1)
@@ -301,8 +317,6 @@ def _bayes_mixture_nll(lp_experts: np.ndarray, priors: np.ndarray, test: EvalSet
     """Bayes-filter mixture (THEORY S9) over each test document's tokens in order (context chunk
     first): per scored sequence NLL ``[n_scored]`` and each document's mean weights over its scored
     tokens ``[D, K]``. `lp_experts`: ``[K, n, L]`` token log-probs of all the documents' chunks."""
-    from dfm.decentral import BayesFilterRouter, mixture_token_log_probs
-
     num, docs = lp_experts.shape[0], len(test.ids)
     rows = [np.flatnonzero(test.doc == d) for d in range(docs)]     # chunk order: context first
     width = max(len(r) for r in rows) * seq_len
@@ -322,12 +336,11 @@ def _bayes_mixture_nll(lp_experts: np.ndarray, priors: np.ndarray, test: EvalSet
     return nll[test.scored], weights_doc
 
 
-def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
-    from dfm.decentral import fit_centroid_router
-
-    c, models, test, val = ctx.config, inp.models, inp.test, inp.val
+def _evaluate_ar(config: ExperimentConfig, run: RunDir, data: TextData, inp: EvalInputs, progress: bool):
+    del run                                 # the AR systems need no further model
+    c, models, test, val = config, inp.models, inp.test, inp.val
     bs, experts, randoms = c.eval.batch_size, inp.experts, inp.randoms
-    bar = progress_bar(len(models) + len(experts), desc="evaluate", disable=not ctx.progress)
+    bar = progress_bar(len(models) + len(experts), desc="evaluate", disable=not progress)
     lp, secs = scoring.ar_log_probs(models, test.x1, data.bos_id, bs, progress=bar.update)
     lp_val, _ = scoring.ar_log_probs({e: models[e] for e in experts}, val.x1, data.bos_id, bs, progress=bar.update)
     bar.close()
@@ -381,13 +394,8 @@ def _evaluate_ar(ctx: Context, data: TextData, inp: EvalInputs):
     return systems, per_seq, weights_doc, float(topk.temperature)
 
 
-def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
-    from flax import nnx
-
-    from dfm.decentral import CallableRouter, FixedRouter, fit_centroid_router
-    from experiments.text.modeling import kappa_schedule, router_factory
-
-    c, models, test, val, experts, randoms = ctx.config, inp.models, inp.test, inp.val, inp.experts, inp.randoms
+def _evaluate_masked(config: ExperimentConfig, run: RunDir, data: TextData, inp: EvalInputs, progress: bool):
+    c, models, test, val, experts, randoms = config, inp.models, inp.test, inp.val, inp.experts, inp.randoms
     vocab, bs = data.vocab_size, c.eval.batch_size
     schedule = kappa_schedule(c)
     draws = dict(num_draws=c.masked.elbo_samples, seed=c.eval.seed, batch_size=bs)
@@ -396,7 +404,7 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
     n_val_batches = -(-int(vs.sum()) // bs) * c.masked.elbo_samples
     scored = test.scored
     n_test_batches = -(-int(scored.sum()) // bs) * c.masked.elbo_samples
-    bar = progress_bar(n_val_batches + n_test_batches, desc="evaluate", disable=not ctx.progress)
+    bar = progress_bar(n_val_batches + n_test_batches, desc="evaluate", disable=not progress)
     elbo_val, _, _ = scoring.masked_elbo({e: models[e] for e in experts}, val.x1[vs], schedule, vocab,
                                          ensembles={}, progress=bar.update, **draws)
     ll = np.zeros((len(val.ids), len(experts)))
@@ -404,7 +412,7 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
         np.add.at(ll[:, j], val.doc[vs], -elbo_val[e])
     topk = fit_centroid_router(inp.topk, val.features[val.has_features], ll[val.has_features])
     doc = test.doc[scored]
-    router = load_stage_model(ctx, data, "router", router_factory(c, vocab))
+    router = load_stage_model(run, "router", router_factory(c, vocab))
     kept = jnp.asarray(np.flatnonzero(inp.position >= 0))
     # the classifier over the available experts: its softmax restricted to their logits
     learned_weights = nnx.jit(lambda r, x_t, t: jax.nn.softmax(r.logits(x_t, t)[:, kept], axis=-1))
@@ -455,9 +463,6 @@ def _evaluate_masked(ctx: Context, data: TextData, inp: EvalInputs):
 def context_use(denoiser, x1: np.ndarray, mask_id: int, seed: int, batch_size: int) -> dict:
     """Does the denoiser use context? Its mean cross-entropy (nats) on masked positions when all
     positions are masked (= what a unigram model can do) and when 10% / 50% are masked."""
-    import jax
-    import jax.numpy as jnp
-
     out = {}
     for name, frac in (("all_masked", 1.0), ("half_masked", 0.5), ("tenth_masked", 0.1)):
         total, count = 0.0, 0

@@ -25,10 +25,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dfm.decentral import CentroidRouter, Partition, TextFeaturizer
+from dfm.hf import save_decentralized, save_pretrained
 from dfm.io import raise_naming
-from experiments.engine.rundir import load_file, read_json
-from experiments.engine.stages import Context, expert_names, load_assignments, load_stage_model
+from experiments.engine.graph import expert_names, load_assignments
+from experiments.engine.rundir import RunDir, load_file, read_json
+from experiments.engine.training import load_stage_model
+from experiments.text.config import ExperimentConfig
 from experiments.text.data import TextData
+from experiments.text.modeling import new_model
 
 #: The exported tokenizers' chat template (Jinja, in tokenizer_config.json): a plain
 #: "### User / ### Assistant" layout (the vocabulary has no chat special tokens, so no ChatML).
@@ -74,39 +79,42 @@ def export_tokenizer(tokenizer, directory: Path, *, pretrained: bool = False, bo
     return directory
 
 
-def export(ctx: Context, data: TextData) -> dict:
-    """Write ``<run>/export/dense`` and ``<run>/export/decentralized`` (module doc); returns the
-    stage's marker info (the directories, or the reason nothing was written)."""
-    from dfm.decentral import CentroidRouter, Partition, TextFeaturizer
-    from dfm.hf import save_decentralized, save_pretrained
-
-    c, run = ctx.config, ctx.run
+def export(config: ExperimentConfig, run: RunDir, data: TextData, *, skip_experts: tuple[int, ...] = (),
+           log=print) -> dict:
+    """Write ``<run>/export/dense`` and ``<run>/export/decentralized`` (module doc; with experts
+    `skip_experts` left out, no decentralized directory); returns the stage's marker info (the
+    directories, or the reason nothing was written)."""
+    c = config
     if c.schedule != "ar":
         reason = ("masked schedule: the decoders are bidirectional and HF's LlamaForCausalLM is causal, so "
                   "there is no HF model to export them to")
-        ctx.log(f"[export] skipped: {reason}")
+        log(f"[export] skipped: {reason}")
         return {"dense": None, "decentralized": None, "skipped": reason}
     out_dir = run.root / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.tmp"))
+
+    def factory():
+        return new_model(c, data.vocab_size, c.seed)
+
     try:
         tok_dir = export_tokenizer(data.tokenizer, tmp, pretrained=bool(c.model.init_from), bos_id=data.bos_id)
-        out = {"dense": str(save_pretrained(load_stage_model(ctx, data, "dense"), out_dir / "dense",
+        out = {"dense": str(save_pretrained(load_stage_model(run, "dense", factory), out_dir / "dense",
                                             tokenizer=tok_dir, overwrite=True))}
-        if ctx.skip_experts:
-            ctx.log(f"[export] expert(s) {list(ctx.skip_experts)} skipped: no decentralized directory written")
-            return out | {"decentralized": None, "skipped_experts": list(ctx.skip_experts)}
+        if skip_experts:
+            log(f"[export] expert(s) {list(skip_experts)} skipped: no decentralized directory written")
+            return out | {"decentralized": None, "skipped_experts": list(skip_experts)}
         partition = load_file(run.partition / "partition.npz", Partition.load, "partition")
         featurizer = load_file(featurizer_path(run.partition), TextFeaturizer.load, "featurizer")
         ev = read_json(run.report_json)["eval"]
         router = CentroidRouter(partition, temperature=float(ev["centroid_topk_temperature"]),
                                 top_k=min(int(ev["top_k"]), partition.num_clusters))
-        experts = [load_stage_model(ctx, data, e) for e in expert_names(c)]
-        priors = load_assignments(ctx).priors(c.partition.num_clusters)
+        experts = [load_stage_model(run, e, factory) for e in expert_names(c)]
+        priors = load_assignments(run, c.partition.num_clusters).priors(c.partition.num_clusters)
         out["decentralized"] = str(save_decentralized(out_dir / "decentralized", experts, partition, router=router,
                                                       priors=priors, featurizer=featurizer, tokenizer=tok_dir,
                                                       overwrite=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ctx.log(f"[export] HF directories: {out['dense']}, {out['decentralized']}")
+    log(f"[export] HF directories: {out['dense']}, {out['decentralized']}")
     return out

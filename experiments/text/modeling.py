@@ -20,6 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfm import schedules
+from dfm.autoregressive import shift_right
+from dfm.decentral import LearnedRouter
+from dfm.hf import CheckpointError, load_pretrained, read_config
+from dfm.hf.configs import decoder_config_from_hf
+from dfm.losses import ar_nll, dfm_loss
+from dfm.models import Decoder, DecoderConfig
+from dfm.train.tiled_loss import causal_lm_loss
 from experiments.engine.task import DataError
 from experiments.text.config import ExperimentConfig
 
@@ -39,9 +47,6 @@ def pretrained_decoder_config(config: ExperimentConfig):
         not a Llama / Qwen2 model or uses an unsupported feature, or is not a causal LM with one
         logit per token (an exported masked denoiser); the message names the path.
     """
-    from dfm.hf import CheckpointError, read_config
-    from dfm.hf.configs import decoder_config_from_hf
-
     path, n = init_from_path(config), config.numerics
     if not path.is_dir():
         raise DataError(f"model.init_from: {path} is not a directory (expected a local HF checkpoint directory)")
@@ -63,8 +68,6 @@ def decoder_config(config: ExperimentConfig, vocab: int):
     With ``model.init_from`` it is the checkpoint's (`pretrained_decoder_config`): `vocab` and
     every ``[model]`` size are ignored (the data stage sets ``vocab_size`` to the checkpoint's).
     """
-    from dfm.models import DecoderConfig
-
     if config.model.init_from:
         return pretrained_decoder_config(config)
     m = config.model
@@ -104,12 +107,8 @@ def new_model(config: ExperimentConfig, vocab: int, seed: int):
       DataError: a checkpoint that cannot be used (`pretrained_decoder_config`), or whose weights
         are missing, truncated or of the wrong shape (naming the file and tensor).
     """
-    from dfm.models import Decoder
-
     if not config.model.init_from:
         return Decoder(decoder_config(config, vocab), rngs=nnx.Rngs(seed))
-    from dfm.hf import CheckpointError, load_pretrained
-
     dc = pretrained_decoder_config(config)
     if _tracing():
         return Decoder(dc, rngs=nnx.Rngs(seed))
@@ -126,8 +125,6 @@ def new_model(config: ExperimentConfig, vocab: int, seed: int):
 
 def router_config(config: ExperimentConfig, vocab: int):
     """`DecoderConfig` of the learned router's trunk: bidirectional, embeds vocab + 1 states."""
-    from dfm.models import DecoderConfig
-
     r = config.router
     return DecoderConfig(vocab_size=vocab + 1, hidden_size=r.hidden_size, intermediate_size=2 * r.hidden_size,
                          num_layers=r.num_layers, num_heads=r.num_heads, causal=False,
@@ -136,8 +133,6 @@ def router_config(config: ExperimentConfig, vocab: int):
 
 def new_router(config: ExperimentConfig, vocab: int, seed: int):
     """A fresh `dfm.decentral.LearnedRouter` over K experts, fed the step t / T (THEORY S10)."""
-    from dfm.decentral import LearnedRouter
-
     return LearnedRouter(router_config(config, vocab), config.partition.num_clusters,
                          num_steps=config.masked.num_steps, rngs=nnx.Rngs(seed))
 
@@ -149,8 +144,6 @@ def router_factory(config: ExperimentConfig, vocab: int):
 
 def kappa_schedule(config: ExperimentConfig):
     """The masked schedule: `dfm.schedules.discretize(scheduler, seq_len, num_steps)`."""
-    from dfm import schedules
-
     mc = config.masked
     scheduler = {
         "polynomial": lambda: schedules.PolynomialScheduler(mc.exponent),
@@ -161,28 +154,28 @@ def kappa_schedule(config: ExperimentConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def ar_loss_fn(bos_id: int):
+def ar_loss_fn(bos_id: int, loss_chunk: int = 0):
     """``loss_fn(model, x1 [batch, L], key) -> (mean NLL per token, {"tokens"})`` (THEORY S5(d)).
 
-    Cached per `bos_id` so that every stage reuses one jitted training step.
+    `loss_chunk` > 0: the vocabulary-tiled cross-entropy (`dfm.train.tiled_loss.causal_lm_loss`,
+    ``[numerics] loss_chunk``); 0: the full logits. Cached per arguments so that every stage reuses
+    one jitted training step.
     """
-    from dfm.autoregressive import shift_right
-    from dfm.losses import ar_nll
-
     def loss_fn(model, x1, key):
         del key
+        tokens = jnp.asarray(x1.size, jnp.float32)
+        if loss_chunk:
+            loss, _ = causal_lm_loss(model, shift_right(x1, bos_id), x1, chunk=loss_chunk)
+            return loss, {"tokens": tokens}
         nll = ar_nll(model(shift_right(x1, bos_id)), x1)
-        return jnp.mean(nll) / x1.shape[1], {"tokens": jnp.asarray(x1.size, jnp.float32)}
+        return jnp.mean(nll) / x1.shape[1], {"tokens": tokens}
 
     return loss_fn
 
 
 @functools.lru_cache(maxsize=None)
 def _masked_loss_fn(kappa_bytes: bytes, shape: tuple[int, int], mask_id: int, t_sampling: str):
-    from dfm.losses import dfm_loss
-    from dfm.schedules import from_kappa
-
-    schedule = from_kappa(np.frombuffer(kappa_bytes, dtype=np.float32).reshape(shape))
+    schedule = schedules.from_kappa(np.frombuffer(kappa_bytes, dtype=np.float32).reshape(shape))
 
     def loss_fn(model, x1, key):
         loss = dfm_loss(key, model, x1, schedule, mask_id=mask_id, t_sampling=t_sampling)
@@ -213,5 +206,5 @@ def masked_loss_fn(schedule, mask_id: int, t_sampling: str = MASKED_T_SAMPLING):
 def training_loss_fn(config: ExperimentConfig, vocab: int, bos_id: int):
     """The loss of every language-model stage under the config's schedule."""
     if config.schedule == "ar":
-        return ar_loss_fn(bos_id)
+        return ar_loss_fn(bos_id, config.numerics.loss_chunk)
     return masked_loss_fn(kappa_schedule(config), vocab)

@@ -21,7 +21,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
+from dfm.decentral.temperature import temperature_note
+from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token
 from experiments.engine.intervals import (
     VERDICT_RULE,
     paired_bootstrap,
@@ -34,8 +38,10 @@ from experiments.engine.rundir import (
     atomic_write_json,
     atomic_write_text,
 )
-from experiments.engine.stages import Context, training_stages
+from experiments.engine.rundir import RunDir
 from experiments.text import plots
+from experiments.text.config import STAGE1, ExperimentConfig
+from experiments.text.modeling import decoder_config, router_config
 
 TOKEN_COUNTING = (
     "Training tokens = optimizer steps x batch_size x seq_len (every position of a sequence is a "
@@ -76,9 +82,6 @@ def flops_entry(config, vocab: int, systems: list[dict], num_experts: int, num_r
     ``inference_flops_per_token`` (that many forward passes of one model, plus the learned router's
     trunk for ``ensemble/learned``), and returns the report's ``compute["flops"]``: the per-model
     counts and the training FLOPs (tokens x 3 x forward) of each entry of `stage_tokens`."""
-    from dfm.models.flops import COUNTED, SOURCE, experts_evaluated, flops_per_token
-    from experiments.text.modeling import decoder_config, router_config
-
     seq_len = config.data.seq_len
     model = flops_per_token(decoder_config(config, vocab), seq_len)
     router = None
@@ -95,12 +98,13 @@ def flops_entry(config, vocab: int, systems: list[dict], num_experts: int, num_r
             "training_flops": {name: tokens * model.training for name, tokens in stage_tokens.items()}}
 
 
-def build_report(ctx: Context, results: dict) -> dict:
-    """Assemble report.json's contents from the evaluation results and the stage markers."""
-    run, c = ctx.run, ctx.config
+def build_report(config: ExperimentConfig, run: RunDir, results: dict, stage_names: list[str]) -> dict:
+    """Assemble report.json's contents from the evaluation results and the markers of the run's
+    training stages `stage_names`."""
+    c = config
     if "arrays" in results and not all("delta_vs_dense" in s for s in results["systems"]):
         dense_comparison(results, c.data.seq_len, c.seed, c.eval.parity_margin, c.eval.bootstrap_resamples)
-    stages = {s: run.stage_info(s) for s in training_stages(ctx)}
+    stages = {s: run.stage_info(s) for s in stage_names}
     experts = [s for s in stages if s.startswith("expert-")]
     randoms = [s for s in stages if s.startswith("random-")]
     compute = {
@@ -273,8 +277,6 @@ def flops_lines(flops: dict | None) -> list[str]:
 def temperature_line(rep: dict) -> str:
     """The fitted temperature of the top-k centroid router, and whether the fit sits at a search bound
     (`dfm.decentral.temperature.temperature_note`: no interior maximum, the limit it stands for)."""
-    from dfm.decentral.temperature import temperature_note
-
     ev = rep["eval"]
     t = ev.get("centroid_topk_temperature")
     if t is None:
@@ -314,13 +316,12 @@ def delta_text(system: dict, dense: dict) -> str:
     return f"{d['mean']:+.4f} ± {sd}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
 
 
-def write_report(ctx: Context, results: dict) -> dict:
+def write_report(config: ExperimentConfig, run: RunDir, results: dict, stage_names: list[str]) -> dict:
     """Write plots, report.json and report.md (atomically); returns the report dict."""
-    rep = build_report(ctx, results)
-    run = ctx.run
-    stages = {s: run.stage_info(s) for s in training_stages(ctx)}
+    rep = build_report(config, run, results, stage_names)
+    stages = {s: run.stage_info(s) for s in stage_names}
     loss_curves(stages, run.plots / "loss_curves.png",
-                f"{ctx.config.name}: training loss (lines), validation loss (dots; star: the kept step)", first="base")
+                f"{config.name}: training loss (lines), validation loss (dots; star: the kept step)", first=STAGE1)
     plots.router_heatmaps(rep["router_weights_by_true_cluster"], run.plots / "router_weights.png")
     plots.cluster_sizes(rep["partition"], run.plots / "cluster_sizes.png",
                         evaluated=[cl["documents"] for cl in rep["clusters"]])
@@ -332,9 +333,6 @@ def write_report(ctx: Context, results: dict) -> dict:
 
 def print_summary(rep: dict) -> None:
     """A short rich table of the systems (loss, perplexity, Δ vs dense) and the S11 terms."""
-    from rich.console import Console
-    from rich.table import Table
-
     masked = rep["schedule"] == "masked"
     table = Table(title=f"{rep['config']['name']} ({rep['schedule']}): {rep['eval']['scored_tokens']:,} held-out tokens"
                         + (" - ELBO, perplexity is an upper bound" if masked else ""))

@@ -17,17 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfm.decentral import BayesFilterRouter, FixedRouter, mixture_generate
-from experiments.engine.stages import Context, load_stage_model
+from dfm.decentral import (
+    BayesFilterRouter,
+    FixedRouter,
+    ensemble_init_state,
+    ensemble_posterior_fn,
+    mixture_generate,
+)
+from dfm.paths import mask_source
+from dfm.samplers import posterior_fn_from_denoiser, sample_discrete
+from experiments.engine.rundir import RunDir
+from experiments.engine.training import load_stage_model
+from experiments.text.config import ExperimentConfig
 from experiments.text.data import TextData
 from experiments.text.modeling import kappa_schedule, router_factory
 
 
 def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, temperature: float):
-    from dfm.decentral import ensemble_init_state, ensemble_posterior_fn
-    from dfm.paths import mask_source
-    from dfm.samplers import posterior_fn_from_denoiser, sample_discrete
-
     length = schedule.length
 
     @jax.jit
@@ -47,9 +53,11 @@ def _masked_sampler(graphdefs, router_graphdef, num: int, schedule, vocab: int, 
     return go
 
 
-def generate(ctx: Context, data: TextData, models: dict, experts: list, priors: np.ndarray) -> dict:
-    """``{"dense": [text], "ensemble": [text], "router": str, "seed": int, "temperature": float}``."""
-    c = ctx.config
+def generate(config: ExperimentConfig, run: RunDir, data: TextData, models: dict, experts: list,
+             priors: np.ndarray) -> dict:
+    """``{"dense": [text], "ensemble": [text], "router": str, "seed": int, "temperature": float}``
+    (the masked schedule's ensemble loads the run's learned router)."""
+    c = config
     num = c.eval.num_samples
     if num == 0:
         return {"dense": [], "ensemble": [], "router": None}
@@ -67,7 +75,7 @@ def generate(ctx: Context, data: TextData, models: dict, experts: list, priors: 
     else:
         schedule = kappa_schedule(c)
         split = {name: nnx.split(models[name]) for name in ["dense", *experts]}
-        router_gd, router_state = nnx.split(load_stage_model(ctx, data, "router", router_factory(c, vocab)))
+        router_gd, router_state = nnx.split(load_stage_model(run, "router", router_factory(c, vocab)))
         go = _masked_sampler((split["dense"][0],), None, num, schedule, vocab, c.eval.temperature)
         out["dense"] = np.asarray(go((split["dense"][1],), None, key))
         go = _masked_sampler(tuple(split[n][0] for n in experts), router_gd, num, schedule, vocab, c.eval.temperature)

@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfm.decentral import mix_log_probs
 from dfm.inference import token_log_probs
+from dfm.losses import dfm_cross_entropy
+from dfm.paths import sample_masked_path
 
 
 @nnx.jit
@@ -48,8 +51,6 @@ def masked_draws(x1: np.ndarray, schedule, mask_id: int, num_draws: int, seed: i
     ``t [b]`` and ``x_t [b, L]`` come from ``fold_in(fold_in(PRNGKey(seed), start), r)``: the same
     for every system scored.
     """
-    from dfm.paths import sample_masked_path
-
     base = jax.random.PRNGKey(seed)
     for start, stop in _padded_batches(len(x1), batch_size):
         xb = jnp.asarray(pad_rows(x1[start:stop], batch_size))
@@ -62,16 +63,12 @@ def masked_draws(x1: np.ndarray, schedule, mask_id: int, num_draws: int, seed: i
 
 
 def _elbo_terms(schedule, mask_id):
-    from dfm.losses import dfm_cross_entropy
-
     @jax.jit
     def single(logits, x1, x_t, t):
         return schedule.num_steps * dfm_cross_entropy(logits, x1, x_t, schedule.rates()[t], mask_id=mask_id)
 
     @jax.jit
     def mixed(expert_logits, weights, x1, x_t, t):
-        from dfm.decentral import mix_log_probs
-
         return single(mix_log_probs(expert_logits, weights), x1, x_t, t)
 
     return single, mixed

@@ -25,21 +25,27 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def job(run_dir):
-    """The job's context, data, report, test questions (as its evaluation lays them out) and experts."""
-    from experiments.engine import stages
+    """The job's run directory, data, report, test questions (as its evaluation lays them out), experts
+    and a loader of each stage's model."""
+    from experiments.engine.pipeline import open_run
+    from experiments.engine.training import load_stage_model
     from experiments.mllm.evaluate import QuestionSet, select_questions
     from experiments.registry import load_job
 
     task, config = load_job("mllm-tiny")
-    ctx = stages.open_context(task, config, run_dir, progress=False, log=lambda *a: None)
-    data = task.prepare_data(ctx)
+    run = open_run(config, run_dir)
+    data = task.prepare_data(config, run, log=lambda *a: None)
+
+    def stage_model(stage):
+        return load_stage_model(run, stage, lambda: task.new_model(config, data))
+
     rep = json.loads((run_dir / "report.json").read_text())
-    rows = select_questions(data.questions["test"], ctx.config.data.max_test)
+    rows = select_questions(data.questions["test"], config.data.max_test)
     assert [r["id"] for r in rows] == [r["id"] for r in rep["test_rows"]]
     qs = QuestionSet(rows, data.tokenizer, data.arrays["images_test"], data.summary["num_image_tokens"],
                      data.image_token_id)
-    experts = [stages.load_stage_model(ctx, data, f"expert-{k}") for k in range(2)]
-    return {"ctx": ctx, "data": data, "rep": rep, "qs": qs, "experts": experts}
+    experts = [stage_model(f"expert-{k}") for k in range(2)]
+    return {"run": run, "model": stage_model, "data": data, "rep": rep, "qs": qs, "experts": experts}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,6 @@ def _images(job, idx=None):
 
 def test_route_is_the_jobs_centroid_routing_of_the_images(model, job):
     from dfm.decentral import CentroidRouter, Partition
-    from experiments.engine import stages
     from experiments.mllm import modeling
 
     assert model.multimodal and isinstance(model.router, CentroidRouter)
@@ -72,12 +77,12 @@ def test_route_is_the_jobs_centroid_routing_of_the_images(model, job):
     # the job's evaluation (report.json) routed the same test images with the same top-2 router
     np.testing.assert_allclose(w, np.asarray(job["rep"]["weights"]["centroid-top2"]), atol=1e-6)
     # recomputed with the job's functions: stage-1 tower features (the partition's) + the exported router
-    ctx, data = job["ctx"], job["data"]
-    stage1 = stages.load_stage_model(ctx, data, "stage1")
+    run = job["run"]
+    stage1 = job["model"]("stage1")
     feats = modeling.image_features(stage1, images, 8)
     np.testing.assert_allclose(model.image_features(images), feats, atol=1e-5)
-    np.testing.assert_allclose(feats, np.load(ctx.run.partition / "features.npz")["test"][job["qs"].image], atol=1e-5)
-    router = CentroidRouter(Partition.load(ctx.run.partition / "partition.npz"),
+    np.testing.assert_allclose(feats, np.load(run.partition / "features.npz")["test"][job["qs"].image], atol=1e-5)
+    router = CentroidRouter(Partition.load(run.partition / "partition.npz"),
                             temperature=job["rep"]["temperature"], top_k=2)
     np.testing.assert_allclose(w, np.asarray(router.route(feats), np.float64), atol=1e-6)
     # top-1 (an override at load) is the partition function: the report's centroid-top1 / test clusters

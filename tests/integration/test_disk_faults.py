@@ -271,7 +271,7 @@ def test_full_disk_while_saving_the_tokenizer(tmp_path, monkeypatch, capsys):
 
 
 def test_a_disk_fault_outside_a_stage_names_the_run_directory_or_the_command(tmp_path, monkeypatch, capsys):
-    from experiments.engine import rundir, stages
+    from experiments.engine import pipeline, rundir
 
     def full(path, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -282,7 +282,7 @@ def test_a_disk_fault_outside_a_stage_names_the_run_directory_or_the_command(tmp
         assert _run("partition", "--out", str(out)) == 1
     assert capsys.readouterr().err == (f"dfm: error: run directory: no space left on the device (ENOSPC) writing "
                                        f"{out / 'resolved.toml'}; {FREE}\n")
-    monkeypatch.setattr(stages, "load_data", lambda ctx: full(ctx.run.root / "elsewhere"))
+    monkeypatch.setattr(pipeline, "load_data", lambda task, config, run, options: full(run.root / "elsewhere"))
     assert _run("partition", "--out", str(out)) == 1
     assert capsys.readouterr().err == (f"dfm: error: dfm partition: no space left on the device (ENOSPC) writing "
                                        f"{out / 'elsewhere'}; {FREE}\n")
@@ -295,13 +295,16 @@ def test_model_sha256_hashes_the_parameters(reference, tmp_path):
 
     from dfm.train import save_model
     from dfm.train.checkpoint import model_sha256
-    from experiments.engine import stages
+    from experiments.engine.pipeline import open_run
     from experiments.engine.rundir import directory_digest
+    from experiments.engine.training import load_stage_model
     from experiments.text.config import load_config
     from experiments.text.task import TextTask
 
-    ctx = stages.open_context(TextTask(), load_config("tiny"), reference, progress=False, log=lambda *a: None)
-    model = stages.load_stage_model(ctx, TextTask().prepare_data(ctx), "dense")
+    task, config = TextTask(), load_config("tiny")
+    run = open_run(config, reference)
+    data = task.prepare_data(config, run, log=lambda *a: None)
+    model = load_stage_model(run, "dense", lambda: task.new_model(config, data))
     save_model(model, tmp_path / "a")
     save_model(model, tmp_path / "b")
     assert model_sha256(tmp_path / "a") == model_sha256(tmp_path / "b") == _model_digests(reference)["dense"]

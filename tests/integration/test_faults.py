@@ -32,12 +32,15 @@ def _losses(run_dir: Path) -> dict:
 def _params(run_dir: Path, stage: str) -> dict:
     from flax import nnx
 
-    from experiments.engine import stages
+    from experiments.engine.pipeline import open_run
+    from experiments.engine.training import load_stage_model
     from experiments.text.config import load_config
     from experiments.text.task import TextTask
 
-    ctx = stages.open_context(TextTask(), load_config("tiny"), run_dir, progress=False, log=lambda *a: None)
-    model = stages.load_stage_model(ctx, TextTask().prepare_data(ctx), stage)
+    task, config = TextTask(), load_config("tiny")
+    run = open_run(config, run_dir)
+    data = task.prepare_data(config, run, log=lambda *a: None)
+    model = load_stage_model(run, stage, lambda: task.new_model(config, data))
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -221,9 +224,9 @@ def test_bad_settings_fail_early_with_a_clear_message(reference, tmp_path, capsy
     err = capsys.readouterr().err
     assert "base: the loss is nan at step" in err and "lower it" in err
     cfg.write_text('[data]\nseq_len = 8192\nvocab_size = 512\n[eval]\nsample_length = 16\n')
-    from experiments.engine import stages
+    from experiments.engine import pipeline
 
-    monkeypatch.setattr(stages, "physical_memory_bytes", lambda: 2**30)   # the same on any machine
+    monkeypatch.setattr(pipeline, "physical_memory_bytes", lambda: 2**30)   # the same on any machine
     main(["partition", "--config", str(cfg), "--out", str(tmp_path / "long"), "--quiet"])
     assert "warning: a training stage needs about" in capsys.readouterr().out
 

@@ -14,7 +14,7 @@ from scipy.special import logsumexp
 from tiny_models import assert_same_run, same_numbers
 
 from experiments.cli import main
-from experiments.engine import stages
+from experiments.engine import graph, pipeline, training
 from experiments.text.config import ExperimentConfig, load_config
 from experiments.text.task import TextTask
 
@@ -22,15 +22,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TASK = TextTask()
 
 
-def _context(config, out):
-    return stages.open_context(TASK, config, out, progress=False, log=lambda *a: None)
+QUIET = graph.RunOptions(progress=False, log=lambda *a: None)
+
+
+def _open(config, out):
+    """`config`'s run directory `out` and its data (the data stage when not yet done)."""
+    run = pipeline.open_run(config, out)
+    return run, TASK.prepare_data(config, run, log=QUIET.log)
+
+
+def _model(config, run, data, stage):
+    return training.load_stage_model(run, stage, lambda: TASK.new_model(config, data))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The data stage of the tiny config, built once and copied into each run directory."""
     root = tmp_path_factory.mktemp("data_source")
-    TASK.prepare_data(_context(load_config("tiny"), root / "run"))
+    _open(load_config("tiny"), root / "run")
     return root / "run"
 
 
@@ -63,13 +72,12 @@ def test_every_reported_loss_recomputes_from_the_saved_models(ar_run):
     rep = json.loads((ar_run / "report.json").read_text())
     scores = np.load(ar_run / "scores.npz")
     config = load_config("tiny")
-    ctx = _context(config, ar_run)
-    data = TASK.prepare_data(ctx)
+    run, data = _open(config, ar_run)
     x1, doc, context, labels = scores["x1"], scores["doc"], scores["context"], scores["labels"]
     scored = ~context
     k, n_tokens = config.partition.num_clusters, int(scored.sum()) * config.data.seq_len
     assert n_tokens == rep["eval"]["scored_tokens"] > 0
-    lp = {name: _token_log_probs(stages.load_stage_model(ctx, data, name), x1, data.bos_id)
+    lp = {name: _token_log_probs(_model(config, run, data, name), x1, data.bos_id)
           for name in ["dense", "base", *(f"expert-{i}" for i in range(k)), *(f"random-{i}" for i in range(k))]}
     by = {s["name"]: s for s in rep["systems"]}
     assert list(by) == ["dense", "base", "ensemble/bayes", "ensemble/centroid-top1", "ensemble/centroid-top2",
@@ -101,7 +109,7 @@ def test_every_reported_loss_recomputes_from_the_saved_models(ar_run):
             total += logsumexp(np.log(priors) + ctx_ll) - logsumexp(np.log(priors) + all_ll)
         assert by[system]["loss"] == pytest.approx(total / n_tokens, rel=2e-6), system
     # priors are the clusters' shares of the training sequences
-    assignments = stages.load_assignments(ctx)
+    assignments = graph.load_assignments(run, k)
     counts = np.bincount(assignments.units["train"][data.sequences["train"].doc], minlength=k)
     np.testing.assert_allclose(scores["priors"], counts / counts.sum(), rtol=1e-12)
     # S11 terms: the weighted expert loss is the oracle's; the difference is what the report prints
@@ -151,10 +159,11 @@ def test_rerun_skips_finished_stages(ar_run, capsys):
 
 
 def _params(run_dir):
-    ctx = _context(load_config("tiny"), run_dir)
     from flax import nnx
 
-    model = stages.load_stage_model(ctx, TASK.prepare_data(ctx), "base")
+    config = load_config("tiny")
+    run, data = _open(config, run_dir)
+    model = _model(config, run, data, "base")
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -187,7 +196,7 @@ def test_masked_schedule_end_to_end(data_dir, tmp_path):
         base=dataclasses.replace(tiny.base, steps=12), stage2=dataclasses.replace(tiny.stage2, steps=8))
     out = tmp_path / "masked"
     _seed_data(data_dir, out)
-    rep = stages.run_all(_context(config, out))
+    rep = pipeline.run_all(TASK, config, pipeline.open_run(config, out), QUIET)
     assert rep["schedule"] == "masked" and rep["perplexity_is_upper_bound"] is True
     names = [s["name"] for s in rep["systems"]]
     assert "ensemble/learned" in names and "ensemble/bayes" not in names
@@ -210,22 +219,22 @@ def test_each_model_is_the_best_on_its_own_validation_documents(ar_run):
     from experiments.text import modeling
 
     config = load_config("tiny")
-    ctx = _context(config, ar_run)
-    data = load_data(config, ctx.run, log=lambda *a: None)
-    assignments = stages.load_assignments(ctx)
+    run = pipeline.open_run(config, ar_run)
+    data = load_data(config, run, log=lambda *a: None)
+    assignments = graph.load_assignments(run, config.partition.num_clusters)
     val = data.sequences["val"]
     chunks = val.chunk <= config.eval.max_scored_per_doc
-    for stage in stages.training_stages(ctx):
-        info = ctx.run.stage_info(stage)
+    for stage in graph.training_stages(config, TASK.stage1):
+        info = run.stage_info(stage)
         curve = [r["val_loss"] for r in info["validation"]]
         assert info["kept"] == "best" and info["best_val_loss"] == min(curve)
         assert info["validation"][curve.index(min(curve))]["step"] == info["best_step"]
         docs = np.flatnonzero(assignments.units["val"] == int(stage[-1])) if stage.startswith("expert-") else None
         rows = chunks & (np.isin(val.doc, docs) if docs is not None else True)
-        model = load_model(lambda: modeling.new_model(config, data.vocab_size, config.seed), ctx.run.model(stage))
+        model = load_model(lambda: modeling.new_model(config, data.vocab_size, config.seed), run.model(stage))
         nll = -_token_log_probs(model, val.tokens[rows], data.bos_id).mean()
         assert nll == pytest.approx(info["best_val_loss"], abs=2e-5), stage
-    part = ctx.run.stage_info("partition")
+    part = run.stage_info("partition")
     seqs = part["sequences_per_cluster"]
     assert part["balance"] == "examples" and max(seqs) - min(seqs) <= 2 * part["kmeans"]["weight_max"]
 

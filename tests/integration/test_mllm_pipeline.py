@@ -10,7 +10,7 @@ from flax import nnx
 from scipy.special import logsumexp
 
 from experiments.cli import main
-from experiments.engine import stages
+from experiments.engine import graph, pipeline, training
 from experiments.engine.config import ConfigError, parse_config, read_toml, resolve_path
 from experiments.mllm.config import MultimodalExperimentConfig
 from experiments.mllm.task import MultimodalTask
@@ -65,16 +65,27 @@ def test_tiny_run_writes_the_report_with_every_system(run_dir):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
 
 
-def _task_context(run_dir):
-    task, config = load_job("mllm-tiny")
-    ctx = stages.open_context(task, config, run_dir, progress=False, log=lambda *a: None)
-    return ctx, task.prepare_data(ctx)
+class _Job:
+    """The finished mllm-tiny run in `run_dir`: its task, config, `RunDir` and data."""
+
+    def __init__(self, run_dir):
+        self.task, self.config = load_job("mllm-tiny")
+        self.run = pipeline.open_run(self.config, run_dir)
+        self.data = self.task.prepare_data(self.config, self.run, log=lambda *a: None)
+
+    def model(self, stage):
+        return training.load_stage_model(self.run, stage, lambda: self.task.new_model(self.config, self.data))
 
 
-def _test_questions(ctx, data, rep):
+def _open_job(run_dir):
+    job = _Job(run_dir)
+    return job, job.data
+
+
+def _test_questions(config, data, rep):
     from experiments.mllm.evaluate import QuestionSet, select_questions
 
-    rows = select_questions(data.questions["test"], ctx.config.data.max_test)
+    rows = select_questions(data.questions["test"], config.data.max_test)
     assert [r["id"] for r in rows] == [r["id"] for r in rep["test_rows"]]
     return QuestionSet(rows, data.tokenizer, data.arrays["images_test"], data.summary["num_image_tokens"],
                        data.image_token_id)
@@ -88,8 +99,8 @@ def test_top1_routing_is_the_partition_function_and_decodes_as_that_expert(run_d
     from dfm.prompts import decode_answer
 
     rep = json.loads((run_dir / "report.json").read_text())
-    ctx, data = _task_context(run_dir)
-    qs = _test_questions(ctx, data, rep)
+    job, data = _open_job(run_dir)
+    qs = _test_questions(job.config, data, rep)
     feats = np.load(run_dir / "partition" / "features.npz")["test"]
     part = np.load(run_dir / "partition" / "partition.npz")
     z = feats / np.linalg.norm(feats, axis=1, keepdims=True)
@@ -102,8 +113,8 @@ def test_top1_routing_is_the_partition_function_and_decodes_as_that_expert(run_d
     chosen = nearest[qs.image]
     np.testing.assert_array_equal(np.argmax(np.asarray(rep["weights"]["centroid-top1"]), axis=1), chosen)
     np.testing.assert_array_equal(rep["test_clusters"], chosen)
-    experts = [stages.load_stage_model(ctx, data, f"expert-{k}") for k in range(2)]
-    new = ctx.config.eval.max_new_tokens
+    experts = [job.model(f"expert-{k}") for k in range(2)]
+    new = job.config.eval.max_new_tokens
     want = []
     for i in range(len(qs.rows)):
         out = greedy_generate(experts[chosen[i]], jnp.asarray(qs.prompts[i][None]), jnp.asarray(qs.pixels(np.array([i]))),
@@ -118,10 +129,10 @@ def test_answer_nll_of_every_system_recomputes(run_dir):
     mixture of the experts' token probabilities (THEORY S8); the Bayes filter by telescoping:
     per question -log sum_k w_k p_k(answer | image, question) (THEORY S9)."""
     rep = json.loads((run_dir / "report.json").read_text())
-    ctx, data = _task_context(run_dir)
-    qs = _test_questions(ctx, data, rep)
+    job, data = _open_job(run_dir)
+    qs = _test_questions(job.config, data, rep)
     names = ["stage1", "dense", "expert-0", "expert-1", "random-0", "random-1"]
-    lp = {n: qs.split_log_probs(qs.log_probs(stages.load_stage_model(ctx, data, n), 8))[1] for n in names}
+    lp = {n: qs.split_log_probs(qs.log_probs(job.model(n), 8))[1] for n in names}
     mask = qs.answer_mask
     count = mask.sum()
     by = {s["name"]: s for s in rep["systems"]}
@@ -133,7 +144,7 @@ def test_answer_nll_of_every_system_recomputes(run_dir):
         with np.errstate(divide="ignore"):
             mix = logsumexp(np.log(w).T[:, :, None] + experts, axis=0)
         assert by[f"ensemble/{router}"]["answer_nll"] == pytest.approx(-(mix * mask).sum() / count, rel=1e-5)
-    assignments = stages.load_assignments(ctx)
+    assignments = graph.load_assignments(job.run, 2)
     for system, members, priors in (("ensemble/bayes", experts, assignments.priors(2)),
                                     ("random-ensemble/bayes", np.stack([lp["random-0"], lp["random-1"]]),
                                      assignments.priors(2, random=True))):
@@ -143,8 +154,8 @@ def test_answer_nll_of_every_system_recomputes(run_dir):
 
 
 def test_experts_share_the_frozen_stage1_tower(run_dir):
-    ctx, data = _task_context(run_dir)
-    base, expert = stages.load_stage_model(ctx, data, "stage1"), stages.load_stage_model(ctx, data, "expert-1")
+    job, data = _open_job(run_dir)
+    base, expert = job.model("stage1"), job.model("expert-1")
     tower = lambda m: nnx.to_flat_state(nnx.state(m.vision_tower, nnx.Param))  # noqa: E731
     for (p, a), (_, b) in zip(tower(base), tower(expert)):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
@@ -166,9 +177,9 @@ def test_mixture_generation_with_one_hot_weights_is_that_experts_greedy_decoding
     from dfm.models.multimodal import greedy_generate
     from experiments.mllm import modeling
 
-    ctx, data = _task_context(run_dir)
+    job, data = _open_job(run_dir)
     summary = data.summary
-    experts = [stages.load_stage_model(ctx, data, f"expert-{k}") for k in range(2)]
+    experts = [job.model(f"expert-{k}") for k in range(2)]
     px = modeling.pixels(data.arrays["images_test"][:3])
     nit = summary["num_image_tokens"]
     prompt = np.asarray([summary["bos_id"]] + [summary["image_token_id"]] * nit + [5, 6, 7], np.int32)
@@ -263,8 +274,8 @@ def _inputs(run_dir):
 
 
 def _run_model(run_dir, stage):
-    ctx, data = _task_context(run_dir)
-    return stages.load_stage_model(ctx, data, stage)
+    job, data = _open_job(run_dir)
+    return job.model(stage)
 
 
 def test_exported_decentralized_directory_rebuilds_the_ensemble(run_dir):
@@ -327,14 +338,12 @@ def test_llava_source_data_stage_and_placeholder_errors(tmp_path):
     raw["data"] = {"source": "llava", "train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"),
                    "test": str(data / "test.jsonl"), "image_root": str(data), "image_size": 16, "vocab_size": 300}
     cfg = MultimodalExperimentConfig.from_dict(raw, "llava-small")
-    ctx = stages.open_context(TASK, cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     with pytest.raises(DataError, match="record 'train-0'.*first human turn"):
-        TASK.prepare_data(ctx)
+        TASK.prepare_data(cfg, pipeline.open_run(cfg, tmp_path / "run"), log=lambda *a: None)
     _llava_files(data, first_turn_image=True)
     (tmp_path / "run" / "tokenizer").mkdir()                     # debris of an interrupted stage
     (tmp_path / "run" / "tokenizer" / "stale.txt").write_text("x")
-    ctx = stages.open_context(TASK, cfg, tmp_path / "run", progress=False, log=lambda *a: None)
-    loaded = TASK.prepare_data(ctx)
+    loaded = TASK.prepare_data(cfg, pipeline.open_run(cfg, tmp_path / "run"), log=lambda *a: None)
     summary = loaded.summary
     assert summary["records"] == {"train": 6, "val": 2, "test": 2}
     assert not (tmp_path / "run" / "tokenizer" / "stale.txt").exists()

@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.integration, pytest.mark.peer, pytest.mark.slow]
 
 from experiments.cli import main
-from experiments.engine import stages
+from experiments.engine.pipeline import open_run
+from experiments.engine.training import load_stage_model
 from experiments.registry import load_job
 
 LLAVA_HF_TEMPLATE = (   # llava-hf/llava-1.5-7b-hf's (no EOS after an answer)
@@ -103,6 +104,16 @@ def _records(root):
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def _job(overrides, out) -> dict:
+    """The finished run `out` of mllm-tiny with `overrides`: its task, config, data, and a loader of
+    each stage's model."""
+    task, config = load_job("mllm-tiny", overrides=overrides)
+    run = open_run(config, out)
+    data = task.prepare_data(config, run, log=lambda *a: None)
+    return {"task": task, "config": config, "data": data,
+            "model": lambda stage: load_stage_model(run, stage, lambda: task.new_model(config, data))}
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipe")
@@ -118,9 +129,7 @@ def recipe(tmp_path_factory):
                  "eval.grid_examples=0"]
     out = tmp / "run"
     assert main(["run", "--config", "mllm-tiny", "--out", str(out), "--quiet", *overrides]) == 0
-    task, config = load_job("mllm-tiny", overrides=overrides)
-    ctx = stages.open_context(task, config, out, progress=False, log=lambda *a: None)
-    return {"tmp": tmp, "run": out, "hf": hf, "clip": clip, "ctx": ctx, "task": task, "data": task.prepare_data(ctx)}
+    return {"tmp": tmp, "run": out, "hf": hf, "clip": clip, **_job(overrides, out)}
 
 
 def _hf_logits(model, tokens, px):
@@ -170,12 +179,12 @@ def test_init_from_uses_the_checkpoint_tokenizer_processor_layout_and_weights(re
     # the processor's pixels are ours (CLIP mean / std at the checkpoint's size; NCHW there)
     np.testing.assert_allclose(want["pixel_values"].transpose(0, 2, 3, 1), px, atol=1e-5)
     # stage 1 starts from the checkpoint: the task's initial model has transformers' logits
-    start = recipe["task"].new_model(recipe["ctx"], data)
+    start = recipe["task"].new_model(recipe["config"], data)
     assert np.abs(_ours(start, prompt, px) - _hf_logits(recipe["hf"], prompt, px)).max() < 1e-4
     # ... and trained it: stage 1 (train = "projector") kept the checkpoint's tower and LM exactly
     from flax import nnx
 
-    trained = stages.load_stage_model(recipe["ctx"], data, "stage1")
+    trained = recipe["model"]("stage1")
     for part, same in (("vision_tower", True), ("language_model", True), ("multi_modal_projector", False)):
         pairs = zip(nnx.to_flat_state(nnx.state(getattr(start, part), nnx.Param)),
                     nnx.to_flat_state(nnx.state(getattr(trained, part), nnx.Param)))
@@ -235,19 +244,19 @@ def test_exports_load_in_transformers_with_our_logits(recipe):
     import transformers
     from flax import nnx
 
-    run, ctx, data = recipe["run"], recipe["ctx"], recipe["data"]
+    run, model, data = recipe["run"], recipe["model"], recipe["data"]
     prompt, px, _ = _question(recipe, 1)
     for stage, directory in (("dense", run / "hf" / "dense"), ("expert-0", run / "decentralized/experts/expert_00"),
                              ("expert-1", run / "decentralized/experts/expert_01")):
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(directory).eval()
-        ours = stages.load_stage_model(ctx, data, stage)
+        ours = model(stage)
         assert np.abs(_hf_logits(hf, prompt, px) - _ours(ours, prompt, px)).max() < 1e-4, stage
     processor = transformers.AutoProcessor.from_pretrained(run / "hf" / "dense")
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
         "type": "text", "text": "What colour is it?"}]}], add_generation_prompt=True)
     np.testing.assert_array_equal(processor(images=[data.arrays["images_test"][0]], text=[text],
                                             return_tensors="np")["input_ids"], _question(recipe, 0)[0])
-    base, expert = stages.load_stage_model(ctx, data, "stage1"), stages.load_stage_model(ctx, data, "expert-0")
+    base, expert = model("stage1"), model("expert-0")
     moved = [np.abs(np.asarray(a[...]) - np.asarray(b[...])).max() for (_, a), (_, b) in
              zip(nnx.to_flat_state(nnx.state(base.vision_tower, nnx.Param)),
                  nnx.to_flat_state(nnx.state(expert.vision_tower, nnx.Param)))]
@@ -308,9 +317,7 @@ def internvl(tmp_path_factory):
                  "stage2.checkpoint_every=2", "eval.max_new_tokens=2", "eval.grid_examples=0"]
     out = tmp / "run"
     assert main(["run", "--config", "mllm-tiny", "--out", str(out), "--quiet", *overrides]) == 0
-    task, config = load_job("mllm-tiny", overrides=overrides)
-    ctx = stages.open_context(task, config, out, progress=False, log=lambda *a: None)
-    return {"tmp": tmp, "run": out, "hf": hf, "tok": tok, "ctx": ctx, "task": task, "data": task.prepare_data(ctx)}
+    return {"tmp": tmp, "run": out, "hf": hf, "tok": tok, **_job(overrides, out)}
 
 
 def test_init_from_an_internvl_checkpoint(internvl):
@@ -322,7 +329,7 @@ def test_init_from_an_internvl_checkpoint(internvl):
     prompt, px, row = _question(internvl)
     assert row["question"] == "<image>\nWhat colour is it?"
     np.testing.assert_array_equal(prompt[0], internvl["tok"](INTERNVL_PROMPT)["input_ids"])
-    start = internvl["task"].new_model(internvl["ctx"], data)
+    start = internvl["task"].new_model(internvl["config"], data)
     assert start.config.projector == "internvl" and start.language_model.lm_head is None
     assert np.abs(_ours(start, prompt, px) - _hf_logits(internvl["hf"], prompt, px)).max() < 1e-4
 
@@ -336,7 +343,7 @@ def test_internvl_exports_load_in_transformers_with_our_logits(internvl):
 
     from experiments.mllm.routing import RECORD_FILE
 
-    run, ctx, data = internvl["run"], internvl["ctx"], internvl["data"]
+    run, model, data = internvl["run"], internvl["model"], internvl["data"]
     assert json.loads((run / "hf" / "dense" / "config.json").read_text())["architectures"] == [
         "InternVLForConditionalGeneration"]
     tok = transformers.AutoTokenizer.from_pretrained(run / "hf" / "dense")
@@ -350,9 +357,9 @@ def test_internvl_exports_load_in_transformers_with_our_logits(internvl):
     for stage, directory in (("dense", run / "hf" / "dense"), ("expert-0", run / "decentralized/experts/expert_00"),
                              ("expert-1", run / "decentralized/experts/expert_01")):
         hf = transformers.InternVLForConditionalGeneration.from_pretrained(directory).eval()
-        logits[stage] = _ours(stages.load_stage_model(ctx, data, stage), prompt, px)
+        logits[stage] = _ours(model(stage), prompt, px)
         assert np.abs(_hf_logits(hf, prompt, px) - logits[stage]).max() < 1e-4, stage
-    stage1 = _ours(stages.load_stage_model(ctx, data, "stage1"), prompt, px)
+    stage1 = _ours(model("stage1"), prompt, px)
     assert all(np.abs(logits[e] - stage1).max() > 1e-4 for e in ("expert-0", "expert-1"))
     record = json.loads((run / "decentralized" / RECORD_FILE).read_text())
     assert record["featurizer"] == "clip" and record["dim"] == 8

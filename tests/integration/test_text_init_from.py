@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from experiments.cli import main
-from experiments.engine import stages
+from experiments.engine.pipeline import open_run
+from experiments.engine.training import load_stage_model
 from experiments.engine.task import DataError
 from experiments.engine.tokenizer import load_pretrained_tokenizer, special_token_ids
 from experiments.registry import load_job
@@ -106,8 +107,7 @@ def _overrides(directory, corpus_dir):
 def test_data_tokens_and_initial_logits_are_transformers(checkpoint, corpus_dir, tmp_path):
     kind, directory = checkpoint
     _, config = load_job("tiny", None, _overrides(directory, corpus_dir))
-    ctx = stages.open_context(TASK, config, tmp_path / "run", progress=False, log=lambda *a: None)
-    data = TASK.prepare_data(ctx)
+    data = TASK.prepare_data(config, open_run(config, tmp_path / "run"), log=lambda *a: None)
     reference = transformers.AutoTokenizer.from_pretrained(str(directory))
     eos = reference.eos_token_id
     bos = reference.bos_token_id if kind == "llama" else eos               # Qwen2 has no BOS: EOS starts
@@ -141,14 +141,15 @@ def test_run_from_checkpoint_exports_transformers_models(checkpoint, corpus_dir,
     report = json.loads((out / "report.json").read_text())
     assert {s["name"] for s in report["systems"]} >= {"dense", "base", "ensemble/bayes"}
     _, config = load_job("tiny", None, overrides)
-    ctx = stages.open_context(TASK, config, out, progress=False, log=lambda *a: None)
-    data = TASK.prepare_data(ctx)
+    run = open_run(config, out)
+    data = TASK.prepare_data(config, run, log=lambda *a: None)
     x = np.concatenate([[data.bos_id], data.splits["test"].tokens[0][:15]])[None]
     # stage 1 continued the checkpoint (2 AdamW steps of 1e-6 barely move it)
     theirs, _ = _hf_logits(directory, x)
-    np.testing.assert_allclose(np.asarray(stages.load_stage_model(ctx, data, "base")(x)), theirs, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(load_stage_model(run, "base", lambda: TASK.new_model(config, data))(x)),
+                               theirs, atol=2e-3)
     # the exported dense model is a transformers model of the same family with our logits
-    dense = stages.load_stage_model(ctx, data, "dense")
+    dense = load_stage_model(run, "dense", lambda: TASK.new_model(config, data))
     exported, family = _hf_logits(out / "export" / "dense", x)
     assert family == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
     np.testing.assert_allclose(exported, np.asarray(dense(x)), atol=1e-4)

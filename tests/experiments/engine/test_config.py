@@ -107,7 +107,7 @@ def test_mesh_section_default_is_unsharded_and_fills_devices_when_asked(monkeypa
     from tiny_models import cpu_devices
 
     import dfm.sharding
-    from experiments.engine.stages import training_mesh
+    from experiments.engine.training import training_mesh
 
     assert training_mesh(from_dict({}).mesh) is None                  # default 1 x 1 x 1: no mesh
     devices = cpu_devices(8)    # the simulated CPU devices, also on a machine with one GPU

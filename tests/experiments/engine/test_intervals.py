@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments.engine import stages
 from experiments.engine.intervals import (
     paired_bootstrap,
     partition_entropy,
@@ -16,6 +15,7 @@ from experiments.engine.intervals import (
     unit_bootstrap,
     verdict,
 )
+from experiments.engine.training import train_config
 from experiments.text.config import load_config
 from experiments.text.report import dense_comparison
 from experiments.text.task import TextTask
@@ -194,8 +194,7 @@ def test_expert_warmup_never_scales_to_zero(warmup, expected_min):
     task = TextTask()
     config = load_config("tiny")
     config = config.replace(stage2=config.stage2.__class__(**{**config.stage2.__dict__, "warmup_steps": warmup}))
-    ctx = stages.Context(task, config, run=None, progress=False)
-    tc = stages.train_config(ctx, "expert-0", 1)      # round(warmup * 1 / 16) == 0
+    tc = train_config(task, config, "expert-0", 1)      # round(warmup * 1 / 16) == 0
     assert tc.warmup_steps == expected_min
-    assert stages.train_config(ctx, "expert-0", 16).warmup_steps == warmup
-    assert stages.train_config(ctx, "dense", 16).warmup_steps == warmup
+    assert train_config(task, config, "expert-0", 16).warmup_steps == warmup
+    assert train_config(task, config, "dense", 16).warmup_steps == warmup

@@ -107,3 +107,26 @@ def test_plan_text_task():
     p = planning.plan(task, config, 8, 2**30)
     assert set(p["stages"]) == {"base", "stage2"} and p["fits"]
     assert p["stages"]["base"]["trainable"] == p["parameters"]
+
+
+def test_logits_estimate_counts_one_microbatch_and_one_chunk_of_the_tiled_loss():
+    """Logits and their gradient in float32 for the microbatch's sequences (`2 x 4 b s V` + the float32
+    output-projection gradient `4 V h`); with `numerics.loss_chunk = N` only one chunk's (`b N V`)."""
+    from types import SimpleNamespace
+
+    dims = planning.Dims(seq_len=8192, hidden=896, intermediate=4864, layers=2, heads=14, kv_dim=128, vocab=151674)
+    plain = SimpleNamespace(dtype="bfloat16", remat="full", attention="auto", loss_chunk=0)
+    tiled = SimpleNamespace(dtype="bfloat16", remat="full", attention="auto", loss_chunk=256)
+    head = 4 * 151674 * 896
+    assert planning.activation_bytes(dims, plain, 4, 1, False)["logits"] == 8 * 4 * 8192 * 151674 + head
+    assert planning.activation_bytes(dims, tiled, 4, 1, False)["logits"] == 8 * 4 * 256 * 151674 + head
+    assert planning.loss_chunk(plain) == 0 and planning.loss_chunk(tiled) == 256
+    # the microbatch, not the per-device batch: 4 microbatches of 128 / 8 devices = 4 sequences each
+    task, config = load_job("internvl2.5-1b", None, [])
+    row = planning.plan(task, config, 8, vocab=151674)["stages"]["stage2"]
+    assert config.numerics.microbatches == 4 and row["sequences_per_device"] == 4
+    assert config.numerics.loss_chunk == 256                    # the shipped config tiles the loss
+    assert row["activations_detail"]["logits"] == 8 * 4 * 256 * 151674 + head
+    task, config = load_job("internvl2.5-1b", None, ["numerics.loss_chunk=0"])
+    row = planning.plan(task, config, 8, vocab=151674)["stages"]["stage2"]
+    assert row["activations_detail"]["logits"] == 8 * 4 * 8192 * 151674 + head

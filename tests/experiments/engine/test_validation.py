@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.engine.stages import Assignments
+from experiments.engine.graph import Assignments
 from experiments.engine.validation import make_validate, validation_units
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.engine import stages
+from experiments.engine.pipeline import open_run
 from experiments.engine.config import resolve_path
 from experiments.mllm.config import MultimodalExperimentConfig
 from experiments.mllm.formats import FormatError, load_internvl_meta, load_llava
@@ -98,12 +98,12 @@ def test_the_job_honours_the_config_switch(tmp_path):
     data = tmp_path / "data"
     _files(data, ["0.png", "1.png", "../outside.png"])
     _png(data / "outside.png", 9)
-    ctx = stages.open_context(task, _config(data), tmp_path / "run", progress=False, log=lambda *a: None)
+    config = _config(data)
     with pytest.raises(FormatError, match=r"train.jsonl: record 't2' \(line 3\): image path '../outside.png' leaves"):
-        task.prepare_data(ctx)
-    ctx = stages.open_context(task, _config(data, allow_outside_root=True), tmp_path / "run2", progress=False,
-                              log=lambda *a: None)
-    assert task.prepare_data(ctx).summary["records"]["train"] == 3
+        task.prepare_data(config, open_run(config, tmp_path / "run"), log=lambda *a: None)
+    config = _config(data, allow_outside_root=True)
+    assert task.prepare_data(config, open_run(config, tmp_path / "run2"),
+                             log=lambda *a: None).summary["records"]["train"] == 3
 
 
 def test_an_unreadable_image_names_the_record_and_line(tmp_path):
@@ -111,8 +111,8 @@ def test_an_unreadable_image_names_the_record_and_line(tmp_path):
     data = tmp_path / "data"
     _files(data, ["0.png", "1.png", "2.png", "1.png"])
     (data / "images" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    ctx = stages.open_context(task, _config(data), tmp_path / "run", progress=False, log=lambda *a: None)
+    config = _config(data)
     with pytest.raises(UnreadableImageError) as e:
-        task.prepare_data(ctx)
+        task.prepare_data(config, open_run(config, tmp_path / "run"), log=lambda *a: None)
     assert str(e.value).startswith(f"{data / 'train.jsonl'}: record 't2' (line 3): {data / 'images' / '2.png'}: "
                                    f"unreadable image (")

@@ -167,18 +167,14 @@ def test_pack_batch_layout_images_and_fixed_rows():
 
 
 def test_stage_of_the_batches_and_batch_mesh_multiple():
-    from types import SimpleNamespace
-
     from experiments.engine.batches import EpochBatches
     from experiments.engine.config import MeshSection
-    from experiments.mllm.task import MultimodalTask
 
     config = MultimodalExperimentConfig.from_dict({"task": "mllm", "stage1": {"steps": 30},
                                                    "stage2": {"steps": 20}}, "x")
-    ctx = SimpleNamespace(config=config, task=MultimodalTask(), skip_experts=())
-    assert packing.stage_steps_of(ctx, EpochBatches(75, 8, config.seed, "stage1", steps=30)) == (["stage1"], 30)
-    assert packing.stage_steps_of(ctx, EpochBatches(75, 8, config.seed, "dense", steps=20)) == (["dense"], 20)
-    assert packing.stage_steps_of(ctx, EpochBatches(75, 8, config.seed, "dense")) == ([], 30)   # upper bound
+    assert packing.stage_steps_of(config, EpochBatches(75, 8, config.seed, "stage1", steps=30)) == (["stage1"], 30)
+    assert packing.stage_steps_of(config, EpochBatches(75, 8, config.seed, "dense", steps=20)) == (["dense"], 20)
+    assert packing.stage_steps_of(config, EpochBatches(75, 8, config.seed, "dense")) == ([], 30)   # upper bound
     lengths = np.arange(1, 76) % 40 + 1
     plan = packing.plan_rows(EpochBatches(75, 8, 0, "dense"), lengths, 20, 64, 40, groups=2, row_multiple=3)
     most = max(max(len(b) for b in packing.group_bins(lengths[EpochBatches(75, 8, 0, "dense").indices(s)], 64, 2))

@@ -100,3 +100,21 @@ def test_markdown_shows_the_intervals_delta_and_verdict():
     assert f"{100 * better['exact_match']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" in row
     assert "| system | color (n=60) | mme (n=120) | what (n=60) |" in md
     assert "Margin m = 1 EM point(s)" in md
+
+
+def test_benchmark_scores_are_a_table_not_a_question_type():
+    """Records scored by their own metric (``scores.by_task``, e.g. from ``dfm data convert``) are not a
+    question type, and report.md lists them per system (the KeyError 'n' of a report with converted files)."""
+    from experiments.mllm.report import _types, benchmark_lines
+
+    by_task = {"vqav2_val": {"metric": "vqa", "n": 3, "score": 0.6}, "pope_random": {"metric": "pope", "n": 4,
+                                                                                      "score": 0.75, "f1": 0.8}}
+    systems = [{"name": "dense", "scores": {"all": {"n": 7}, "what": {"n": 7}, "by_task": by_task}},
+               {"name": "ensemble/centroid-top1", "scores": {"all": {"n": 7}, "what": {"n": 7},
+                                                            "by_task": {"vqav2_val": {**by_task["vqav2_val"],
+                                                                                      "score": 1 / 3}}}}]
+    assert _types(systems) == ["what"]
+    lines = benchmark_lines(systems)
+    assert "| system | vqav2_val (vqa, n=3) | pope_random (pope, n=4) |" in lines
+    assert "| dense | 60.0 | 75.0 |" in lines and "| ensemble/centroid-top1 | 33.3 | — |" in lines
+    assert benchmark_lines([{"name": "dense", "scores": {"all": {"n": 1}}}]) == []

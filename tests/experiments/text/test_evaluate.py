@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from experiments.engine.stages import Assignments
+from experiments.engine.graph import Assignments
 from experiments.text.evaluate import eval_set
 from experiments.text.sequences import Sequences
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments.engine import stages
+from experiments.engine.pipeline import open_run
 from experiments.engine.config import ConfigError
 from experiments.engine.rundir import RunDirError
 from experiments.engine.task import DataError
@@ -114,16 +114,16 @@ def test_config_checks_corpus_and_init_from():
     assert load_job("tiny")[1].data.corpus == "stdlib" and load_job("tiny")[1].model.init_from == ""
 
 
-def _context(out, *overrides):
+def _prepare(out, *overrides, log=lambda *a: None):
+    """The text task's data stage of the tiny config (with `overrides`) in the run directory `out`."""
     _, config = load_job("tiny", None, list(overrides))
-    return stages.open_context(TASK, config, out, progress=False, log=lambda *a: None)
+    return TASK.prepare_data(config, open_run(config, out), log=log)
 
 
 def test_data_stage_on_a_folder_and_changed_corpus_is_refused(tmp_path):
     root = _folder(tmp_path / "mine")
     out = tmp_path / "run"
-    ctx = _context(out, f"data.corpus={root}")
-    data = TASK.prepare_data(ctx)
+    data = _prepare(out, f"data.corpus={root}")
     s = data.summary
     assert s["corpus"] == {"source": str(root), "kind": "folder", "path": str(root),
                            "signature": sources.signature(root)}
@@ -141,25 +141,24 @@ def test_data_stage_on_a_folder_and_changed_corpus_is_refused(tmp_path):
             assert toks.tolist() == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # a changed config (another corpus) is another run
     with pytest.raises(RunDirError, match=r"differs in: data\.corpus"):
-        _context(out, "data.corpus=stdlib+python")
+        _prepare(out, "data.corpus=stdlib+python")
     # same files, new times: accepted; new content at the same path: refused
     path = root / "notes" / "doc01.md"
     os.utime(path, ns=(0, 0))
-    TASK.prepare_data(_context(out, f"data.corpus={root}"))
+    _prepare(out, f"data.corpus={root}")
     path.write_text("completely new text", encoding="utf-8")
     with pytest.raises(DataError, match=r"holds other documents than when this run's data stage read"):
-        TASK.prepare_data(_context(out, f"data.corpus={root}"))
+        _prepare(out, f"data.corpus={root}")
     # a corpus that is gone: the run keeps using its own copy
     shutil.rmtree(root)
     lines = []
-    ctx = stages.open_context(TASK, ctx.config, out, progress=False, log=lines.append)
-    assert TASK.prepare_data(ctx).summary == s and "no longer exists" in lines[0]
+    assert _prepare(out, f"data.corpus={root}", log=lines.append).summary == s and "no longer exists" in lines[0]
 
 
 def test_data_stage_on_jsonl_splits_by_id(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": _text(i)}) + "\n" for i in range(40)), encoding="utf-8")
-    data = TASK.prepare_data(_context(tmp_path / "run", f"data.corpus={path}"))
+    data = _prepare(tmp_path / "run", f"data.corpus={path}")
     assert data.summary["corpus"]["kind"] == "jsonl"
     got = sorted(i for split in data.splits.values() for i in split.ids)
     assert got == sorted(f"d{i}" for i in range(40))
