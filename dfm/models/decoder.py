@@ -102,6 +102,23 @@ class Decoder(nnx.Module):
             out = dense(self.lm_head, h)
         return constrain(out.astype(jnp.float32), LOGITS_AXES)
 
+    def output_projection(self, hidden: Array) -> tuple[Array, Array, str]:
+        """`(h, weight, layout)`: the head as factors, for a loss that never forms the logits.
+
+        `h` is the final norm of `hidden [batch, length, hidden]` (compute dtype); `weight` the
+        output projection in the compute dtype: the tied embedding table's first `output_size`
+        rows `[output_size, hidden]` (`layout = "vocab_hidden"`) or the `lm_head` kernel
+        `[hidden, output_size]` (`"hidden_vocab"`). `einsum(h, weight)` accumulated in float32
+        is `logits(hidden)` (the untied bfloat16 head rounds its logits to bfloat16 first). Used by
+        `dfm.train.tiled_loss.causal_lm_loss`.
+        """
+        with precision_scope(self.config.matmul_precision):
+            h = self.norm(hidden)
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding[...][: self.config.num_outputs]
+            return h, table.astype(h.dtype), "vocab_hidden"
+        return h, self.lm_head.kernel[...].astype(h.dtype), "hidden_vocab"
+
     def hidden_states(self, tokens: Array | None, *, positions: Array | None = None,
                       attention_mask: Array | None = None, extra_embedding: Array | None = None,
                       inputs_embeds: Array | None = None, segment_ids: Array | None = None) -> Array:

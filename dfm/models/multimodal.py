@@ -234,6 +234,17 @@ class MultimodalModel(nnx.Module):
         return jnp.where(mask[..., None], jnp.take(flat, index, axis=0), x)
 
     # ------------------------------------------------------------------ full forward
+    def hidden_states(self, tokens: Array, pixel_values: Array | None = None, *, positions: Array | None = None,
+                      attention_mask: Array | None = None, segment_ids: Array | None = None) -> Array:
+        """Final-layer hidden states of the language model before its last norm, `[batch, length,
+        text_hidden]` (compute dtype): `__call__` without the head (`Decoder.hidden_states` on
+        `embed_inputs(tokens, pixel_values)`). `language_model.logits` of them is `__call__`'s
+        logits; `language_model.output_projection` gives the head's factors for
+        `dfm.train.tiled_loss`. Raises ValueError as `__call__`."""
+        embeds = self.embed_inputs(tokens, pixel_values)
+        return self.language_model.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                                 inputs_embeds=embeds, segment_ids=segment_ids)
+
     def __call__(self, tokens: Array, pixel_values: Array | None = None, *, positions: Array | None = None,
                  attention_mask: Array | None = None, segment_ids: Array | None = None) -> Array:
         """Logits `[batch, length, vocab]` float32 of `tokens [batch, length]` with `pixel_values`
