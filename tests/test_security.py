@@ -8,9 +8,9 @@
 2. Hostile files: a pickle whose loading runs `touch <marker>` is put in place of each kind of file a
    run directory holds (then `dfm evaluate`) and of every file of an export (then
    `DecentralizedModel.load`); the marker never appears.
-3. The one-off converter for legacy pickled featurizers (`scripts/convert_legacy_featurizer.py`, the
-   only unpickler, outside the package) needs `--i-trust-this-file` and resolves only a featurizer's
-   classes.
+3. The one-off converter for legacy pickled featurizers (`scripts/convert_legacy_featurizer.py`, outside the
+   package) needs `--i-trust-this-file` and resolves only a featurizer's classes; the RefCOCO refs
+   converter (`scripts/convert_refcoco_refs.py`) resolves no global at all. They are the only unpicklers.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("dfm", "experiments", "proofs_check", "benchmarks", "notebooks", "scripts")
-#: the only file allowed to unpickle: the explicit, flag-guarded legacy converter (module doc, item 3)
+#: the only files allowed to unpickle: the flag-guarded legacy converter and the global-free refs converter (item 3)
 CONVERTER = ROOT / "scripts" / "convert_legacy_featurizer.py"
+REFS_CONVERTER = ROOT / "scripts" / "convert_refcoco_refs.py"
 
 _LOADS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("cPickle", "load"),
           ("cPickle", "loads"), ("_pickle", "load"), ("_pickle", "loads"), ("marshal", "load"),
@@ -85,7 +86,7 @@ def code_from_data(source: str, filename: str = "<snippet>") -> list[str]:
 def _project_files() -> list[Path]:
     files = []
     for top in SCANNED:
-        files += [p for p in sorted((ROOT / top).rglob("*.py")) if p != CONVERTER]
+        files += [p for p in sorted((ROOT / top).rglob("*.py")) if p not in (CONVERTER, REFS_CONVERTER)]
     return files
 
 
@@ -191,6 +192,39 @@ def test_the_converter_refuses_a_payload_even_when_trusted(tmp_path):
     assert out.stderr.strip() == (f"convert_legacy_featurizer: refused {tmp_path / 'featurizer.pkl'}: the file "
                                   f"names posix.system, which a featurizer never holds; nothing was executed")
     assert not marker.exists() and not (tmp_path / "new.npz").exists()
+
+
+def _convert_refs(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REFS_CONVERTER), *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_the_refs_converter_writes_the_refs_of_an_official_pickle(tmp_path):
+    import json
+
+    # the layout of REFER's refs(unc).p: a list of dicts of ints, strings and lists (protocol 2, as it ships)
+    refs = [{"ref_id": 0, "image_id": 581857, "ann_id": 1719310, "split": "testA", "sent_ids": [0, 1],
+             "sentences": [{"sent": "woman in gray shirt", "sent_id": 0, "tokens": ["woman", "in"]},
+                           {"sent": "left woman", "sent_id": 1, "tokens": ["left"]}], "category_id": 1},
+            {"ref_id": 1, "image_id": 3, "ann_id": 4, "split": "train", "sentences": [{"sent": "caf\u00e9"}]}]
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    out = _convert_refs(tmp_path / "refs(unc).p", tmp_path / "refs.jsonl")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"converted {tmp_path / 'refs(unc).p'} (2 refs) -> {tmp_path / 'refs.jsonl'}"
+    lines = (tmp_path / "refs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == refs
+
+
+def test_the_refs_converter_resolves_no_global(tmp_path):
+    marker = tmp_path / "ran"
+    _poison(tmp_path / "refs(unc).p", marker)
+    out = _convert_refs(tmp_path / "refs(unc).p", tmp_path / "refs.jsonl")
+    assert out.returncode == 2 and "nothing was executed" in out.stderr, out.stderr
+    assert not marker.exists() and not (tmp_path / "refs.jsonl").exists()
+    (tmp_path / "dict.p").write_bytes(pickle.dumps({"ref_id": 0}, protocol=2))
+    out = _convert_refs(tmp_path / "dict.p", tmp_path / "refs.jsonl")
+    assert out.returncode == 2 and "not a REFER refs file" in out.stderr
+    assert list(tmp_path.glob("*.jsonl")) == [] and list(tmp_path.glob(".*.tmp")) == []
 
 
 # ---------------------------------------------------------------------------------------------
