@@ -7,7 +7,7 @@ venv=${DFM_VENV:-.venv}
 cmd=${1:-}
 shift || true
 need_extras=""
-[ "$cmd" = "test" ] && need_extras="[test,peer,docs]"
+[ "$cmd" = "test" ] && need_extras="[test,peer,docs,eval]"
 stamp="$venv/.dfm-installed${need_extras}"
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -20,6 +20,6 @@ if [ ! -f "$stamp" ]; then
 fi
 case "$cmd" in
   run)  exec "$venv/bin/dfm" run "$@" ;;
-  test) exec "$venv/bin/python" -m pytest -n 2 -q "$@" ;;
+  test) exec "$venv/bin/python" -m pytest -n 2 --dist worksteal -q "$@" ;;
   *) echo "usage: bash scripts/dev.sh run|test [args...]" >&2; exit 2 ;;
 esac

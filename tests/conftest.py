@@ -1,4 +1,4 @@
-"""Shared pytest configuration: 8 simulated CPU devices, the `gpu` marker, hypothesis profiles.
+"""Shared pytest configuration: 8 simulated CPU devices, a session XLA compile cache, the `gpu` marker, hypothesis.
 
 `ci` (default) keeps property tests fast; run `pytest --hypothesis-profile=deep` for many more examples.
 
@@ -16,6 +16,19 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # `pytest -n N` on one GPU: without this each worker process would reserve 75% of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One persistent XLA compilation cache for the session (the controller makes it; xdist workers and the jobs the
+# tests start in subprocesses inherit it): the many tiny models of the suite compile once, not once per test.
+# It changes no result (an entry is keyed by the program, the flags and the backend) and is removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="dfm-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
