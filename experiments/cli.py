@@ -7,6 +7,7 @@
     dfm train --random-expert K   control: expert K of the random partition
     dfm train --router         learned router (text job, masked schedule only)
     dfm evaluate               score every system on the held-out data; report + plots
+    dfm export                 the finished run's models as HF directories and a `dfm.DecentralizedModel` directory
     dfm run                    all stages in order, in this process
     dfm run --seeds N          the whole job for seeds 0..N-1 into OUT/seed-<s>/, then OUT/summary.json
     dfm sweep --clusters 1 2 4 8 --budgets 120 480 --seeds 3 [--sizes s m l]
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import dfm
 from experiments.engine.config import (
@@ -118,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="leave cluster expert K out (e.g. its job failed for good): it is not trained, and "
                            "the ensembles renormalise their routers over the remaining experts (repeatable)")
     sub.add_parser("evaluate", parents=[common, lost], help="evaluate all systems, write the report")
+    sub.add_parser("export", parents=[common, lost],
+                   help="export a finished run's models (HF directories, the dfm.DecentralizedModel directory)",
+                   description="The run's export stage after `dfm evaluate` (skipped when done): the text job writes "
+                               "OUT/export/dense and OUT/export/decentralized, the multimodal job OUT/hf/<stage> and "
+                               "OUT/decentralized (docs/checkpoints.md).")
     run = sub.add_parser("run", parents=[common, lost], help="all stages in order (default when no command)")
     run.add_argument("--seeds", type=_positive, default=None, metavar="N",
                      help="run the whole job for seeds 0..N-1 (seed and partition.seed) into OUT/seed-<s>/ and "
@@ -377,6 +384,12 @@ def _run_command(args, task, config) -> None:
         training.run_train(task, config, run, data, stage, options, stop_after=args.stop_after)
     elif args.command == "evaluate":
         evaluation.run_evaluate(task, config, run, data, options)
+    elif args.command == "export":
+        info = evaluation.run_export(task, config, run, data, options)
+        if info is None:
+            raise graph.StageError(f"the {task.name} task has no export stage")
+        paths = {k: v for k, v in info.items() if isinstance(v, str) and Path(v).exists()}
+        options.log("[export] " + (", ".join(f"{k}: {v}" for k, v in paths.items()) or f"done ({run.root})"))
 
 
 def _run_seeds(args, task, config, seeds: list[int], skip: tuple[int, ...]) -> None:

@@ -123,3 +123,29 @@ def test_generate_is_deterministic_and_matches_transformers_greedy(run_dir, mode
 def test_images_not_implemented(model):
     with pytest.raises(NotImplementedError, match="image-text"):
         model.score(TEXTS, images=np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_dfm_export_rewrites_a_finished_runs_export(run_dir, tmp_path, capsys):
+    """``dfm export`` on a finished run whose export is gone writes it again: the same files, byte for byte
+    (the export is a function of the run directory); on a run without the evaluation it says what to run."""
+    import hashlib
+    import shutil
+
+    def digests(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = digests(run / "export")
+    assert any(name.endswith(".safetensors") for name in before)
+    shutil.rmtree(run / "export")
+    (run / "stages" / "export.json").unlink()
+    assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 0
+    assert digests(run / "export") == before
+    assert f"[export] dense: {run / 'export' / 'dense'}" in capsys.readouterr().out
+    assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 0      # done: skipped
+    (run / "stages" / "export.json").unlink()
+    (run / "stages" / "evaluate.json").unlink()
+    assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 1
+    assert "export needs the evaluation" in capsys.readouterr().err
