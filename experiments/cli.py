@@ -37,7 +37,8 @@ training resumes from its last checkpoint.
     dfm --version
 
 This module only parses arguments and dispatches; the job code (jax and the rest) is imported
-lazily, so `dfm --help` and `dfm config` import only the config machinery (stdlib only).
+lazily, so `dfm --help` and `dfm config list` import only the config machinery (stdlib only);
+`dfm config show` resolves a config through its task (`experiments.registry`), which imports jax.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ that resolves no global at all: a refs file is a list of dicts of strings, numbe
 pickle builds from its own opcodes, so nothing in it needs a class or a function. Any global the file
 names (`os.system`, `builtins.eval`, a class) stops the conversion before anything runs. The output,
 one ref per line (``ref_id``, ``ann_id``, ``image_id``, ``split``, ``sentences``, ...), is what
-``dfm data convert --from refcoco --refs`` reads (docs/benchmarks.md).
+``dfm data convert --from refcoco --questions refs_unc.jsonl --annotations instances.json`` reads
+(docs/benchmarks.md).
 
 Exit status: 0 converted, 2 refused (a global in the file, not a list of refs), 1 other errors
 (unreadable input, unwritable output).

@@ -19,7 +19,8 @@ chunks under ``jax.checkpoint`` in a scan); this module tiles tokens only, with 
 Numerics: the matmuls take the hidden states and ``W`` in their dtype (bfloat16 under mixed
 precision) and accumulate in float32 (``preferred_element_type``); softmax, log-sum-exp and the
 loss are float32. In the backward pass ``dz`` is cast to the compute dtype before its two
-matmuls (as autodiff of the plain path does). With float32 inputs the values and gradients equal
+matmuls (as autodiff of the plain path does for an untied bfloat16 head; for a tied head the plain
+path's gradient may keep ``dz`` in float32, so bfloat16 gradients can differ slightly). With float32 inputs the values and gradients equal
 the plain ``logits -> optax.softmax_cross_entropy_with_integer_labels`` path up to float rounding
 (tests/dfm/train/test_tiled_loss.py: within 1e-5). One difference from `dfm.models.Decoder`'s
 untied head in bfloat16: its logits are rounded to bfloat16 before the float32 cast, here they
@@ -173,6 +174,7 @@ def tiled_log_probs(hidden: Array, weight: Array, targets: Array, *, chunk: int 
         ``chunk`` that is not a positive int, or an unknown ``layout`` / ``matmul_precision``.
     """
     _check(hidden, weight, targets, chunk, layout, matmul_precision)
+    chunk = min(chunk, hidden.shape[1])      # a chunk longer than the rows would only pad them with zeros
     dtype = jnp.result_type(hidden, weight)
     return _log_probs(hidden.astype(dtype), weight.astype(dtype), jnp.asarray(targets), chunk, layout,
                       _PRECISIONS[matmul_precision])

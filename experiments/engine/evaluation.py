@@ -7,6 +7,7 @@ left out); the export needs the evaluation (e.g. the router temperature fitted t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from experiments.engine.config import JobConfig
 from experiments.engine.graph import RunOptions, StageError, training_stages
@@ -53,7 +54,12 @@ def run_export(task: Task, config: JobConfig, run: RunDir, data, options: RunOpt
     if not task.has_export:
         return None
     if run.is_done("export"):
-        return run.stage_info("export")
+        info = run.stage_info("export")
+        gone = [v for v in info.values() if isinstance(v, str) and v.startswith(str(run.root)) and not Path(v).exists()]
+        if not gone:
+            return info
+        options.log(f"[export] the finished export's {', '.join(gone)} no longer exist(s); exporting again")
+        run.marker("export").unlink(missing_ok=True)
     if not run.is_done("evaluate"):
         raise StageError("export needs the evaluation (its fitted router temperature): run `dfm evaluate`")
     with stage_lock(run, "export", options.log):

@@ -217,6 +217,10 @@ class ExperimentConfig(JobConfig):
         if not self.data.corpus.strip():
             raise ConfigError('data.corpus: must be "stdlib", "stdlib+python" or a path to a folder or a .jsonl '
                               'file, got ""')
+        if self.numerics.loss_chunk and self.schedule != "ar":
+            raise ConfigError(f"numerics.loss_chunk: the vocabulary-tiled loss is the AR (causal LM) loss; the "
+                              f"masked schedule's DFM loss takes whole logits, so set it to 0, got "
+                              f"{self.numerics.loss_chunk} with schedule {self.schedule!r}")
         if self.model.init_from and self.schedule != "ar":
             raise ConfigError(f"model.init_from: a pretrained checkpoint is a causal LM, so only schedule = \"ar\" "
                               f"can start from it, got schedule {self.schedule!r}")

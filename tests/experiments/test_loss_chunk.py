@@ -69,3 +69,13 @@ def test_a_negative_loss_chunk_is_refused_naming_it():
         assert "numerics.loss_chunk: must be >= 0, got -1" in str(exc)
     else:
         raise AssertionError("numerics.loss_chunk = -1 was accepted")
+
+
+def test_the_masked_schedule_refuses_a_loss_chunk():
+    """The masked schedule's DFM loss is not the tiled causal-LM loss: a chunk there is an error, not ignored."""
+    try:
+        load_job("tiny", "masked", ["numerics.loss_chunk=64"])
+    except ConfigError as exc:
+        assert "numerics.loss_chunk: the vocabulary-tiled loss is the AR (causal LM) loss" in str(exc)
+    else:
+        raise AssertionError("numerics.loss_chunk with schedule = masked was accepted")

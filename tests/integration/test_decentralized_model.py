@@ -145,6 +145,10 @@ def test_dfm_export_rewrites_a_finished_runs_export(run_dir, tmp_path, capsys):
     assert digests(run / "export") == before
     assert f"[export] dense: {run / 'export' / 'dense'}" in capsys.readouterr().out
     assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 0      # done: skipped
+    shutil.rmtree(run / "export" / "decentralized")          # the marker stays, a directory it names is gone
+    assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 0
+    assert digests(run / "export") == before
+    assert "no longer exist(s); exporting again" in capsys.readouterr().out
     (run / "stages" / "export.json").unlink()
     (run / "stages" / "evaluate.json").unlink()
     assert main(["export", "--config", "tiny", "--out", str(run), "--quiet"]) == 1

@@ -67,7 +67,10 @@ class Images:
         if self.check and not full.is_file():
             raise ValueError(f"{where}: image file {full} does not exist (pass --no-check-images to convert "
                              "without the images)")
-        return Path(os.path.relpath(os.path.normpath(full), os.path.normpath(self.root))).as_posix()
+        # relative to the resolved folders, as the "inside the root" check above compares them (a symlinked
+        # --images folder that points into the root must not give ``../`` paths the job then refuses)
+        here = os.path.join(os.path.realpath(self.dir), os.path.normpath(relative))
+        return Path(os.path.relpath(here, os.path.realpath(self.root))).as_posix()
 
 
 def read_text(path: Path, what: str) -> str:

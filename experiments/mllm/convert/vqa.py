@@ -95,9 +95,10 @@ def textvqa(images: Images, *, questions, task: str | None = None,
     """
     path = Path(questions)
     data = read_json(path, "TextVQA")
+    items = field(data, "data", list, str(path))          # a file that is not {"data": [...]}: ValueError naming it
     task = task or f"textvqa_{data.get('dataset_type') or 'val'}"
     out = []
-    for i, q in enumerate(field(data, "data", list, str(path))):
+    for i, q in enumerate(items):
         where = f"{path}: data[{i}]"
         qid = field(q, "question_id", int, where)
         where = f"{path}: question {qid}"

@@ -186,6 +186,9 @@ def test_textvqa_test_split_without_answers_is_an_error(tmp_path):
         {"question": "what?", "image_id": "a", "question_id": 7, "answers": []}]})
     with pytest.raises(ValueError, match=r"question 7: 'answers' is empty"):
         convert("textvqa", tmp_path / "o.jsonl", images=images, questions=q)
+    listed = _write(tmp_path / "list.json", [{"question": "what?", "image_id": "a", "question_id": 7}])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(listed))}: must be a JSON object, got list"):
+        convert("textvqa", tmp_path / "o.jsonl", images=images, questions=listed)     # not a TextVQA file
 
 
 # ----------------------------------------------------------------------------- ScienceQA
@@ -487,3 +490,16 @@ def test_the_doc_shows_one_loadable_record_per_scorer(tmp_path):
     for rec in formats.load_llava(path, tmp_path, check_images=False):
         assert metric_of(rec) == rec.extra["metric"]
         assert score_record(metric_of(rec), rec.answer, rec) == 1.0, rec.id
+
+
+def test_a_symlinked_images_folder_inside_the_root_gives_paths_the_job_accepts(tmp_path):
+    from experiments.mllm.convert.common import Images
+    from experiments.mllm.formats import inside_root
+
+    root = tmp_path / "root"
+    _touch(root / "coco", "a.jpg")
+    link = tmp_path / "link"
+    link.symlink_to(root / "coco", target_is_directory=True)
+    path = Images(link, image_root=root).path("a.jpg", "test")
+    assert path == "coco/a.jpg"                       # not "../link/a.jpg", which the job refuses
+    assert inside_root(root / path, root) and (root / path).is_file()
