@@ -138,3 +138,14 @@ def perturb(torch, module, seed=0, scale=0.1):
     with torch.no_grad():
         for p in module.parameters():
             p.add_(scale * torch.randn_like(p))
+
+
+def record_context_length(path, context: int) -> None:
+    """Write ``max_position_embeddings = context`` into every expert's ``config.json`` of a
+    `dfm.save_decentralized` directory, as transformers records a model's context (the export does not
+    write it yet, so the API's context checks need it set by hand)."""
+    import json
+    from pathlib import Path
+
+    for file in sorted(Path(path).glob("experts/expert_*/config.json")):
+        file.write_text(json.dumps(json.loads(file.read_text()) | {"max_position_embeddings": context}))

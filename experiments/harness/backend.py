@@ -73,6 +73,34 @@ def load_model(pretrained: str, *, top_k: int | None = None, available: Any = No
                                    matmul_precision=matmul_precision)
 
 
+def batch_size(value: Any, default: int = 8) -> int:
+    """An int from the harness's ``batch_size`` (``"auto"`` / ``"auto:N"`` / None: `default`)."""
+    if value is None or (isinstance(value, str) and value.startswith("auto")):
+        return default
+    return int(value)
+
+
+def open_model(pretrained: str, *, multimodal: bool, unused: dict, known: str, top_k: int | None = None,
+               available: Any = None, dtype: str | None = None, matmul_precision: str = "highest"):
+    """The adapters' common set-up: refuse unknown ``model_args`` (`unused`, naming the `known` ones),
+    `load_model`, and refuse an export of the other kind (image-text experts for the text harness and
+    the reverse).
+
+    Raises:
+      ValueError: an unknown model argument, or an export of the other kind (naming its harness).
+    """
+    if unused:
+        raise ValueError(f"model_args: unknown {sorted(unused)} (known: {known})")
+    model = load_model(str(pretrained), top_k=top_k, available=available, dtype=dtype,
+                       matmul_precision=matmul_precision)
+    if model.multimodal != multimodal:
+        raise ValueError(f"pretrained: {pretrained} holds image-text experts; evaluate them with lmms-eval "
+                         "(experiments.harness.lmms_eval_model)" if model.multimodal else
+                         f"pretrained: {pretrained} holds text experts; evaluate them with lm-evaluation-harness "
+                         "(experiments.harness.lm_eval_model)")
+    return model
+
+
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
     """Trailing whitespace of `context` moved to `continuation` (the harness's `_encode_pair`)."""
     n = len(context) - len(context.rstrip())

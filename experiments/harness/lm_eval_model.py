@@ -22,16 +22,10 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from experiments.harness.backend import Backend, load_model
+from experiments.harness.backend import Backend, open_model
+from experiments.harness.backend import batch_size as batch_size_arg
 
 NAME = "dfm"
-
-
-def _batch_size(value: Any, default: int = 8) -> int:
-    """An int from the harness's ``batch_size`` (``"auto"`` / ``"auto:N"`` / None: `default`)."""
-    if value is None or (isinstance(value, str) and value.startswith("auto")):
-        return default
-    return int(value)
 
 
 @register_model(NAME)
@@ -43,16 +37,12 @@ class DecentralizedLM(LM):
                  dtype: str | None = None, matmul_precision: str = "highest", device: Any = None,
                  max_batch_size: Any = None, **unused: Any):
         super().__init__()
-        if unused:
-            raise ValueError(f"model_args: unknown {sorted(unused)} (known: pretrained, top_k, available, batch_size, "
-                             "routing, max_length, seed, is_greedy, dtype, matmul_precision)")
         del device, max_batch_size               # JAX places the experts; batches are batch_size
-        self.model = load_model(str(pretrained), top_k=top_k, available=available, dtype=dtype,
-                                matmul_precision=matmul_precision)
-        if self.model.multimodal:
-            raise ValueError(f"pretrained: {pretrained} holds image-text experts; evaluate them with lmms-eval "
-                             "(experiments.harness.lmms_eval_model)")
-        self.backend = Backend(self.model, batch_size=_batch_size(batch_size), routing=routing,
+        self.model = open_model(pretrained, multimodal=False, unused=unused, top_k=top_k, available=available,
+                                dtype=dtype, matmul_precision=matmul_precision,
+                                known="pretrained, top_k, available, batch_size, routing, max_length, seed, "
+                                      "is_greedy, dtype, matmul_precision")
+        self.backend = Backend(self.model, batch_size=batch_size_arg(batch_size), routing=routing,
                                max_length=max_length, seed=seed, greedy=is_greedy)
         self.pretrained = str(pretrained)
 

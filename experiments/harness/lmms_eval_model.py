@@ -22,13 +22,8 @@ from typing import Any
 import numpy as np
 from lmms_eval.api.model import lmms
 
-from experiments.harness.backend import Backend, load_model, pil_to_uint8
-
-
-def _batch_size(value: Any, default: int = 8) -> int:
-    if value is None or (isinstance(value, str) and value.startswith("auto")):
-        return default
-    return int(value)
+from experiments.harness.backend import Backend, open_model, pil_to_uint8
+from experiments.harness.backend import batch_size as batch_size_arg
 
 
 def _flatten(visuals: Any) -> list:
@@ -48,16 +43,12 @@ class DecentralizedLMMS(lmms):
                  seed: int = 0, is_greedy: bool = True, dtype: str | None = None,
                  matmul_precision: str = "highest", device: Any = None, max_batch_size: Any = None, **unused: Any):
         super().__init__()
-        if unused:
-            raise ValueError(f"model_args: unknown {sorted(unused)} (known: pretrained, top_k, available, batch_size, "
-                             "seed, is_greedy, dtype, matmul_precision)")
         del device, max_batch_size            # JAX places the experts; batches are batch_size
-        self.model = load_model(str(pretrained), top_k=top_k, available=available, dtype=dtype,
-                                matmul_precision=matmul_precision)
-        if not self.model.multimodal:
-            raise ValueError(f"pretrained: {pretrained} holds text experts; evaluate them with lm-evaluation-harness "
-                             "(experiments.harness.lm_eval_model)")
-        self.backend = Backend(self.model, batch_size=_batch_size(batch_size), seed=seed, greedy=is_greedy)
+        self.model = open_model(pretrained, multimodal=True, unused=unused, top_k=top_k, available=available,
+                                dtype=dtype, matmul_precision=matmul_precision,
+                                known="pretrained, top_k, available, batch_size, seed, is_greedy, dtype, "
+                                      "matmul_precision")
+        self.backend = Backend(self.model, batch_size=batch_size_arg(batch_size), seed=seed, greedy=is_greedy)
         self.image_size = self.model.multimodal_config.vision.image_size
 
     @classmethod

@@ -3,7 +3,6 @@ with `save_decentralized` (Bayes-filter router, context of 12 positions): scores
 generation against NumPy mixtures of plain forward passes; over-long texts, bad `max_new_tokens` /
 `temperature` and invalid Unicode refused with exact messages naming the argument; a failed call
 leaves the object as it was."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from dfm.api import DecentralizedModel
 from dfm.decentral import Partition
 from dfm.hf.experts import save_decentralized
 from dfm.models import Decoder, DecoderConfig
+from tiny_models import record_context_length
 
 CONFIG = DecoderConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                        tie_word_embeddings=True, matmul_precision="highest")
@@ -39,9 +39,7 @@ def root(tmp_path_factory):
     part = Partition(np.eye(2, 3), None, {"algorithm": "test"}, np.array([10, 30]))
     path = save_decentralized(tmp_path_factory.mktemp("api") / "dm", experts, part, router="bayes", priors=PRIORS,
                               tokenizer=_tokenizer())
-    for k in range(2):     # the experts' context, as transformers records it
-        file = path / "experts" / f"expert_{k:02d}" / "config.json"
-        file.write_text(json.dumps(json.loads(file.read_text()) | {"max_position_embeddings": CONTEXT}))
+    record_context_length(path, CONTEXT)     # the experts' context, as transformers records it
     return path
 
 

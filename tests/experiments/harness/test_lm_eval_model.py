@@ -21,7 +21,7 @@ from scipy.special import logsumexp
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.slow
 
-from tiny_models import build  # noqa: E402
+from tiny_models import build, record_context_length  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 CONTEXT = 64          # the experts' max_position_embeddings
@@ -61,9 +61,7 @@ def _export(root: Path, router: str = "centroid") -> Path:
     partition, _ = balanced_kmeans(features[np.linalg.norm(features, axis=1) > 1e-6], 2)
     chosen = CentroidRouter(partition, temperature=0.3) if router == "centroid" else router
     path = save_decentralized(root, experts, partition, router=chosen, featurizer=featurizer, tokenizer=tok)
-    for k in range(2):     # the experts' context, as transformers records it
-        file = path / "experts" / f"expert_{k:02d}" / "config.json"
-        file.write_text(json.dumps(json.loads(file.read_text()) | {"max_position_embeddings": CONTEXT}))
+    record_context_length(path, CONTEXT)     # the experts' context, as transformers records it
     return path
 
 
